@@ -1,0 +1,114 @@
+"""``cxr-train``: train a model on the Kaggle layout, or evaluate a checkpoint on a labelled folder."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import cxr_config
+
+from .augment import AugmentSettings
+
+SUBCOMMANDS = ("train", "evaluate")
+
+
+def _train_parser(sub: argparse._SubParsersAction, defaults: dict) -> None:
+    d, t, a = defaults["data"], defaults["train"], defaults["augment"]
+    p = sub.add_parser("train", help="train a model (the default subcommand)",
+                       description="Train SimpleCNN or ResNet18 from scratch on ROOT/train/{NORMAL,PNEUMONIA}. "
+                       "Validation is a patient-grouped, class-stratified split of train; the test split is "
+                       "never used for selection. Run under `torchrun --nproc_per_node N -m trainer` for DDP.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data", default=d["root"], help="dataset root (Kaggle layout)")
+    p.add_argument("--arch", default=t["arch"], choices=["resnet18", "simplecnn"], help="architecture")
+    p.add_argument("--epochs", type=int, default=t["epochs"], help="maximum epochs")
+    p.add_argument("--batch-size", type=int, default=t["batch_size"], help="batch size per process")
+    p.add_argument("--lr", type=float, default=t["lr"], help="peak learning rate (AdamW, one-cycle)")
+    p.add_argument("--weight-decay", type=float, default=t["weight_decay"], help="AdamW weight decay")
+    p.add_argument("--seed", type=int, default=t["seed"], help="seed for the split, init and augmentation")
+    p.add_argument("--patience", type=int, default=t["patience"], help="early-stopping patience (epochs)")
+    p.add_argument("--amp", default=t["amp"], choices=["auto", "off"], help="mixed precision")
+    p.add_argument("--output", "-o", default=t["output"], help="output directory")
+    p.add_argument("--val-fraction", type=float, default=d["val_fraction"], help="fraction of patients for validation")
+    p.add_argument("--cache-dir", default=d["cache_dir"], help="decoded-image cache (default OUTPUT/cache)")
+    p.add_argument("--min-sensitivity", type=float, default=defaults["threshold"]["min_sensitivity"],
+                   help="threshold rule: best specificity with validation sensitivity >= this")
+    p.add_argument("--full-precision", dest="half", action="store_false", default=t["half"],
+                   help="save fp32 weights instead of fp16")
+    p.add_argument("--limit", type=int, default=0, help="use a stratified subset of this many files (smoke tests)")
+    p.add_argument("--name", default="", help="model name (default cxr-pneumonia-ARCH)")
+    p.add_argument("--model-version", default="1.0.0", help="model version string")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    for key, value in a.items():
+        p.add_argument(f"--aug-{key.replace('_', '-')}", dest=f"aug_{key}", type=float, default=value,
+                       help=f"augmentation: {key.replace('_', ' ')}")
+
+
+def _evaluate_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("evaluate", help="metrics and plots of a checkpoint on a labelled folder",
+                       description="Score DIR/{NORMAL,PNEUMONIA} (or DIR/SPLIT/...) with a checkpoint at its "
+                       "stored threshold; write metrics.json and the plots.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default=None, help="checkpoint (default: the shipped model)")
+    p.add_argument("--data", required=True, help="folder with NORMAL/ and PNEUMONIA/ subfolders")
+    p.add_argument("--output", "-o", default="runs/evaluate", help="output directory")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+
+
+def build_parser(defaults: dict) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cxr-train", description=(
+        "Offline (re)training and evaluation of the cxr-worker pneumonia models. Defaults come from "
+        "config/train.toml, a file given with --config, and CXR_TRAIN__SECTION__KEY variables."))
+    parser.add_argument("--config", help="site TOML file overriding config/train.toml")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command")
+    _train_parser(sub, defaults)
+    _evaluate_parser(sub)
+    return parser
+
+
+def _with_default_command(argv: list[str]) -> list[str]:
+    """`cxr-train --arch x` means `cxr-train train --arch x`."""
+    if any(arg in SUBCOMMANDS for arg in argv) or any(arg in ("-h", "--help") for arg in argv[:1]):
+        return argv
+    # keep global options (--config FILE, -v) before the implied subcommand
+    head: list[str] = []
+    rest = list(argv)
+    while rest and rest[0] in ("--config", "-v", "--verbose"):
+        head.append(rest.pop(0))
+        if head[-1] == "--config" and rest:
+            head.append(rest.pop(0))
+    return head + ["train"] + rest
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = _with_default_command(list(sys.argv[1:] if argv is None else argv))
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    known, _ = pre.parse_known_args(argv)
+    defaults = cxr_config.load("train", "CXR_TRAIN", known.config)
+    args = build_parser(defaults).parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "evaluate":
+        from .evaluate_cli import evaluate_folder
+        metrics = evaluate_folder(args.model, args.data, args.output, args.batch_size, args.progress)
+        print(json.dumps(metrics, indent=2))
+        return 0
+    from .train import TrainSettings, train
+    settings = TrainSettings(
+        data_root=args.data, output=args.output, arch=args.arch, epochs=args.epochs, batch_size=args.batch_size,
+        lr=args.lr, weight_decay=args.weight_decay, seed=args.seed, patience=args.patience, amp=args.amp,
+        half=args.half, val_fraction=args.val_fraction, cache_dir=args.cache_dir,
+        min_sensitivity=args.min_sensitivity, limit=args.limit, model_name=args.name,
+        model_version=args.model_version, progress=args.progress,
+        augment=AugmentSettings(**{k: getattr(args, f"aug_{k}") for k in defaults["augment"]}))
+    if not (Path(args.data) / "train").is_dir():
+        print(f"cxr-train: {args.data}/train not found (expected the Kaggle layout)", file=sys.stderr)
+        return 2
+    train(settings)
+    return 0

@@ -1,0 +1,116 @@
+"""Metrics (scikit-learn) and plots (matplotlib) from real predictions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from sklearn.calibration import calibration_curve  # noqa: E402
+from sklearn.metrics import (  # noqa: E402
+    ConfusionMatrixDisplay,
+    average_precision_score,
+    brier_score_loss,
+    confusion_matrix,
+    precision_recall_curve,
+    roc_auc_score,
+    roc_curve,
+)
+
+
+def choose_threshold(labels: np.ndarray, probs: np.ndarray, min_sensitivity: float) -> float:
+    """Highest threshold whose sensitivity is >= min_sensitivity (hence the best specificity)."""
+    fpr, tpr, thresholds = roc_curve(labels, probs)
+    ok = np.flatnonzero(tpr >= min_sensitivity)
+    best = ok[np.argmin(fpr[ok])]
+    # roc_curve lists thresholds as >= cut-offs; the first may be inf.
+    return float(np.clip(thresholds[best], 1e-6, 1 - 1e-6))
+
+
+def binary_metrics(labels: np.ndarray, probs: np.ndarray, threshold: float) -> dict[str, Any]:
+    """AUC, accuracy, sensitivity, specificity, PPV, NPV, confusion matrix at ``threshold``."""
+    labels = np.asarray(labels).astype(int)
+    predicted = (np.asarray(probs) >= threshold).astype(int)
+    tn, fp, fn, tp = confusion_matrix(labels, predicted, labels=[0, 1]).ravel()
+    both_classes = len(np.unique(labels)) == 2
+    return {
+        "n": int(len(labels)),
+        "auc": float(roc_auc_score(labels, probs)) if both_classes else None,
+        "average_precision": float(average_precision_score(labels, probs)) if both_classes else None,
+        "accuracy": float((tp + tn) / len(labels)),
+        "sensitivity": float(tp / (tp + fn)) if tp + fn else None,
+        "specificity": float(tn / (tn + fp)) if tn + fp else None,
+        "ppv": float(tp / (tp + fp)) if tp + fp else None,
+        "npv": float(tn / (tn + fn)) if tn + fn else None,
+        "brier": float(brier_score_loss(labels, probs)),
+        "threshold": float(threshold),
+        "confusion_matrix": {"tn": int(tn), "fp": int(fp), "fn": int(fn), "tp": int(tp)},
+    }
+
+
+def _save(fig: plt.Figure, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_all(out_dir: str | Path, labels: np.ndarray, probs: np.ndarray, threshold: float,
+             history: Sequence[dict[str, Any]] | None = None, title: str = "validation",
+             class_names: Sequence[str] = ("NORMAL", "PNEUMONIA")) -> list[Path]:
+    """Write ROC, PR, confusion matrix, calibration (and loss curves if ``history``) as PNGs."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+
+    if history:
+        fig, ax = plt.subplots(1, 2, figsize=(10, 4))
+        epochs = [h["epoch"] for h in history]
+        ax[0].plot(epochs, [h["train_loss"] for h in history], label="train loss")
+        ax[0].plot(epochs, [h["val_loss"] for h in history], label="validation loss")
+        ax[0].set_xlabel("epoch"), ax[0].set_ylabel("BCE loss"), ax[0].legend(), ax[0].set_title("Loss")
+        ax[1].plot(epochs, [h["val_auc"] for h in history], marker="o", color="tab:green")
+        ax[1].set_xlabel("epoch"), ax[1].set_ylabel("AUC"), ax[1].set_title("Validation AUC")
+        _save(fig, out / "loss_curves.png")
+        written.append(out / "loss_curves.png")
+
+    fpr, tpr, _ = roc_curve(labels, probs)
+    auc = roc_auc_score(labels, probs)
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.plot(fpr, tpr, label=f"AUC = {auc:.4f}")
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+    m = binary_metrics(labels, probs, threshold)
+    ax.scatter([1 - m["specificity"]], [m["sensitivity"]], color="red", zorder=3,
+               label=f"threshold {threshold:.3f}")
+    ax.set_xlabel("1 - specificity"), ax.set_ylabel("sensitivity"), ax.set_title(f"ROC ({title})")
+    ax.legend(loc="lower right")
+    _save(fig, out / "roc.png")
+    written.append(out / "roc.png")
+
+    precision, recall, _ = precision_recall_curve(labels, probs)
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.plot(recall, precision, label=f"AP = {average_precision_score(labels, probs):.4f}")
+    ax.set_xlabel("recall (sensitivity)"), ax.set_ylabel("precision (PPV)")
+    ax.set_title(f"Precision-recall ({title})"), ax.legend(loc="lower left")
+    _save(fig, out / "precision_recall.png")
+    written.append(out / "precision_recall.png")
+
+    fig, ax = plt.subplots(figsize=(5, 4.5))
+    cm = confusion_matrix(labels, (probs >= threshold).astype(int), labels=[0, 1])
+    ConfusionMatrixDisplay(cm, display_labels=list(class_names)).plot(ax=ax, colorbar=False, cmap="Blues")
+    ax.set_title(f"Confusion matrix at {threshold:.3f} ({title})")
+    _save(fig, out / "confusion_matrix.png")
+    written.append(out / "confusion_matrix.png")
+
+    frac_pos, mean_pred = calibration_curve(labels, probs, n_bins=10, strategy="quantile")
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.plot(mean_pred, frac_pos, marker="o", label="model")
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8, label="perfectly calibrated")
+    ax.set_xlabel("mean predicted probability"), ax.set_ylabel("observed fraction PNEUMONIA")
+    ax.set_title(f"Reliability ({title})"), ax.legend(loc="upper left")
+    _save(fig, out / "calibration.png")
+    written.append(out / "calibration.png")
+    return written
