@@ -1,0 +1,416 @@
+"""DICOM client side: C-STORE (outbox sender, `cxr-worker send`), C-ECHO, and wrapping JPEG/PNG as DX.
+
+store_files() never raises for per-file or per-peer problems: every file gets a StoreOutcome that
+says what happened, so the caller can retry exactly the ones that failed.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import socket
+import ssl
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import pydicom
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.sequence import Sequence as DicomSequence
+from pydicom.uid import (
+    UID,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    PYDICOM_IMPLEMENTATION_UID,
+    generate_uid,
+)
+from pynetdicom import AE, evt
+from pynetdicom.presentation import PresentationContext
+from pynetdicom.sop_class import Verification
+
+from dicom_io.images import read_image_file
+
+LOG = logging.getLogger(__name__)
+
+DEFAULT_CALLING_AET = "CXR_WORKER"
+#: C-STORE statuses that mean the peer kept the instance (Success, and the three storage warnings:
+#: coercion of data elements, elements discarded, data set does not match SOP class).
+SUCCESS = 0x0000
+ACCEPTED_STATUSES = frozenset({SUCCESS, 0xB000, 0xB006, 0xB007})
+#: A requestor may propose at most 128 presentation contexts (odd IDs 1..255).
+MAX_CONTEXTS = 128
+UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+
+DX_FOR_PRESENTATION = UID("1.2.840.10008.5.1.4.1.1.1.1")
+#: The wrapped images have no calibration; their Imager Pixel Spacing is a nominal value that
+#: spreads the image's larger side over a typical paediatric chest field.
+NOMINAL_FIELD_MM = 300.0
+_KAGGLE_PATIENT = re.compile(r"^(person\d+|IM-\d+|NORMAL2-IM-\d+)", re.IGNORECASE)
+_CHEST = ("816094009", "SCT", "Chest")  # CID 4009 DX Anatomy Imaged (pydicom codes.SCT.Chest)
+_AP_VIEW = ("399348003", "SCT", "antero-posterior")  # CID 4010 DX View
+
+
+@dataclass(frozen=True)
+class StoreOutcome:
+    """What happened to one file: the peer's status, or None and an error when none came back."""
+
+    path: Path
+    sop_instance_uid: str | None
+    status: int | None
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status in ACCEPTED_STATUSES
+
+    def __str__(self) -> str:
+        if self.ok:
+            return f"{self.path}: stored (0x{self.status:04X})"
+        if self.status is not None:
+            return f"{self.path}: refused with status 0x{self.status:04X}" + (f" ({self.error})" if self.error else "")
+        return f"{self.path}: {self.error}"
+
+
+@dataclass
+class _Item:
+    path: Path
+    sop_class: str | None = None
+    sop_instance: str | None = None
+    transfer_syntax: str | None = None
+    error: str | None = None
+
+
+def _nodelay(event: evt.Event) -> None:
+    """Send small PDUs (C-ECHO, the last P-DATA fragment) without Nagle's delay."""
+    try:
+        event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except (AttributeError, OSError):  # not fatal: only latency
+        pass
+
+
+def _make_ae(calling_aet: str, timeout: float) -> AE:
+    ae = AE(ae_title=calling_aet)
+    ae.acse_timeout = timeout
+    ae.dimse_timeout = timeout
+    ae.network_timeout = timeout
+    ae.connection_timeout = timeout
+    return ae
+
+
+def _associate(
+    ae: AE,
+    host: str,
+    port: int,
+    called_aet: str,
+    contexts: list[PresentationContext],
+    tls: ssl.SSLContext | None,
+    max_pdu: int,
+):
+    """Open an association; returns (assoc, None) or (None, reason)."""
+    try:
+        assoc = ae.associate(
+            host,
+            port,
+            contexts=contexts,
+            ae_title=called_aet,
+            max_pdu=max_pdu,
+            tls_args=(tls, host) if tls is not None else None,
+            evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay)],
+        )
+    except (OSError, ValueError, RuntimeError) as exc:
+        return None, f"cannot open an association with {called_aet}@{host}:{port}: {exc}"
+    if assoc.is_established:
+        return assoc, None
+    where = f"{called_aet}@{host}:{port}"
+    if assoc.is_rejected:
+        detail = ""
+        primitive = getattr(assoc.acceptor, "primitive", None)
+        if primitive is not None:
+            detail = f": {primitive.result_str}, {primitive.source_str}, {primitive.reason_str}"
+        return None, f"association rejected by {where}{detail}"
+    if assoc.is_aborted:
+        return None, f"association aborted by {where} (or connection lost)"
+    return None, f"no association with {where}: connection refused, unreachable or timed out"
+
+
+def _read_header(path: Path) -> _Item:
+    item = _Item(path=Path(path))
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+    except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds for bad files
+        item.error = f"not a readable DICOM file: {exc}"
+        return item
+    meta = getattr(ds, "file_meta", None) or Dataset()
+    item.sop_class = str(ds.get("SOPClassUID") or meta.get("MediaStorageSOPClassUID") or "") or None
+    item.sop_instance = str(ds.get("SOPInstanceUID") or meta.get("MediaStorageSOPInstanceUID") or "") or None
+    item.transfer_syntax = str(meta.get("TransferSyntaxUID") or "") or None
+    if item.transfer_syntax is None:
+        item.transfer_syntax = ImplicitVRLittleEndian if ds.is_implicit_VR else ExplicitVRLittleEndian
+    if not item.sop_class or not item.sop_instance:
+        item.error = "not a storable DICOM instance (no SOP Class/Instance UID)"
+    return item
+
+
+def _contexts_for(items: Iterable[_Item]) -> list[tuple[str, tuple[str, ...]]]:
+    """(abstract syntax, transfer syntaxes) pairs: each file's own syntax first, then uncompressed."""
+    wanted: dict[tuple[str, tuple[str, ...]], None] = {}
+    for item in items:
+        ts = item.transfer_syntax
+        if ts not in UNCOMPRESSED:
+            wanted[(item.sop_class, (ts,))] = None
+        wanted[(item.sop_class, UNCOMPRESSED)] = None
+    return list(wanted)
+
+
+def _batches(items: list[_Item]) -> list[list[_Item]]:
+    """Split by SOP class so that no association needs more than MAX_CONTEXTS contexts."""
+    by_class: dict[str, list[_Item]] = {}
+    for item in items:
+        by_class.setdefault(item.sop_class, []).append(item)
+    batches: list[list[_Item]] = [[]]
+    for group in by_class.values():
+        if batches[-1] and len(_contexts_for(batches[-1] + group)) > MAX_CONTEXTS:
+            batches.append([])
+        batches[-1].extend(group)
+    return [b for b in batches if b]
+
+
+def _send_one(assoc, item: _Item) -> StoreOutcome:
+    try:
+        ds = pydicom.dcmread(item.path)
+    except Exception as exc:  # noqa: BLE001
+        return StoreOutcome(item.path, item.sop_instance, None, f"not a readable DICOM file: {exc}")
+    try:
+        try:
+            rsp = assoc.send_c_store(ds)
+        except ValueError as exc:
+            # The peer refused the stored (compressed) syntax: fall back to uncompressed.
+            if UID(item.transfer_syntax).is_compressed and "presentation context" in str(exc).lower():
+                ds.decompress()
+                rsp = assoc.send_c_store(ds)
+            else:
+                raise
+    except Exception as exc:  # noqa: BLE001 - report, never escape for one file
+        return StoreOutcome(item.path, item.sop_instance, None, f"cannot send: {exc}")
+    status = rsp.get("Status") if rsp is not None else None
+    if status is None:
+        return StoreOutcome(item.path, item.sop_instance, None, "no C-STORE response (timeout or association aborted)")
+    error = None if int(status) in ACCEPTED_STATUSES else str(rsp.get("ErrorComment", "") or "") or None
+    return StoreOutcome(item.path, item.sop_instance, int(status), error)
+
+
+def store_files(
+    paths: Sequence[Path],
+    host: str,
+    port: int,
+    called_aet: str,
+    calling_aet: str = DEFAULT_CALLING_AET,
+    *,
+    tls: ssl.SSLContext | None = None,
+    timeout: float = 30,
+    max_pdu: int = 0,
+    progress: bool = False,
+    on_outcome: Callable[[StoreOutcome], None] | None = None,
+) -> list[StoreOutcome]:
+    """C-STORE every file over one association (more only past 128 presentation contexts).
+
+    Files are sent in their stored transfer syntax (a compressed one falls back to uncompressed
+    only when the peer refuses it). Returns one outcome per path, in order.
+    """
+    items = [_read_header(Path(p)) for p in paths]
+    outcomes: dict[int, StoreOutcome] = {}
+    for index, item in enumerate(items):
+        if item.error:
+            outcomes[index] = StoreOutcome(item.path, item.sop_instance, None, item.error)
+    pending = [(i, it) for i, it in enumerate(items) if i not in outcomes]
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(items), unit="file", desc=f"C-STORE {called_aet}")
+        bar.update(len(outcomes))
+
+    def record(index: int, outcome: StoreOutcome) -> None:
+        outcomes[index] = outcome
+        if on_outcome is not None:
+            on_outcome(outcome)
+        if bar is not None:
+            bar.update(1)
+
+    index_of = {id(it): i for i, it in pending}
+    ae = _make_ae(calling_aet, timeout)
+    try:
+        for batch in _batches([it for _, it in pending]):
+            contexts = []
+            for abstract, syntaxes in _contexts_for(batch):
+                context = PresentationContext()
+                context.abstract_syntax = abstract
+                context.transfer_syntax = list(syntaxes)
+                contexts.append(context)
+            assoc, reason = _associate(ae, host, port, called_aet, contexts, tls, max_pdu)
+            if assoc is None:
+                for it in batch:
+                    record(index_of[id(it)], StoreOutcome(it.path, it.sop_instance, None, reason))
+                continue
+            try:
+                for it in batch:
+                    if not assoc.is_established:
+                        record(index_of[id(it)], StoreOutcome(it.path, it.sop_instance, None, "association lost before sending"))
+                        continue
+                    record(index_of[id(it)], _send_one(assoc, it))
+            finally:
+                if assoc.is_established:
+                    assoc.release()
+    finally:
+        ae.shutdown()
+        if bar is not None:
+            bar.close()
+    result = [outcomes[i] for i in range(len(items))]
+    failed = sum(not o.ok for o in result)
+    LOG.info("C-STORE to %s@%s:%s: %d sent, %d failed", called_aet, host, port, len(result) - failed, failed)
+    return result
+
+
+def echo(
+    host: str,
+    port: int,
+    called_aet: str,
+    calling_aet: str = DEFAULT_CALLING_AET,
+    *,
+    tls: ssl.SSLContext | None = None,
+    timeout: float = 10,
+) -> int | None:
+    """C-ECHO; returns the peer's status (0 is success) or None when no association/response."""
+    ae = _make_ae(calling_aet, timeout)
+    context = PresentationContext()
+    context.abstract_syntax = Verification
+    context.transfer_syntax = list(UNCOMPRESSED)
+    try:
+        assoc, reason = _associate(ae, host, port, called_aet, [context], tls, 0)
+        if assoc is None:
+            LOG.warning("C-ECHO: %s", reason)
+            return None
+        try:
+            rsp = assoc.send_c_echo()
+        finally:
+            if assoc.is_established:
+                assoc.release()
+        status = rsp.get("Status") if rsp is not None else None
+        return int(status) if status is not None else None
+    finally:
+        ae.shutdown()
+
+
+def patient_id_from_filename(path: Path) -> str:
+    """Kaggle names carry the patient: person123_bacteria_45.jpeg -> person123, IM-0115-0001 -> IM-0115."""
+    stem = Path(path).stem
+    match = _KAGGLE_PATIENT.match(stem)
+    return (match.group(1) if match else stem)[:64]
+
+
+def wrap_image_as_dicom(
+    path: Path,
+    *,
+    patient_id: str | None = None,
+    patient_name: str | None = None,
+    study_uid: str | None = None,
+) -> Dataset:
+    """Wrap a JPEG/PNG chest film as a DX For Presentation image (MONOCHROME2, 8 bit, AP chest).
+
+    For demos and tests: the Kaggle films become real DICOM that any SCP and our own worker accept.
+    Each file is its own study unless `study_uid` is given; the patient ID comes from the file name.
+    Raises dicom_io.errors.DicomInputError for unreadable images.
+    """
+    path = Path(path)
+    pixels = read_image_file(path)
+    rows, columns = pixels.shape
+    now = datetime.now()
+    pid = patient_id or patient_id_from_filename(path)
+    sop_instance_uid = generate_uid()
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = DX_FOR_PRESENTATION
+    meta.MediaStorageSOPInstanceUID = sop_instance_uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+
+    ds = Dataset()
+    ds.file_meta = meta
+    text = f"{pid}{patient_name or ''}"
+    ds.SpecificCharacterSet = "ISO_IR 100" if text.isascii() else "ISO_IR 192"
+    # SOP Common
+    ds.SOPClassUID = DX_FOR_PRESENTATION
+    ds.SOPInstanceUID = sop_instance_uid
+    ds.InstanceCreationDate = now.strftime("%Y%m%d")
+    ds.InstanceCreationTime = now.strftime("%H%M%S")
+    # Patient
+    ds.PatientName = patient_name if patient_name is not None else f"DEMO^{pid}"
+    ds.PatientID = pid
+    ds.PatientBirthDate = ""
+    ds.PatientSex = ""
+    # General Study
+    ds.StudyInstanceUID = study_uid or generate_uid()
+    ds.StudyDate = now.strftime("%Y%m%d")
+    ds.StudyTime = now.strftime("%H%M%S")
+    ds.ReferringPhysicianName = ""
+    ds.StudyID = "1"
+    ds.AccessionNumber = ""
+    ds.StudyDescription = "XR CHEST AP"
+    # General Series / DX Series
+    ds.Modality = "DX"
+    ds.SeriesInstanceUID = generate_uid()
+    ds.SeriesNumber = 1
+    ds.SeriesDescription = "Wrapped chest film"
+    ds.BodyPartExamined = "CHEST"
+    ds.PresentationIntentType = "FOR PRESENTATION"
+    # General Equipment
+    ds.Manufacturer = ""
+    # General Image / DX Image / DX Anatomy Imaged / DX Positioning
+    ds.InstanceNumber = 1
+    ds.ContentDate = ds.StudyDate
+    ds.ContentTime = ds.StudyTime
+    ds.ImageType = ["DERIVED", "PRIMARY"]
+    ds.DerivationDescription = f"Wrapped from a {path.suffix.lstrip('.').upper() or 'image'} file; geometry nominal"
+    ds.PatientOrientation = ["L", "F"]  # AP film shown as usual: rows go to patient's left, columns to feet
+    ds.ImageLaterality = "U"  # unpaired body part
+    region = Dataset()
+    region.CodeValue, region.CodingSchemeDesignator, region.CodeMeaning = _CHEST
+    ds.AnatomicRegionSequence = DicomSequence([region])
+    ds.ViewPosition = "AP"
+    view = Dataset()
+    view.CodeValue, view.CodingSchemeDesignator, view.CodeMeaning = _AP_VIEW
+    view.ViewModifierCodeSequence = DicomSequence([])
+    ds.ViewCodeSequence = DicomSequence([view])
+    ds.PositionerType = ""
+    ds.BurnedInAnnotation = "NO"
+    if path.suffix.lower() in {".jpg", ".jpeg"}:  # the pixels went through lossy JPEG once
+        ds.LossyImageCompression = "01"
+        ds.LossyImageCompressionMethod = "ISO_10918_1"
+    else:
+        ds.LossyImageCompression = "00"
+    ds.PixelIntensityRelationship = "LIN"
+    ds.PixelIntensityRelationshipSign = 1
+    ds.RescaleIntercept = 0
+    ds.RescaleSlope = 1
+    ds.RescaleType = "US"
+    ds.PresentationLUTShape = "IDENTITY"
+    ds.WindowCenter = 128
+    ds.WindowWidth = 256
+    # DX Detector (no real detector: nominal spacing, see NOMINAL_FIELD_MM)
+    ds.DetectorType = ""
+    spacing = round(NOMINAL_FIELD_MM / max(rows, columns), 6)
+    ds.ImagerPixelSpacing = [spacing, spacing]
+    # Acquisition Context (Type 2)
+    ds.AcquisitionContextSequence = DicomSequence([])
+    # Image Pixel
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows = rows
+    ds.Columns = columns
+    ds.BitsAllocated = 8
+    ds.BitsStored = 8
+    ds.HighBit = 7
+    ds.PixelRepresentation = 0
+    ds.PixelData = pixels.tobytes()
+    return ds

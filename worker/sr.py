@@ -1,0 +1,301 @@
+"""The worker's answer to the PACS: a TID 1500 Comprehensive 3D SR with one pneumonia finding.
+
+One measurement group (TID 1501) per study says: finding Pneumonia, present/absent, and the model's
+probability, measured by an identified algorithm (TID 4019) observed by a device whose UID is the
+model's UID. Only standard codes (SCT, DCM, UCUM) are used, so any TID 1500 reader (highdicom, DCMTK,
+PACS viewers) can show it. Which code means what, and why, is listed below with each constant.
+The SR joins the images' study (patient and study modules copied from the sources) in a new series,
+and carries the IHE AI Results (AIR) Contributing Equipment item that names the model.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from importlib import metadata
+from typing import Any
+
+import highdicom as hd
+import pydicom
+from highdicom.sr import CodedConcept
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
+from pydicom.uid import UID
+
+from trainer.checkpoint import ModelInfo
+
+
+def _package_version() -> str:
+    try:
+        return metadata.version("cxr-worker")
+    except metadata.PackageNotFoundError:  # running from a bare checkout
+        return "0.0.0"
+
+
+PACKAGE_VERSION = _package_version()
+
+# --- Codes (all standard; none private) -------------------------------------------------------
+#: Finding (TID 1501 "Finding", DCM 121071) and name of the qualitative evaluation.
+PNEUMONIA = Code("233604007", "SCT", "Pneumonia")
+#: Qualitative evaluation values: CID 241 "Present-Absent Only".
+PRESENT: Code = codes.SCT.Present  # SCT 52101004
+ABSENT: Code = codes.SCT.Absent  # SCT 272519000
+#: Probability concept: DCM 111012 "Certainty of Finding", the concept CAD SRs (TID 4104 chest/mammo
+#: CAD single image finding, CID 6048) use for an algorithm's confidence in a finding, 0..100 %.
+CERTAINTY_OF_FINDING: Code = codes.DCM.CertaintyOfFinding
+PERCENT: Code = codes.UCUM.Percent  # UCUM "%"
+NO_UNITS: Code = codes.UCUM.NoUnits  # UCUM "1" (accepted when reading)
+#: Algorithm family (TID 4019 row "Algorithm Family"): DCM 123110 "Artificial Intelligence" (CID 7162).
+ALGORITHM_FAMILY: Code = codes.DCM.ArtificialIntelligence
+#: TID 1500 "Procedure reported": SCT 363679005 "Imaging procedure" (CID 100).
+PROCEDURE_REPORTED: Code = codes.SCT.ImagingProcedure
+#: Contributing Equipment purpose (CID 7005) for an AI model that derived this instance: DCM 109102.
+PROCESSING_EQUIPMENT: Code = codes.DCM.ProcessingEquipment
+#: Observer type (CID 270) for the model.
+DEVICE_OBSERVER: Code = codes.DCM.Device
+
+TRACKING_UID_ROOT = "2.25."
+SR_SERIES_DESCRIPTION = "AI pneumonia triage"
+DEFAULT_SERIES_NUMBER = 9901
+#: Type 2 patient/study attributes highdicom reads from the first source; absent ones become empty.
+_TYPE2_FROM_SOURCE = (
+    "PatientID",
+    "PatientName",
+    "PatientBirthDate",
+    "PatientSex",
+    "AccessionNumber",
+    "StudyID",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+)
+_REQUIRED_SOURCE_KEYWORDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "Rows", "Columns")
+_PROJECTION_MODALITIES = frozenset({"CR", "DX", "IO", "MG", "PX", "RF", "RG", "XA"})
+_CROSS_SECTIONAL_MODALITIES = frozenset({"CT", "MR", "PT"})
+
+
+def _check_sources(sources: Sequence[pydicom.Dataset]) -> list[pydicom.Dataset]:
+    sources = list(sources)
+    if not sources:
+        raise ValueError("build_pneumonia_sr needs at least one source image")
+    for index, ds in enumerate(sources):
+        missing = [kw for kw in _REQUIRED_SOURCE_KEYWORDS if not ds.get(kw)]
+        if missing:
+            raise ValueError(f"source image #{index} lacks {', '.join(missing)}")
+    studies = {str(ds.StudyInstanceUID) for ds in sources}
+    if len(studies) != 1:
+        raise ValueError(f"all source images must belong to one study, got {len(studies)} StudyInstanceUIDs")
+    instance_uids = [str(ds.SOPInstanceUID) for ds in sources]
+    if len(set(instance_uids)) != len(instance_uids):
+        raise ValueError("source images repeat a SOPInstanceUID")
+    return sources
+
+
+def _evidence_copy(ds: pydicom.Dataset) -> pydicom.Dataset:
+    """A shallow copy with the Type 2 patient/study attributes highdicom expects present (maybe empty)."""
+    out = copy.copy(ds)
+    for keyword in _TYPE2_FROM_SOURCE:
+        if keyword not in out:
+            setattr(out, keyword, None)
+    return out
+
+
+def _library_copy(ds: pydicom.Dataset) -> pydicom.Dataset:
+    """A copy for the Image Library whose optional geometry descriptors highdicom can actually build.
+
+    highdicom derives the TID 1603/1604 descriptors from Modality and fails on images that lack the
+    geometry (e.g. a DX without Patient Orientation). Those descriptors are optional, so for such
+    images the copy's Modality is set to one without geometry descriptors; the coded modality in
+    the library still comes from the SOP Class.
+    """
+    out = copy.copy(ds)
+    modality = str(out.get("Modality", "") or "")
+    orientation = out.get("PatientOrientation") or []
+    spacing = out.get("ImagerPixelSpacing") or []
+    if modality in _PROJECTION_MODALITIES:
+        usable = len(orientation) == 2 and len(spacing) == 2
+    elif modality in _CROSS_SECTIONAL_MODALITIES:
+        usable = all(out.get(kw) for kw in ("PixelSpacing", "ImageOrientationPatient", "ImagePositionPatient", "SliceThickness"))
+    else:
+        usable = True
+    if not usable or not modality:
+        out.Modality = "OT"
+    return out
+
+
+def _tracking_uid(sr_instance_uid: str) -> str:
+    """Derived from the SR's UID, so a retried SR carries the same measurement group identity."""
+    return pydicom.uid.generate_uid(prefix=TRACKING_UID_ROOT, entropy_srcs=[sr_instance_uid, "pneumonia"])
+
+
+def _check_uid(value: str | None, what: str) -> str | None:
+    if value is None:
+        return None
+    if not UID(value).is_valid:
+        raise ValueError(f"{what} {value!r} is not a valid DICOM UID")
+    return str(value)
+
+
+def build_pneumonia_sr(
+    sources: Sequence[pydicom.Dataset],
+    probability: float,
+    positive: bool,
+    model: ModelInfo,
+    *,
+    manufacturer: str = "cxr-worker",
+    software_version: str = PACKAGE_VERSION,
+    series_number: int = DEFAULT_SERIES_NUMBER,
+    instance_number: int = 1,
+    sr_series_uid: str | None = None,
+    sr_instance_uid: str | None = None,
+) -> pydicom.Dataset:
+    """Build the pneumonia SR for one study's eligible images.
+
+    `probability` is the model's output in [0, 1] (stored as Certainty of Finding in %), `positive`
+    the thresholded decision. Pass `sr_series_uid`/`sr_instance_uid` (derived from the study) so a
+    retry produces the same SR instead of a duplicate.
+    """
+    sources = _check_sources(sources)
+    probability = float(probability)
+    if not 0.0 <= probability <= 1.0:  # also rejects NaN
+        raise ValueError(f"probability must lie in [0, 1], got {probability}")
+    if not isinstance(model, ModelInfo):
+        raise TypeError(f"model must be a trainer.checkpoint.ModelInfo, got {type(model).__name__}")
+    if series_number < 1 or instance_number < 1:
+        raise ValueError("series_number and instance_number must be positive")
+    series_uid = _check_uid(sr_series_uid, "sr_series_uid") or hd.UID()
+    instance_uid = _check_uid(sr_instance_uid, "sr_instance_uid") or hd.UID()
+    if series_uid == instance_uid:
+        raise ValueError("sr_series_uid and sr_instance_uid must differ")
+
+    evidence = [_evidence_copy(ds) for ds in sources]
+    algorithm = hd.sr.AlgorithmIdentification(
+        name=model.name,
+        version=model.version,
+        parameters=[f"arch={model.arch}", f"threshold={model.threshold:g}"],
+        family=ALGORITHM_FAMILY,
+        manufacturer=manufacturer,
+    )
+    probability_measurement = hd.sr.Measurement(
+        name=CERTAINTY_OF_FINDING,
+        value=probability * 100.0,
+        unit=PERCENT,
+        algorithm_id=algorithm,
+        referenced_images=[hd.sr.SourceImageForMeasurement.from_source_image(ds) for ds in sources],
+    )
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=_tracking_uid(instance_uid), identifier="pneumonia"
+        ),
+        finding_type=PNEUMONIA,
+        algorithm_id=algorithm,
+        measurements=[probability_measurement],
+        qualitative_evaluations=[
+            hd.sr.QualitativeEvaluation(name=PNEUMONIA, value=PRESENT if positive else ABSENT)
+        ],
+        source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(ds) for ds in sources],
+    )
+    observer = hd.sr.ObserverContext(
+        observer_type=CodedConcept.from_code(DEVICE_OBSERVER),
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=model.uid,
+            name=model.name,
+            manufacturer_name=manufacturer,
+            model_name=model.name,
+        ),
+    )
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(observer_device_context=observer),
+        procedure_reported=PROCEDURE_REPORTED,
+        imaging_measurements=[group],
+        referenced_images=[_library_copy(ds) for ds in evidence],
+    )
+    equipment = hd.ContributingEquipment(
+        manufacturer=manufacturer,
+        purpose_of_reference=PROCESSING_EQUIPMENT,
+        manufacturer_model_name=model.name,
+        software_versions=model.version,
+        contribution_description="AI pneumonia triage (chest radiograph classification)",
+    )
+    equipment.DeviceUID = model.uid  # (0018,1002): IHE AIR identifies the model by this UID
+    first = evidence[0]
+    sr = hd.sr.Comprehensive3DSR(
+        evidence=evidence,
+        content=report[0],
+        series_instance_uid=series_uid,
+        series_number=series_number,
+        sop_instance_uid=instance_uid,
+        instance_number=instance_number,
+        manufacturer=manufacturer,
+        is_complete=True,
+        is_final=False,  # an unverified machine result: PRELIMINARY
+        is_verified=False,
+        institution_name=first.get("InstitutionName") or None,
+        series_description=SR_SERIES_DESCRIPTION,
+        manufacturer_model_name=model.name,
+        software_versions=software_version,
+        contributing_equipment=[equipment],
+    )
+    return sr
+
+
+def _code_tuple(concept: Any) -> tuple[str, str]:
+    return (str(concept.scheme_designator), str(concept.value))
+
+
+def _text_value(container: pydicom.Dataset, name: Code) -> str | None:
+    """The TEXT value of a direct child content item with concept `name` (TID 4019 rows)."""
+    for item in container.get("ContentSequence", []):
+        concept = item.get("ConceptNameCodeSequence")
+        if item.get("ValueType") == "TEXT" and concept and _code_tuple(CodedConcept.from_dataset(concept[0])) == _code_tuple(name):
+            return str(item.TextValue)
+    return None
+
+
+def read_pneumonia_sr(ds: pydicom.Dataset) -> dict[str, Any]:
+    """Read back what build_pneumonia_sr wrote, through highdicom's TID 1500 parser.
+
+    Returns finding, presence ("present"/"absent"), probability in [0, 1], positive, model UID
+    (device observer UID), model name/version, and the referenced source SOP Instance UIDs.
+    Raises ValueError when the SR holds no pneumonia measurement group.
+    """
+    sr = hd.sr.Comprehensive3DSR.from_dataset(ds, copy=True)
+    report = sr.content
+    groups = [g for g in report.get_image_measurement_groups(finding_type=PNEUMONIA)]
+    if len(groups) != 1:
+        raise ValueError(f"expected one pneumonia measurement group, found {len(groups)}")
+    group = groups[0]
+    evaluations = group.get_qualitative_evaluations(name=PNEUMONIA)
+    presence = None
+    if evaluations:
+        value = _code_tuple(evaluations[0].value)
+        presence = {_code_tuple(PRESENT): "present", _code_tuple(ABSENT): "absent"}.get(value)
+    measurements = group.get_measurements(name=CERTAINTY_OF_FINDING)
+    probability = None
+    if measurements:
+        unit = _code_tuple(measurements[0].unit)
+        scale = 100.0 if unit == _code_tuple(PERCENT) else 1.0
+        probability = float(measurements[0].value) / scale
+    device = report.get_observer_contexts(observer_type=DEVICE_OBSERVER)
+    model_uid = None
+    if device:
+        model_uid = str(device[0].observer_identifying_attributes.uid)
+    algorithm_name = _text_value(group[0], codes.DCM.AlgorithmName)
+    algorithm_version = _text_value(group[0], codes.DCM.AlgorithmVersion)
+    referenced: list[str] = []
+    for item in group.source_images:
+        uid = str(item.referenced_sop_instance_uid)
+        if uid not in referenced:
+            referenced.append(uid)
+    return {
+        "finding": PNEUMONIA.meaning if group.finding_type == PNEUMONIA else str(group.finding_type.meaning),
+        "presence": presence,
+        "positive": presence == "present",
+        "probability": probability,
+        "model_uid": model_uid,
+        "model_name": algorithm_name,
+        "model_version": algorithm_version,
+        "referenced_sop_instance_uids": referenced,
+        "study_instance_uid": str(ds.StudyInstanceUID),
+        "sr_instance_uid": str(ds.SOPInstanceUID),
+    }
