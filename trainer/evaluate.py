@@ -24,9 +24,10 @@ from sklearn.metrics import (  # noqa: E402
 
 def choose_threshold(labels: np.ndarray, probs: np.ndarray, min_sensitivity: float) -> float:
     """Highest threshold whose sensitivity is >= min_sensitivity (hence the best specificity)."""
-    fpr, tpr, thresholds = roc_curve(labels, probs)
-    ok = np.flatnonzero(tpr >= min_sensitivity)
-    best = ok[np.argmin(fpr[ok])]
+    fpr, tpr, thresholds = roc_curve(labels, probs, drop_intermediate=False)
+    # tpr and fpr only grow as the threshold falls: the first index reaching the sensitivity is
+    # the highest threshold that does, and so the one with the best specificity.
+    best = int(np.flatnonzero(tpr >= min_sensitivity)[0])
     # roc_curve lists thresholds as >= cut-offs; the first may be inf.
     return float(np.clip(thresholds[best], 1e-6, 1 - 1e-6))
 
