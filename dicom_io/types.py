@@ -17,3 +17,5 @@ class DisplayImage:
     frame: int | None = None           # 0-based frame used, if the object has frames
     number_of_frames: int = 1
     notes: list[str] = field(default_factory=list)  # e.g. "multi-frame: first of 3 frames used"
+    decoder: str | None = None         # DICOM: pydicom decoding plugin used ("native" if uncompressed)
+    voi: str | None = None             # DICOM: VOI applied, e.g. "window 15000/30000 LINEAR", "auto 12..3900"

@@ -1,0 +1,127 @@
+"""Pixel Data -> the first frame's stored values, with the fastest exact decoder for the transfer syntax.
+
+pydicom 3 picks *a* plugin; we pick the fastest one we measured (docs/pixel_path.md,
+benchmarks/bench_dicom_io.py; 2500x2048 12-bit on 2 busy cores) and fall back to any other
+installed plugin when the preferred one is missing or fails. Only the first frame is decoded.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import numpy as np
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.pixels import get_decoder
+from pydicom.uid import (
+    UID, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian,
+    JPEG2000, JPEG2000Lossless, JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLosslessSV1, JPEGLossless,
+    JPEGLSLossless, JPEGLSNearLossless, RLELossless,
+)
+
+from .errors import DicomInputError
+
+NATIVE_SYNTAXES = frozenset({ImplicitVRLittleEndian, ExplicitVRLittleEndian, ExplicitVRBigEndian,
+                             DeflatedExplicitVRLittleEndian})
+"""Uncompressed Pixel Data (Deflated is inflated by dcmread): no plugin involved."""
+
+PREFERRED_PLUGINS: dict[str, tuple[str, ...]] = {
+    RLELossless: ("pylibjpeg", "pydicom"),              # 10 ms vs 102 ms
+    JPEGBaseline8Bit: ("pillow", "pylibjpeg", "gdcm"),  # 8-bit: libjpeg-turbo 10 ms vs 46 ms
+    JPEGExtended12Bit: ("pillow", "pylibjpeg", "gdcm"),  # 12-bit: only pylibjpeg can (128 ms)
+    JPEGLossless: ("gdcm", "pylibjpeg"),                # 155 ms vs 203 ms
+    JPEGLosslessSV1: ("gdcm", "pylibjpeg"),             # 143 ms vs 165 ms
+    JPEGLSLossless: ("pyjpegls", "gdcm", "pylibjpeg"),  # 104 ms vs 175 ms vs 408 ms
+    JPEGLSNearLossless: ("pyjpegls", "gdcm", "pylibjpeg"),
+    JPEG2000Lossless: ("pylibjpeg", "pillow", "gdcm"),  # 607 ms vs 624 ms vs 708 ms (all OpenJPEG)
+    JPEG2000: ("pylibjpeg", "pillow", "gdcm"),
+}
+"""Transfer Syntax UID -> decoding plugins, fastest first (all exact for lossless syntaxes)."""
+
+
+@dataclass(frozen=True)
+class DecodedFrame:
+    """Stored values of one frame (2-D, possibly a read-only view) and who decoded them."""
+
+    pixels: np.ndarray
+    plugin: str  # "" for native data
+    notes: tuple[str, ...] = ()
+
+
+def transfer_syntax_of(ds: Dataset) -> UID:
+    """The dataset's Transfer Syntax UID; for a bare network dataset, guessed from how it was read.
+
+    Only native Pixel Data can be guessed: encapsulated data without a transfer syntax is refused.
+    """
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None and meta.get("TransferSyntaxUID"):
+        return UID(str(meta.TransferSyntaxUID))
+    pixel_data = ds.get("PixelData")
+    if isinstance(pixel_data, (bytes, bytearray)) and pixel_data[:4] == b"\xfe\xff\x00\xe0":
+        raise DicomInputError("unsupported_transfer_syntax",
+                              "encapsulated (compressed) Pixel Data but no Transfer Syntax UID to say how")
+    implicit, little = getattr(ds, "original_encoding", (None, None))
+    if little is False:
+        return ExplicitVRBigEndian
+    return ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
+
+
+def _with_transfer_syntax(ds: Dataset, tsyntax: UID) -> Dataset:
+    """``ds`` itself when it carries ``tsyntax``; else a shallow copy that does (never mutate the caller's)."""
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None and meta.get("TransferSyntaxUID") == tsyntax:
+        return ds
+    shallow = copy.copy(ds)
+    shallow.file_meta = FileMetaDataset(meta) if meta is not None else FileMetaDataset()
+    shallow.file_meta.TransferSyntaxUID = tsyntax
+    return shallow
+
+
+def plugin_order(tsyntax: UID, available: tuple[str, ...]) -> list[str]:
+    """Installed plugins for ``tsyntax``: our preferred ones first, then any other pydicom offers."""
+    preferred = [name for name in PREFERRED_PLUGINS.get(tsyntax, ()) if name in available]
+    return preferred + [name for name in available if name not in preferred]
+
+
+def decode_first_frame(ds: Dataset, tsyntax: UID) -> DecodedFrame:
+    """Decode only frame 0 of ``ds`` (a 2-D array), or raise DicomInputError.
+
+    Reasons: ``unsupported_transfer_syntax`` (no decoder for it), ``decode_failed`` (every installed
+    decoder raised; their messages are kept).
+    """
+    try:
+        decoder = get_decoder(tsyntax)
+    except NotImplementedError as exc:
+        raise DicomInputError("unsupported_transfer_syntax",
+                              f"no pixel data decoder for transfer syntax {tsyntax} ({tsyntax.name})") from exc
+    source = _with_transfer_syntax(ds, tsyntax)
+    if tsyntax in NATIVE_SYNTAXES or not decoder.is_encapsulated:
+        return DecodedFrame(_as_array(decoder, source, ""), plugin="")
+    plugins = plugin_order(tsyntax, tuple(decoder.available_plugins))
+    if not plugins:
+        raise DicomInputError("unsupported_transfer_syntax",
+                              f"no installed decoder for {tsyntax.name} ({tsyntax}); install pylibjpeg plugins")
+    failures: list[str] = []
+    for plugin in plugins:
+        try:
+            pixels = _as_array(decoder, source, plugin)
+        except Exception as exc:  # noqa: BLE001 - a plugin failing is a reason to try the next one
+            failures.append(f"{plugin}: {_short(exc)}")
+            continue
+        notes = (f"decoder fallback: {'; '.join(failures)}",) if failures else ()
+        return DecodedFrame(pixels, plugin=plugin, notes=notes)
+    raise DicomInputError("decode_failed", f"cannot decode {tsyntax.name} pixel data: {' | '.join(failures)}")
+
+
+def _as_array(decoder, source: Dataset, plugin: str) -> np.ndarray:
+    """Frame 0 as stored values: ``raw`` keeps YBR as is (we refuse colour anyway, before decoding)."""
+    pixels, _meta = decoder.as_array(source, index=0, raw=True, decoding_plugin=plugin)
+    if not pixels.dtype.isnative:  # Explicit VR Big Endian comes back as '>u2': swap once, here
+        pixels = pixels.astype(pixels.dtype.newbyteorder("="))
+    return pixels
+
+
+def _short(exc: Exception, limit: int = 200) -> str:
+    """One-line exception text for a DB column / log line."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
