@@ -1,0 +1,194 @@
+"""The scorer thread: ready studies -> dicom_io + model (batched across studies) -> result, SR, outbox.
+
+Runs beside the network threads, never on them. Per claimed batch of studies:
+  1. eligible instances of every study are decoded (dicom_io, thread pool) and scored together;
+  2. study probability = max over its scored images, label by the checkpoint threshold;
+  3. the SR (worker/sr.py) is written atomically under sr/, with UIDs derived from
+     (study, model UID, revision), so a crash-and-retry rewrites the same SR instead of a new one;
+  4. one transaction: study -> done/no_eligible_images, result row (one per study and model),
+     outbox rows (one per destination), per-instance probability or reason. It only commits while
+     this worker still holds the study's lease.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import threading
+import time
+from collections import Counter, defaultdict
+
+import pydicom
+from pydicom.uid import generate_uid
+from sqlalchemy import select, update
+
+from . import db as dbm
+from .db import Database, Instance, OutboxItem, Result, Study
+from .scoring import Scored, Scorer
+from .settings import Settings
+from .spool import Spool
+from .studies import ClaimedStudy, claim_ready, instances_of, promote_quiet, release, renew
+
+log = logging.getLogger("cxr_worker.pipeline")
+
+
+class LeaseLost(RuntimeError):
+    """Another worker took the study over (our lease expired); our result is discarded."""
+
+
+def sr_uids(study_uid: str, model_uid: str, revision: int) -> tuple[str, str]:
+    """Deterministic (series UID, instance UID) for a study's SR: retries yield the same SR."""
+    series = generate_uid(prefix=None, entropy_srcs=["cxr-worker-sr-series", study_uid, model_uid])
+    instance = generate_uid(prefix=None, entropy_srcs=["cxr-worker-sr", study_uid, model_uid, str(revision)])
+    return series, instance
+
+
+class ScorerLoop(threading.Thread):
+    def __init__(self, settings: Settings, db: Database, spool: Spool, scorer: Scorer, owner: str,
+                 stop: threading.Event, poll_seconds: float = 0.2) -> None:
+        super().__init__(name="scorer", daemon=True)
+        self.settings, self.db, self.spool, self.scorer = settings, db, spool, scorer
+        self.owner, self.stop_event, self.poll = owner, stop, min(poll_seconds, settings.studies.quiet_seconds or 0.2)
+        self.poll = max(self.poll, 0.05)
+        self.scored_studies = 0
+
+    def run(self) -> None:
+        last_reclaim = 0.0
+        while not self.stop_event.is_set():
+            try:
+                if time.monotonic() - last_reclaim > 5.0:
+                    dbm.reclaim_stale(self.db)
+                    last_reclaim = time.monotonic()
+                promote_quiet(self.db, self.settings.studies.quiet_seconds)
+                claimed = claim_ready(self.db, self.owner, self.settings.model.max_studies_per_batch,
+                                      self.settings.studies.lease_seconds)
+                if not claimed:
+                    self.stop_event.wait(self.poll)
+                    continue
+                self.process(claimed)
+            except Exception:  # noqa: BLE001 - log and keep the service alive
+                log.exception("scorer loop error; retrying in 1 s")
+                self.stop_event.wait(1.0)
+
+    # -- one batch of studies -------------------------------------------------------------------
+    def process(self, claimed: list[ClaimedStudy]) -> None:
+        per_study: dict[int, list[Instance]] = {c.id: instances_of(self.db, c.study_uid) for c in claimed}
+        items = [((c.id, inst.id), inst.path) for c in claimed for inst in per_study[c.id] if inst.eligible]
+        try:
+            scored = self.scorer.score(items)
+        except Exception as exc:  # noqa: BLE001 - e.g. CUDA out of memory: give the studies back
+            log.exception("batch scoring failed; releasing %d studies", len(claimed))
+            release(self.db, self.owner, [c.id for c in claimed], f"scoring failed: {type(exc).__name__}: {exc}")
+            return
+        renew(self.db, self.owner, [c.id for c in claimed], self.settings.studies.lease_seconds)
+        by_study: dict[int, list[Scored]] = defaultdict(list)
+        for s in scored:
+            by_study[s.prepared.key[0]].append(s)
+        for study in claimed:
+            try:
+                self.finish(study, per_study[study.id], by_study.get(study.id, []))
+            except LeaseLost as exc:
+                log.warning("study %s: %s", study.study_uid, exc)
+            except Exception as exc:  # noqa: BLE001
+                log.exception("study %s: finishing failed", study.study_uid)
+                release(self.db, self.owner, [study.id], f"{type(exc).__name__}: {exc}")
+
+    def finish(self, study: ClaimedStudy, instances: list[Instance], scored: list[Scored]) -> None:
+        model = self.scorer.info
+        inst_by_id = {i.id: i for i in instances}
+        reasons = Counter(i.reason for i in instances if not i.eligible and i.reason)
+        ok = [s for s in scored if s.probability is not None]
+        for s in scored:
+            if s.probability is None:
+                reasons[s.prepared.error_reason or "decode_failed"] += 1
+        decode_s = sum(s.prepared.decode_s for s in scored)
+        inference_s = sum(s.inference_s for s in ok)
+        revision = study.revision + 1
+        result = dict(study_uid=study.study_uid, accession=study.accession, revision=revision,
+                      threshold=self.scorer.threshold, model_name=model.name, model_version=model.version,
+                      model_uid=model.uid, n_instances=len(instances), n_scored=len(ok),
+                      reasons=json.dumps(dict(reasons), sort_keys=True) if reasons else None,
+                      decode_s=decode_s, inference_s=inference_s, device=str(self.scorer.device),
+                      probability=None, label=None, positive=None, error=None, sr_path=None,
+                      sr_sop_instance_uid=None, sr_series_uid=None, best_instance_uid=None, sr_s=0.0)
+        sr_file = None
+        if ok:
+            best = max(ok, key=lambda s: s.probability)
+            label, positive = self.scorer.label(best.probability)
+            best_inst = inst_by_id[best.prepared.key[1]]
+            result.update(status=dbm.STUDY_DONE, probability=best.probability, label=label, positive=positive,
+                          best_instance_uid=best_inst.sop_instance_uid)
+            t0 = time.perf_counter()
+            try:
+                sr_file, series_uid, instance_uid = self._write_sr(study, [inst_by_id[s.prepared.key[1]] for s in ok],
+                                                                   best.probability, positive, revision)
+                result.update(sr_path=str(sr_file), sr_sop_instance_uid=instance_uid, sr_series_uid=series_uid)
+            except Exception as exc:  # noqa: BLE001 - recorded on the result; the study is 'failed'
+                log.exception("study %s: SR could not be built", study.study_uid)
+                result.update(status=dbm.STUDY_FAILED, error=f"sr_failed: {type(exc).__name__}: {exc}")
+            result["sr_s"] = time.perf_counter() - t0
+        else:
+            result.update(status=dbm.STUDY_NO_ELIGIBLE,
+                          error="no eligible image: " + ", ".join(f"{k}={v}" for k, v in sorted(reasons.items())))
+        result["total_s"] = time.time() - study.claimed_at
+        final_status = self._commit(study, result, scored)
+        self.scored_studies += 1
+        prob = f"{result['probability']:.4f}" if result["probability"] is not None else "-"
+        log.info("study %s acc=%s status=%s prob=%s label=%s images=%d/%d rev=%d decode=%.3fs infer=%.3fs "
+                 "sr=%.3fs total=%.3fs%s", study.study_uid, study.accession or "-", final_status, prob,
+                 result["label"] or "-", len(ok), len(instances), revision, decode_s, inference_s, result["sr_s"],
+                 result["total_s"], f" reasons={dict(reasons)}" if reasons else "")
+
+    def _write_sr(self, study: ClaimedStudy, sources: list[Instance], probability: float, positive: bool,
+                  revision: int):
+        from .sr import build_pneumonia_sr
+
+        headers = [pydicom.dcmread(inst.path, stop_before_pixels=True) for inst in sources]
+        series_uid, instance_uid = sr_uids(study.study_uid, self.scorer.info.uid, revision)
+        ds = build_pneumonia_sr(headers, probability, positive, self.scorer.info,
+                                manufacturer=self.settings.sr.manufacturer,
+                                series_number=self.settings.sr.series_number, instance_number=revision,
+                                sr_series_uid=series_uid, sr_instance_uid=instance_uid)
+        buffer = io.BytesIO()
+        ds.save_as(buffer, enforce_file_format=True)
+        path = self.spool.write_bytes(self.spool.sr_path(study.study_uid, instance_uid), buffer.getvalue())
+        return path, series_uid, instance_uid
+
+    def _commit(self, study: ClaimedStudy, result: dict, scored: list[Scored]) -> str:
+        now = time.time()
+        with self.db.session() as s, s.begin():
+            row = s.get(Study, study.id, with_for_update=True)
+            if row is None or row.status != dbm.STUDY_SCORING or row.lease_owner != self.owner:
+                raise LeaseLost("lease lost before the result was committed; result discarded")
+            late = row.n_instances != study.n_instances
+            final = dbm.STUDY_RECEIVING if late else result["status"]
+            s.execute(update(Study).where(Study.id == study.id)
+                      .values(status=final, revision=result["revision"], lease_owner=None, lease_expires=None,
+                              error=result["error"], updated=now))
+            existing = s.scalar(select(Result).where(Result.study_uid == study.study_uid,
+                                                     Result.model_uid == result["model_uid"]))
+            if existing is None:
+                existing = Result(created=now, **result)
+                s.add(existing)
+            else:
+                for key, value in result.items():
+                    setattr(existing, key, value)
+                existing.created = now
+            s.flush()
+            if result["sr_path"]:
+                for dest in self.settings.destinations:
+                    s.add(OutboxItem(result_id=existing.id, study_uid=study.study_uid,
+                                     sr_sop_instance_uid=result["sr_sop_instance_uid"], sr_path=result["sr_path"],
+                                     destination=dest.name, host=dest.host, port=dest.port,
+                                     ae_title=dest.ae_title, status=dbm.OUTBOX_PENDING, attempts=0,
+                                     next_attempt=now, created=now))
+            for sc in scored:
+                values = ({"probability": sc.probability, "frame": sc.prepared.frame}
+                          if sc.probability is not None else
+                          {"eligible": False, "reason": sc.prepared.error_reason,
+                           "detail": (sc.prepared.error_message or "")[:2000]})
+                s.execute(update(Instance).where(Instance.id == sc.prepared.key[1]).values(**values))
+        if late:
+            log.info("study %s: instances arrived while scoring; it will be scored again", study.study_uid)
+        return final

@@ -1,0 +1,94 @@
+"""`cxr-worker serve`: wire listener, scorer and outbox together; start and stop cleanly.
+
+Start: umask 077, data directory (0700), database (tables created), leftovers of a crash cleaned
+and claims of dead local workers returned to the queue, model loaded, then the listener opens.
+Stop (SIGTERM / SIGINT / Ctrl-C): stop accepting, let running associations finish, let the
+scorer finish its current batch and the sender its current delivery, exit 0. Whatever was not
+finished stays in the database and is picked up by the next start.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+
+from . import db as dbm
+from .db import Database
+from .outbox import OutboxLoop
+from .pipeline import ScorerLoop
+from .scoring import Scorer
+from .scp import Listener, Receiver
+from .settings import Settings
+from .spool import Spool
+
+log = logging.getLogger("cxr_worker.service")
+
+
+class Service:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.stop_event = threading.Event()
+        self.owner = dbm.new_owner()
+        os.umask(0o077)
+        self.spool = Spool(settings.storage.data_dir)
+        removed = self.spool.clean_incoming()
+        if removed:
+            log.info("removed %d partial receptions left by a previous run", removed)
+        self.db = Database(settings.storage.url, settings.storage.sqlite_busy_timeout_ms)
+        reclaimed = dbm.reclaim_stale(self.db)
+        if reclaimed:
+            log.info("re-queued %d studies/deliveries claimed by a worker that is gone", reclaimed)
+        m = settings.model
+        self.scorer = Scorer(m.path, m.device, m.precision, m.batch_size, m.decode_threads)
+        self.receiver = Receiver(settings, self.db, self.spool)
+        self.listener = Listener(settings, self.receiver)
+        self.scorer_loop = ScorerLoop(settings, self.db, self.spool, self.scorer, self.owner, self.stop_event)
+        self.outbox_loop = OutboxLoop(settings, self.db, self.owner, self.stop_event)
+        self.port: int | None = None
+
+    def start(self) -> int:
+        self.scorer_loop.start()
+        self.outbox_loop.start()
+        self.port = self.listener.start()
+        return self.port
+
+    def stop(self, grace: float = 30.0) -> None:
+        log.info("stopping: no new associations; finishing work in flight")
+        self.listener.stop(grace)
+        self.stop_event.set()
+        for thread in (self.scorer_loop, self.outbox_loop):
+            thread.join(timeout=grace)
+            if thread.is_alive():
+                log.warning("%s thread still busy after %.0f s; its claim will be re-taken on restart",
+                            thread.name, grace)
+        self.scorer.close()
+        self.db.dispose()
+        log.info("stopped (received %d, duplicates %d, rejected %d, studies scored %d, SRs delivered %d)",
+                 self.receiver.received, self.receiver.duplicates, self.receiver.rejected,
+                 self.scorer_loop.scored_studies, self.outbox_loop.sent)
+
+    def run_forever(self) -> int:
+        """Serve until SIGTERM/SIGINT; returns the exit code (0 on a clean stop)."""
+        requested = threading.Event()
+
+        def on_signal(signum, _frame):
+            log.info("received %s", signal.Signals(signum).name)
+            requested.set()
+
+        old = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            self.start()
+            while not requested.wait(1.0):
+                if not (self.scorer_loop.is_alive() and self.outbox_loop.is_alive()):
+                    log.error("a worker thread died; stopping")
+                    break
+        finally:
+            for sig, handler in old.items():
+                signal.signal(sig, handler)
+            started = time.monotonic()
+            self.stop()
+            log.debug("stop took %.2f s", time.monotonic() - started)
+        return 0

@@ -1,0 +1,232 @@
+"""Typed worker settings, built from the merged TOML dict (config/worker.toml + site file + env).
+
+Every value is validated when the dataclass is constructed, so a bad configuration stops the
+worker at start-up with a message naming the key, never half-way through a study.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import cxr_config
+
+DEFAULT_MODEL = Path(__file__).resolve().parent / "models" / "default.safetensors"
+_AE_RE = re.compile(r"^[\x20-\x7e]{1,16}$")
+
+
+class SettingsError(ValueError):
+    """The configuration is invalid; the message names the key."""
+
+
+def _check_ae(key: str, value: Any) -> str:
+    if not isinstance(value, str) or not _AE_RE.match(value) or not value.strip() or "\\" in value:
+        raise SettingsError(f"{key}: {value!r} is not a valid AE title (1-16 printable ASCII, no backslash)")
+    return value.strip()
+
+
+def _check_num(key: str, value: Any, *, minimum: float | None = None, integer: bool = False) -> Any:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
+        raise SettingsError(f"{key}: expected {'an integer' if integer else 'a number'}, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise SettingsError(f"{key}: must be >= {minimum}, got {value!r}")
+    return value
+
+
+def _check_choice(key: str, value: Any, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise SettingsError(f"{key}: expected one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+def _check_bool(key: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise SettingsError(f"{key}: expected true or false, got {value!r}")
+    return value
+
+
+def _check_str_list(key: str, value: Any) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise SettingsError(f"{key}: expected a list of strings, got {value!r}")
+    return list(value)
+
+
+@dataclass(frozen=True)
+class Destination:
+    name: str
+    host: str
+    port: int
+    ae_title: str
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise SettingsError(f"destinations: name must be a non-empty string, got {self.name!r}")
+        if not isinstance(self.host, str) or not self.host:
+            raise SettingsError(f"destinations.{self.name}.host: must be a host name or address")
+        _check_num(f"destinations.{self.name}.port", self.port, minimum=1, integer=True)
+        if self.port > 65535:
+            raise SettingsError(f"destinations.{self.name}.port: {self.port} > 65535")
+        _check_ae(f"destinations.{self.name}.ae_title", self.ae_title)
+
+
+@dataclass(frozen=True)
+class NetworkSettings:
+    ae_title: str = "CXR_WORKER"
+    bind_address: str = "0.0.0.0"
+    port: int = 11112
+    max_associations: int = 16
+    max_pdu: int = 131072
+    require_called_aet: bool = True
+    allowed_calling_aets: list[str] = field(default_factory=list)
+    acse_timeout: float = 30.0
+    dimse_timeout: float = 60.0
+    network_timeout: float = 120.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ae_title", _check_ae("network.ae_title", self.ae_title))
+        _check_num("network.port", self.port, minimum=0, integer=True)
+        if self.port > 65535:
+            raise SettingsError(f"network.port: {self.port} > 65535")
+        _check_num("network.max_associations", self.max_associations, minimum=1, integer=True)
+        _check_num("network.max_pdu", self.max_pdu, minimum=0, integer=True)
+        if 0 < self.max_pdu < 4096:
+            raise SettingsError("network.max_pdu: use 0 (unlimited) or at least 4096")
+        _check_bool("network.require_called_aet", self.require_called_aet)
+        aets = _check_str_list("network.allowed_calling_aets", self.allowed_calling_aets)
+        object.__setattr__(self, "allowed_calling_aets",
+                           [_check_ae("network.allowed_calling_aets", a) for a in aets])
+        for key in ("acse_timeout", "dimse_timeout", "network_timeout"):
+            _check_num(f"network.{key}", getattr(self, key), minimum=0.1)
+
+
+@dataclass(frozen=True)
+class StorageSettings:
+    data_dir: Path = Path("./var/cxr-worker")
+    database_url: str = ""
+    sqlite_busy_timeout_ms: int = 30000
+
+    def __post_init__(self) -> None:
+        if not str(self.data_dir):
+            raise SettingsError("storage.data_dir: must not be empty")
+        object.__setattr__(self, "data_dir", Path(self.data_dir).expanduser().resolve())
+        if not isinstance(self.database_url, str):
+            raise SettingsError("storage.database_url: expected a string")
+        _check_num("storage.sqlite_busy_timeout_ms", self.sqlite_busy_timeout_ms, minimum=0, integer=True)
+
+    @property
+    def url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'worker.db'}"
+
+
+@dataclass(frozen=True)
+class StudySettings:
+    quiet_seconds: float = 3.0
+    lease_seconds: float = 300.0
+    allowed_body_parts: list[str] = field(default_factory=lambda: ["CHEST"])
+    excluded_view_positions: list[str] = field(default_factory=lambda: ["LL", "RL", "LATERAL", "LAT"])
+    rescore_late_arrivals: bool = True
+
+    def __post_init__(self) -> None:
+        _check_num("studies.quiet_seconds", self.quiet_seconds, minimum=0)
+        _check_num("studies.lease_seconds", self.lease_seconds, minimum=1)
+        object.__setattr__(self, "allowed_body_parts",
+                           [v.upper() for v in _check_str_list("studies.allowed_body_parts", self.allowed_body_parts)])
+        object.__setattr__(self, "excluded_view_positions",
+                           [v.upper() for v in _check_str_list("studies.excluded_view_positions",
+                                                               self.excluded_view_positions)])
+        _check_bool("studies.rescore_late_arrivals", self.rescore_late_arrivals)
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    path: Path = DEFAULT_MODEL
+    device: str = "auto"
+    precision: str = "auto"
+    batch_size: int = 16
+    max_studies_per_batch: int = 8
+    decode_threads: int = 2
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", Path(self.path).expanduser() if str(self.path) else DEFAULT_MODEL)
+        _check_choice("model.device", self.device, ("auto", "cpu", "cuda"))
+        _check_choice("model.precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
+        _check_num("model.batch_size", self.batch_size, minimum=1, integer=True)
+        _check_num("model.max_studies_per_batch", self.max_studies_per_batch, minimum=1, integer=True)
+        _check_num("model.decode_threads", self.decode_threads, minimum=1, integer=True)
+
+
+@dataclass(frozen=True)
+class SRSettings:
+    manufacturer: str = "cxr-worker"
+    series_number: int = 9901
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.manufacturer, str) or not self.manufacturer:
+            raise SettingsError("sr.manufacturer: expected a non-empty string")
+        _check_num("sr.series_number", self.series_number, minimum=1, integer=True)
+
+
+@dataclass(frozen=True)
+class OutboxSettings:
+    retry_base_seconds: float = 2.0
+    retry_max_seconds: float = 300.0
+    timeout: float = 30.0
+    poll_seconds: float = 0.5
+
+    def __post_init__(self) -> None:
+        _check_num("outbox.retry_base_seconds", self.retry_base_seconds, minimum=0.01)
+        _check_num("outbox.retry_max_seconds", self.retry_max_seconds, minimum=self.retry_base_seconds)
+        _check_num("outbox.timeout", self.timeout, minimum=0.1)
+        _check_num("outbox.poll_seconds", self.poll_seconds, minimum=0.01)
+
+    def backoff(self, attempts: int) -> float:
+        """Delay before the next try after ``attempts`` failures (exponential, capped)."""
+        return min(self.retry_max_seconds, self.retry_base_seconds * 2 ** max(0, min(attempts - 1, 30)))
+
+
+@dataclass(frozen=True)
+class Settings:
+    network: NetworkSettings
+    storage: StorageSettings
+    studies: StudySettings
+    model: ModelSettings
+    sr: SRSettings
+    outbox: OutboxSettings
+    destinations: list[Destination]
+    log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        names = [d.name for d in self.destinations]
+        if len(names) != len(set(names)):
+            raise SettingsError(f"destinations: names must be unique, got {names}")
+        _check_choice("logging.level", self.log_level, ("DEBUG", "INFO", "WARNING", "ERROR"))
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> "Settings":
+        try:
+            dests = raw.get("destinations", [])
+            if not isinstance(dests, list) or not all(isinstance(d, Mapping) for d in dests):
+                raise SettingsError("destinations: expected a list of tables {name, host, port, ae_title}")
+            return cls(
+                network=NetworkSettings(**raw.get("network", {})),
+                storage=StorageSettings(**raw.get("storage", {})),
+                studies=StudySettings(**raw.get("studies", {})),
+                model=ModelSettings(**raw.get("model", {})),
+                sr=SRSettings(**raw.get("sr", {})),
+                outbox=OutboxSettings(**raw.get("outbox", {})),
+                destinations=[Destination(**d) for d in dests],
+                log_level=str(raw.get("logging", {}).get("level", "INFO")).upper(),
+            )
+        except TypeError as exc:  # unknown / missing keys in a destination table
+            raise SettingsError(f"configuration: {exc}") from exc
+
+
+def load_settings(site_file: str | Path | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+    """Packaged config/worker.toml + site file + CXR_WORKER__* environment -> validated Settings."""
+    try:
+        raw = cxr_config.load("worker", "CXR_WORKER", site_file, environ)
+    except (KeyError, TypeError) as exc:
+        raise SettingsError(f"configuration: {exc}") from exc
+    return Settings.from_dict(raw)

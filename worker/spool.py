@@ -1,0 +1,139 @@
+"""Durable files: the spool of received instances and the SR files, written atomically.
+
+Layout under the data directory (directories 0700, files 0600):
+    incoming/                  pynetdicom writes each received data set here while it arrives
+    spool/<study>/<sop>.dcm    received instances, exactly the bytes that were sent (no re-encoding)
+    sr/<study>/<sop>.dcm       the SRs the worker wrote
+    worker.db                  the default SQLite database
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import re
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+_UID_RE = re.compile(r"^[0-9][0-9.]{0,63}$")
+
+
+def private_dir(path: Path) -> Path:
+    """Create ``path`` (and parents) as 0700; tighten an existing one we own."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        if path.stat().st_mode & 0o077:
+            path.chmod(0o700)
+    except PermissionError:
+        pass
+    return path
+
+
+def safe_name(uid: str) -> str:
+    """A UID as a file name; anything that is not a plain UID is hashed (no path tricks)."""
+    uid = (uid or "").strip().rstrip("\x00")
+    if _UID_RE.match(uid) and ".." not in uid:
+        return uid
+    return "x" + hashlib.sha256(uid.encode("utf-8", "surrogateescape")).hexdigest()[:40]
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Spool:
+    """Paths and atomic moves under the data directory."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.root = private_dir(Path(data_dir))
+        self.incoming = private_dir(self.root / "incoming")
+        self.spool = private_dir(self.root / "spool")
+        self.sr = private_dir(self.root / "sr")
+
+    def instance_path(self, study_uid: str, sop_uid: str) -> Path:
+        return self.spool / safe_name(study_uid) / f"{safe_name(sop_uid)}.dcm"
+
+    def sr_path(self, study_uid: str, sop_uid: str) -> Path:
+        return self.sr / safe_name(study_uid) / f"{safe_name(sop_uid)}.dcm"
+
+    def adopt(self, tmp: Path, final: Path) -> bool:
+        """fsync ``tmp`` and move it to ``final`` without replacing an existing file.
+
+        Returns False (leaving ``tmp`` in place) when ``final`` already exists.
+        The parent directory is fsynced so the new name survives a power cut.
+        """
+        fsync_file(tmp)
+        os.chmod(tmp, 0o600)
+        parent = final.parent
+        created = not parent.exists()
+        private_dir(parent)
+        if created:
+            fsync_dir(parent.parent)
+        try:
+            os.link(tmp, final)          # atomic, and fails instead of overwriting
+        except FileExistsError:
+            return False
+        except OSError as exc:
+            if exc.errno not in (errno.EXDEV, errno.EPERM, errno.ENOTSUP, errno.EMLINK):
+                raise
+            if final.exists():
+                return False
+            staged = final.with_name(f".{final.name}.{os.getpid()}.tmp")
+            shutil.copyfile(tmp, staged)  # other filesystem / no hard links: copy, fsync, rename
+            fsync_file(staged)
+            os.replace(staged, final)
+        tmp.unlink(missing_ok=True)
+        fsync_dir(parent)
+        return True
+
+    def replace(self, tmp: Path, final: Path) -> None:
+        """fsync ``tmp`` and atomically put it at ``final`` (replacing), fsync the directory."""
+        fsync_file(tmp)
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, final)
+        fsync_dir(final.parent)
+
+    def write_bytes(self, final: Path, data: bytes) -> Path:
+        """Write ``data`` to ``final`` atomically (temp file in the same directory)."""
+        private_dir(final.parent)
+        fd, name = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(name, final)
+        except BaseException:
+            Path(name).unlink(missing_ok=True)
+            raise
+        fsync_dir(final.parent)
+        return final
+
+    def clean_incoming(self, min_age_seconds: float = 600.0) -> int:
+        """Remove partial receptions left by a crash (never answered Success, so the sender retried).
+
+        Only files untouched for ``min_age_seconds``: another worker sharing the data directory may
+        be receiving into this folder right now.
+        """
+        removed = 0
+        cutoff = time.time() - min_age_seconds
+        for leftover in self.incoming.iterdir():
+            if leftover.is_file() and leftover.stat().st_mtime < cutoff:
+                leftover.unlink(missing_ok=True)
+                removed += 1
+        return removed

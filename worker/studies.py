@@ -1,0 +1,94 @@
+"""Study queue transitions: receiving -> ready (quiet period), ready -> scoring (claim), finish/release.
+
+Claims are safe with several workers on one PostgreSQL: candidates are selected with
+``FOR UPDATE SKIP LOCKED`` and each is taken with a conditional UPDATE (status='ready'), so a study
+has exactly one claimer. On SQLite every write transaction is BEGIN IMMEDIATE (serialised).
+A claim is a lease (owner + expiry); db.reclaim_stale() returns studies of dead claimers.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from sqlalchemy import select, update
+
+from . import db as dbm
+from .db import Database, Instance, Study
+
+MAX_ATTEMPTS = 3
+
+
+@dataclass
+class ClaimedStudy:
+    id: int
+    study_uid: str
+    accession: str | None
+    n_instances: int
+    revision: int
+    claimed_at: float
+
+
+def promote_quiet(db: Database, quiet_seconds: float, now: float | None = None) -> int:
+    """receiving -> ready for studies with no new instance for ``quiet_seconds``."""
+    now = time.time() if now is None else now
+    with db.session() as s, s.begin():
+        return s.execute(update(Study)
+                         .where(Study.status == dbm.STUDY_RECEIVING, Study.last_received <= now - quiet_seconds)
+                         .values(status=dbm.STUDY_READY, updated=now)).rowcount
+
+
+def has_receiving_due(db: Database, quiet_seconds: float) -> bool:
+    with db.session() as s:
+        return s.scalar(select(Study.id).where(Study.status == dbm.STUDY_RECEIVING,
+                                               Study.last_received <= time.time() - quiet_seconds)
+                        .limit(1)) is not None
+
+
+def claim_ready(db: Database, owner: str, limit: int, lease_seconds: float) -> list[ClaimedStudy]:
+    """Take up to ``limit`` ready studies (oldest first) for ``owner``."""
+    now = time.time()
+    claimed: list[ClaimedStudy] = []
+    with db.session() as s, s.begin():
+        query = (select(Study.id).where(Study.status == dbm.STUDY_READY)
+                 .order_by(Study.last_received).limit(limit))
+        if db.is_postgres:
+            query = query.with_for_update(skip_locked=True)
+        for sid in s.scalars(query).all():
+            taken = s.execute(update(Study).where(Study.id == sid, Study.status == dbm.STUDY_READY)
+                              .values(status=dbm.STUDY_SCORING, lease_owner=owner,
+                                      lease_expires=now + lease_seconds, attempts=Study.attempts + 1,
+                                      scored_instances=Study.n_instances, updated=now)).rowcount
+            if taken:
+                row = s.get(Study, sid)
+                s.refresh(row)
+                claimed.append(ClaimedStudy(row.id, row.study_uid, row.accession, row.n_instances,
+                                            row.revision, now))
+    return claimed
+
+
+def instances_of(db: Database, study_uid: str) -> list[Instance]:
+    with db.session() as s:
+        return list(s.scalars(select(Instance).where(Instance.study_uid == study_uid)
+                              .order_by(Instance.received, Instance.id)).all())
+
+
+def release(db: Database, owner: str, study_ids: list[int], error: str) -> None:
+    """Give claimed studies back after a batch-level failure (failed after MAX_ATTEMPTS)."""
+    now = time.time()
+    with db.session() as s, s.begin():
+        for sid in study_ids:
+            study = s.get(Study, sid)
+            if study is None or study.status != dbm.STUDY_SCORING or study.lease_owner != owner:
+                continue
+            study.status = dbm.STUDY_FAILED if study.attempts >= MAX_ATTEMPTS else dbm.STUDY_READY
+            study.error = error[:2000]
+            study.lease_owner = study.lease_expires = None
+            study.updated = now
+
+
+def renew(db: Database, owner: str, study_ids: list[int], lease_seconds: float) -> None:
+    with db.session() as s, s.begin():
+        s.execute(update(Study).where(Study.id.in_(study_ids), Study.lease_owner == owner,
+                                      Study.status == dbm.STUDY_SCORING)
+                  .values(lease_expires=time.time() + lease_seconds))
