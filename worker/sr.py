@@ -11,6 +11,7 @@ and carries the IHE AI Results (AIR) Contributing Equipment item that names the 
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Sequence
 from importlib import metadata
 from typing import Any
@@ -20,7 +21,6 @@ import pydicom
 from highdicom.sr import CodedConcept
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
-from pydicom.uid import UID
 
 from trainer.checkpoint import ModelInfo
 
@@ -70,6 +70,7 @@ _TYPE2_FROM_SOURCE = (
     "ReferringPhysicianName",
 )
 _REQUIRED_SOURCE_KEYWORDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "Rows", "Columns")
+_UID_PATTERN = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+")
 _PROJECTION_MODALITIES = frozenset({"CR", "DX", "IO", "MG", "PX", "RF", "RG", "XA"})
 _CROSS_SECTIONAL_MODALITIES = frozenset({"CT", "MR", "PT"})
 
@@ -131,7 +132,7 @@ def _tracking_uid(sr_instance_uid: str) -> str:
 def _check_uid(value: str | None, what: str) -> str | None:
     if value is None:
         return None
-    if not UID(value).is_valid:
+    if len(value) > 64 or not _UID_PATTERN.fullmatch(value):
         raise ValueError(f"{what} {value!r} is not a valid DICOM UID")
     return str(value)
 
