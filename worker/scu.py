@@ -108,6 +108,12 @@ def _associate(
     max_pdu: int,
 ):
     """Open an association; returns (assoc, None) or (None, reason)."""
+    connected: list[bool] = []
+
+    def on_open(event: evt.Event) -> None:
+        connected.append(True)
+        _nodelay(event)
+
     try:
         assoc = ae.associate(
             host,
@@ -116,13 +122,15 @@ def _associate(
             ae_title=called_aet,
             max_pdu=max_pdu,
             tls_args=(tls, host) if tls is not None else None,
-            evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay)],
+            evt_handlers=[(evt.EVT_CONN_OPEN, on_open)],
         )
     except (OSError, ValueError, RuntimeError) as exc:
         return None, f"cannot open an association with {called_aet}@{host}:{port}: {exc}"
     if assoc.is_established:
         return assoc, None
     where = f"{called_aet}@{host}:{port}"
+    if not connected:
+        return None, f"cannot connect to {where}: connection refused, unreachable or timed out"
     if assoc.is_rejected:
         detail = ""
         primitive = getattr(assoc.acceptor, "primitive", None)
@@ -131,7 +139,7 @@ def _associate(
         return None, f"association rejected by {where}{detail}"
     if assoc.is_aborted:
         return None, f"association aborted by {where} (or connection lost)"
-    return None, f"no association with {where}: connection refused, unreachable or timed out"
+    return None, f"no association with {where}: no answer to the association request"
 
 
 def _read_header(path: Path) -> _Item:
@@ -176,21 +184,25 @@ def _batches(items: list[_Item]) -> list[list[_Item]]:
     return [b for b in batches if b]
 
 
+def _accepted_syntaxes(assoc, sop_class: str) -> set[str]:
+    return {str(cx.transfer_syntax[0]) for cx in assoc.accepted_contexts if cx.abstract_syntax == sop_class}
+
+
 def _send_one(assoc, item: _Item) -> StoreOutcome:
+    accepted = _accepted_syntaxes(assoc, item.sop_class)
+    if not accepted:
+        name = UID(item.sop_class).name
+        return StoreOutcome(item.path, item.sop_instance, None, f"the peer accepted no presentation context for {name}")
     try:
         ds = pydicom.dcmread(item.path)
     except Exception as exc:  # noqa: BLE001
         return StoreOutcome(item.path, item.sop_instance, None, f"not a readable DICOM file: {exc}")
     try:
-        try:
-            rsp = assoc.send_c_store(ds)
-        except ValueError as exc:
-            # The peer refused the stored (compressed) syntax: fall back to uncompressed.
-            if UID(item.transfer_syntax).is_compressed and "presentation context" in str(exc).lower():
-                ds.decompress()
-                rsp = assoc.send_c_store(ds)
-            else:
-                raise
+        if item.transfer_syntax not in accepted and UID(item.transfer_syntax).is_compressed:
+            # The peer refused the stored (compressed) syntax but takes uncompressed data: decode,
+            # keeping the SOP Instance UID (same instance, different encoding).
+            ds.decompress(generate_instance_uid=False)
+        rsp = assoc.send_c_store(ds)
     except Exception as exc:  # noqa: BLE001 - report, never escape for one file
         return StoreOutcome(item.path, item.sop_instance, None, f"cannot send: {exc}")
     status = rsp.get("Status") if rsp is not None else None
