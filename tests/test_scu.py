@@ -217,6 +217,7 @@ def test_cli_send_wraps_and_reports(kaggle_jpegs, tmp_path, capsys):
     got = received(tmp_path / "in")
     assert len(got) == 2 and {ds.PatientID for ds in got.values()} <= {p.name.split("_")[0] for p in kaggle_jpegs["PNEUMONIA"]}
     assert cli_scu.main(["echo", "--port", str(free_port()), "--timeout", "3"]) == 1
+    assert "cannot connect" in capsys.readouterr().err
 
 
 def test_cli_send_as_a_process(dicom_files, tmp_path):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from dicom_io.images import is_image_file
 
-from .scu import DEFAULT_CALLING_AET, echo, store_files, wrap_image_as_dicom
+from .scu import DEFAULT_CALLING_AET, echo_detail, store_files, wrap_image_as_dicom
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 11112
@@ -116,10 +116,10 @@ def cmd_send(args: argparse.Namespace) -> int:
 
 
 def cmd_echo(args: argparse.Namespace) -> int:
-    status = echo(args.host, args.port, args.aec, args.aet, timeout=args.timeout)
+    status, reason = echo_detail(args.host, args.port, args.aec, args.aet, timeout=args.timeout)
     where = f"{args.aec}@{args.host}:{args.port}"
     if status is None:
-        print(f"C-ECHO {where}: no answer", file=sys.stderr)
+        print(f"C-ECHO {where} failed: {reason}", file=sys.stderr)
         return EXIT_FAILED
     print(f"C-ECHO {where}: status 0x{status:04X}")
     return EXIT_OK if status == 0 else EXIT_FAILED

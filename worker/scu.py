@@ -284,6 +284,37 @@ def store_files(
     return result
 
 
+def echo_detail(
+    host: str,
+    port: int,
+    called_aet: str,
+    calling_aet: str = DEFAULT_CALLING_AET,
+    *,
+    tls: ssl.SSLContext | None = None,
+    timeout: float = 10,
+) -> tuple[int | None, str | None]:
+    """C-ECHO; (status, None) when the peer answered, else (None, why not)."""
+    ae = _make_ae(calling_aet, timeout)
+    context = PresentationContext()
+    context.abstract_syntax = Verification
+    context.transfer_syntax = list(UNCOMPRESSED)
+    try:
+        assoc, reason = _associate(ae, host, port, called_aet, [context], tls, 0)
+        if assoc is None:
+            return None, reason
+        try:
+            rsp = assoc.send_c_echo()
+        finally:
+            if assoc.is_established:
+                assoc.release()
+        status = rsp.get("Status") if rsp is not None else None
+        if status is None:
+            return None, f"no C-ECHO response from {called_aet}@{host}:{port}"
+        return int(status), None
+    finally:
+        ae.shutdown()
+
+
 def echo(
     host: str,
     port: int,
@@ -294,24 +325,10 @@ def echo(
     timeout: float = 10,
 ) -> int | None:
     """C-ECHO; returns the peer's status (0 is success) or None when no association/response."""
-    ae = _make_ae(calling_aet, timeout)
-    context = PresentationContext()
-    context.abstract_syntax = Verification
-    context.transfer_syntax = list(UNCOMPRESSED)
-    try:
-        assoc, reason = _associate(ae, host, port, called_aet, [context], tls, 0)
-        if assoc is None:
-            LOG.warning("C-ECHO: %s", reason)
-            return None
-        try:
-            rsp = assoc.send_c_echo()
-        finally:
-            if assoc.is_established:
-                assoc.release()
-        status = rsp.get("Status") if rsp is not None else None
-        return int(status) if status is not None else None
-    finally:
-        ae.shutdown()
+    status, reason = echo_detail(host, port, called_aet, calling_aet, tls=tls, timeout=timeout)
+    if reason:
+        LOG.debug("C-ECHO: %s", reason)
+    return status
 
 
 def patient_id_from_filename(path: Path) -> str:
