@@ -16,7 +16,7 @@ import pydicom
 import pytest
 from conftest import IN_CI, REPO_ROOT, require_tool
 from orthanc import OrthancServer, free_port
-from pydicom.uid import ExplicitVRLittleEndian, RLELossless
+from pydicom.uid import RLELossless
 
 from worker import cli_scu
 from worker.scu import StoreOutcome, echo, store_files, wrap_image_as_dicom
