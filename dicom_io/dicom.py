@@ -41,6 +41,7 @@ MAX_SIDE = 16384
 """Largest Rows/Columns accepted; real detectors are <= ~4300 px, so more means a corrupt header."""
 GREY_PHOTOMETRICS = frozenset({"MONOCHROME1", "MONOCHROME2"})
 SUPPORTED_BITS_ALLOCATED = frozenset({8, 16, 32})
+PRESENTATION_SHAPES = frozenset({"IDENTITY", "INVERSE"})
 
 
 def read_dataset(source: str | Path | Dataset) -> Dataset:
@@ -95,8 +96,24 @@ def check_image(ds: Dataset) -> tuple[PixelFormat, int, list[str]]:
         raise DicomInputError("unsupported_pixel_format",
                               f"Bits Allocated {bits_allocated}, Bits Stored {bits_stored} not supported")
     fmt = PixelFormat(bits_allocated=bits_allocated, bits_stored=bits_stored,
-                      signed=_int(ds, "PixelRepresentation", 0) == 1, monochrome1=photometric == "MONOCHROME1")
+                      signed=_int(ds, "PixelRepresentation", 0) == 1, invert=_inverts(ds, photometric, notes))
     return fmt, frames, notes
+
+
+def _inverts(ds: Dataset, photometric: str, notes: list[str]) -> bool:
+    """Polarity of the display: MONOCHROME1 inverts, unless a Presentation LUT Shape says otherwise.
+
+    The Presentation LUT Shape is the last stage of C.11 (C.11.6) and, when present, decides
+    (DX requires INVERSE for MONOCHROME1 and IDENTITY for MONOCHROME2, C.8.11.7); DCMTK does the same.
+    """
+    by_photometric = photometric == "MONOCHROME1"
+    shape = str(ds.get("PresentationLUTShape", "") or "").strip().upper()
+    if shape not in PRESENTATION_SHAPES:
+        return by_photometric
+    by_shape = shape == "INVERSE"
+    if by_shape != by_photometric:
+        notes.append(f"Presentation LUT Shape {shape} on {photometric}: display {'in' if by_shape else 'not in'}verted")
+    return by_shape
 
 
 def _check_native_length(ds: Dataset, fmt: PixelFormat, frames: int) -> None:

@@ -31,7 +31,7 @@ class PixelFormat:
     bits_allocated: int
     bits_stored: int
     signed: bool
-    monochrome1: bool
+    invert: bool  # MONOCHROME1 (or Presentation LUT Shape INVERSE): invert after VOI
 
 
 def _padding_range(ds: Dataset, fmt: PixelFormat) -> tuple[int, int] | None:
@@ -59,7 +59,11 @@ def _voi_unit(modality: np.ndarray, ds: Dataset, auto_stats, notes: list[str]) -
     if sequence:
         table = parse_lut(sequence[0], signed_input=bool(np.min(modality) < 0))
         return apply_voi_table(modality, table), "VOI LUT Sequence (first item)"
-    window = first_window(ds)
+    try:
+        window = first_window(ds)
+    except (TypeError, ValueError, IndexError):
+        notes.append("unreadable Window Center/Width: ignored")
+        window = None
     if window is not None and window.function not in ("LINEAR", "LINEAR_EXACT", "SIGMOID"):
         notes.append(f"unknown VOI LUT Function {window.function!r}: LINEAR used")
         window = type(window)(window.center, window.width, "LINEAR")
@@ -89,7 +93,7 @@ def _render_by_table(frame: np.ndarray, ds: Dataset, fmt: PixelFormat, notes: li
         return modality, counts
 
     unit, description = _voi_unit(modality, ds, auto_stats, notes)
-    table = to_display_u8(unit, invert=fmt.monochrome1)
+    table = to_display_u8(unit, invert=fmt.invert)
     return table[codes], description
 
 
@@ -108,7 +112,7 @@ def _render_direct(frame: np.ndarray, ds: Dataset, fmt: PixelFormat, notes: list
         return sample, counts
 
     unit, description = _voi_unit(modality, ds, auto_stats, notes)
-    return to_display_u8(unit, invert=fmt.monochrome1), description
+    return to_display_u8(unit, invert=fmt.invert), description
 
 
 def render_display(frame: np.ndarray, ds: Dataset, fmt: PixelFormat) -> tuple[np.ndarray, str, list[str]]:

@@ -94,6 +94,22 @@ def test_monochrome1_is_inverted_after_voi(tmp_path: Path) -> None:
     assert_within_one(ours1, dcmtk_render(mono1, "+Wi", "1"))
 
 
+@pytest.mark.dcmtk
+@pytest.mark.parametrize("photometric, shape, inverted", [
+    ("MONOCHROME1", "INVERSE", True), ("MONOCHROME2", "INVERSE", True), ("MONOCHROME1", "IDENTITY", False),
+    ("MONOCHROME2", "IDENTITY", False),
+])
+def test_presentation_lut_shape_decides_polarity(photometric: str, shape: str, inverted: bool, tmp_path: Path) -> None:
+    """DX: MONOCHROME1 comes with INVERSE (one inversion, not two); a contradicting shape wins, as in DCMTK."""
+    ds = make_dataset(U12, bits_stored=12, window=(2000, 3000), photometric=photometric)
+    ds.PresentationLUTShape = shape
+    path = write_dicom(ds, tmp_path / "shape.dcm")
+    plain = read_dicom_display(make_dataset(U12, bits_stored=12, window=(2000, 3000))).pixels
+    ours = read_dicom_display(path).pixels
+    assert np.array_equal(ours, 255 - plain if inverted else plain)
+    assert_within_one(ours, dcmtk_render(path, "+Wi", "1"))
+
+
 def test_window_on_big_endian_and_ov_lut_bytes(tmp_path: Path) -> None:
     """A VOI LUT stored as OW in a Big Endian file must be byte-swapped like the pixels."""
     require_tool("dcmconv")
@@ -117,6 +133,17 @@ def test_auto_window_percentiles_ignore_padding(tmp_path: Path) -> None:
     assert np.abs(image.pixels.astype(int) - expected).max() <= 1
     unpadded = read_dicom_display(make_file(tmp_path / "nopad.dcm", pixels, bits_stored=12))
     assert not np.array_equal(unpadded.pixels, image.pixels), "padding must change the automatic window"
+
+
+@pytest.mark.parametrize("center, width", [(2000, 0), (2000, -5), ("abc", 300)])
+def test_unusable_window_falls_back_to_auto_window(center, width) -> None:
+    ds = make_dataset(U12, bits_stored=12)
+    ds.add_new(0x00281050, "DS", None)
+    ds.add_new(0x00281051, "DS", None)
+    ds["WindowCenter"]._value, ds["WindowWidth"]._value = center, width  # bypass pydicom's DS validation
+    image = read_dicom_display(ds)
+    assert image.voi.startswith("auto") and len(image.notes) == 2
+    assert np.array_equal(image.pixels, read_dicom_display(make_dataset(U12, bits_stored=12)).pixels)
 
 
 def test_padding_range_limit_and_signed_padding(tmp_path: Path) -> None:
