@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from .settings import Settings, SettingsError, load_settings
 
@@ -42,6 +43,8 @@ def cmd_serve(args) -> int:
 
 def cmd_classify(args) -> int:
     setup_logging("DEBUG" if args.debug else "WARNING")
+    if args.model and not Path(args.model).is_file():  # fail fast, before importing torch
+        raise FileNotFoundError(f"model checkpoint not found: {args.model}")
     from . import classify
     from .scoring import Scorer
 
