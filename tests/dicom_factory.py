@@ -155,7 +155,7 @@ TOOL_COMMANDS: dict[str, list[str]] = {
     "dcmtk-deflated": ["dcmconv", "+td"],                  # 1.2.840.10008.1.2.1.99
     # GDCM
     "gdcm-j2k-lossless": ["gdcmconv", "--j2k"],            # 1.2.840.10008.1.2.4.90
-    "gdcm-j2k-lossy": ["gdcmconv", "--j2k", "--lossy", "-q", "50"],  # 1.2.840.10008.1.2.4.91
+    "gdcm-j2k-lossy": ["gdcmconv", "--j2k", "--lossy", "-r", "10"],  # 1.2.840.10008.1.2.4.91, ratio 10
     "gdcm-jpeg-lossless": ["gdcmconv", "--jpeg"],          # 1.2.840.10008.1.2.4.70
     "gdcm-jpeg-ls": ["gdcmconv", "--jpegls"],              # 1.2.840.10008.1.2.4.80
     "gdcm-rle": ["gdcmconv", "--rle"],                     # 1.2.840.10008.1.2.5

@@ -16,7 +16,7 @@ import numpy as np
 import pydicom
 import pytest
 from conftest import require_tool
-from dicom_factory import encode_with_tool, make_dataset, make_file, synthetic_radiograph, write_dicom
+from dicom_factory import TOOL_COMMANDS, encode_with_tool, make_dataset, make_file, synthetic_radiograph, write_dicom
 from pydicom.data import get_testdata_file
 
 from dicom_io import read_dicom_display
@@ -110,7 +110,7 @@ def test_presentation_lut_shape_decides_polarity(photometric: str, shape: str, i
     assert_within_one(ours, dcmtk_render(path, "+Wi", "1"))
 
 
-def test_window_on_big_endian_and_ov_lut_bytes(tmp_path: Path) -> None:
+def test_window_on_big_endian_and_ow_lut_bytes(tmp_path: Path) -> None:
     """A VOI LUT stored as OW in a Big Endian file must be byte-swapped like the pixels."""
     require_tool("dcmconv")
     little = make_file(tmp_path / "le.dcm", U12, bits_stored=12, voi_lut=(0, 16, SQRT_VOI_LUT))
@@ -213,18 +213,13 @@ EXPECTED_SYNTAX = {
 @pytest.mark.parametrize("kind", LOSSLESS_ENCODINGS)
 def test_rg1_lossless_reencodings_decode_exactly(kind: str, rg1_reference, tmp_path: Path) -> None:
     path, stored, ours = rg1_reference
-    require_tool(encode_with_tool_program(kind))
+    require_tool(TOOL_COMMANDS[kind][0])
     encoded = encode_with_tool(kind, path, tmp_path / f"{kind}.dcm")
     image = read_dicom_display(encoded)
     assert image.transfer_syntax == EXPECTED_SYNTAX[kind]
     ds = pydicom.dcmread(encoded)
     assert np.array_equal(decode_first_frame(ds, transfer_syntax_of(ds)).pixels, stored)
     assert np.array_equal(image.pixels, ours)
-
-
-def encode_with_tool_program(kind: str) -> str:
-    from dicom_factory import TOOL_COMMANDS
-    return TOOL_COMMANDS[kind][0]
 
 
 def test_jpeg_lossy_decodes_like_dcmtk(tmp_path: Path) -> None:
