@@ -28,7 +28,7 @@ NATIVE_SYNTAXES = frozenset({ImplicitVRLittleEndian, ExplicitVRLittleEndian, Exp
 PREFERRED_PLUGINS: dict[str, tuple[str, ...]] = {
     RLELossless: ("pylibjpeg", "pydicom"),              # 10 ms vs 102 ms
     JPEGBaseline8Bit: ("pillow", "pylibjpeg", "gdcm"),  # 8-bit: libjpeg-turbo 10 ms vs 46 ms
-    JPEGExtended12Bit: ("pillow", "pylibjpeg", "gdcm"),  # 12-bit: only pylibjpeg can (128 ms)
+    JPEGExtended12Bit: ("pylibjpeg", "pillow", "gdcm"),  # 12-bit (its point): only pylibjpeg can, 128 ms
     JPEGLossless: ("gdcm", "pylibjpeg"),                # 155 ms vs 203 ms
     JPEGLosslessSV1: ("gdcm", "pylibjpeg"),             # 143 ms vs 165 ms
     JPEGLSLossless: ("pyjpegls", "gdcm", "pylibjpeg"),  # 104 ms vs 175 ms vs 408 ms
