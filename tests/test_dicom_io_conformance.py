@@ -72,6 +72,8 @@ DISPLAY_CASES = {
                                         window=(2000, 3000)), ["+Wi", "1"]),
     "modality-lut-signed": (S12, dict(bits_stored=12, modality_lut=(-2048, 12, np.arange(4096)),
                                       window=(2000, 3000)), ["+Wi", "1"]),
+    "unsigned-32bit-direct-path": (synthetic_radiograph(ROWS, COLS, 20).astype(np.uint32),
+                                   dict(bits_stored=20, rescale=(1, -1000), window=(500000, 800000)), ["+Wi", "1"]),
     "explicit-window-option": (U12, dict(bits_stored=12, window=(1800, 2500)), ["+Ww", "1800", "2500"]),
 }
 
