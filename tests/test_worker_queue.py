@@ -1,0 +1,88 @@
+"""The study queue on a real SQLite database: quiet period, exclusive claims, reclaiming dead claims."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from worker import db as dbm
+from worker.db import Database, Study
+from worker.settings import OutboxSettings, SettingsError, load_settings
+from worker.studies import claim_ready, promote_quiet
+
+
+@pytest.fixture()
+def database(tmp_path):
+    db = Database(f"sqlite:///{tmp_path / 'q.db'}")
+    yield db
+    db.dispose()
+
+
+def add_study(db, uid, status=dbm.STUDY_RECEIVING, last=None, owner=None, expires=None):
+    now = time.time()
+    with db.session() as s, s.begin():
+        s.add(Study(study_uid=uid, status=status, n_instances=1, first_received=now,
+                    last_received=now if last is None else last, updated=now, lease_owner=owner,
+                    lease_expires=expires, attempts=0, revision=0, scored_instances=0))
+
+
+def status_of(db, uid):
+    with db.session() as s:
+        return s.query(Study.status).filter_by(study_uid=uid).scalar()
+
+
+def test_quiet_period_then_ready(database):
+    add_study(database, "1.1", last=time.time() - 10)
+    add_study(database, "1.2", last=time.time())
+    assert promote_quiet(database, 5.0) == 1
+    assert status_of(database, "1.1") == dbm.STUDY_READY and status_of(database, "1.2") == dbm.STUDY_RECEIVING
+
+
+def test_concurrent_claims_are_exclusive(database):
+    for i in range(40):
+        add_study(database, f"2.{i}", status=dbm.STUDY_READY)
+    taken: dict[str, list[str]] = {"a": [], "b": [], "c": []}
+
+    def claimer(name):
+        while True:
+            got = claim_ready(database, name, 3, 60)
+            if not got:
+                return
+            taken[name].extend(c.study_uid for c in got)
+
+    threads = [threading.Thread(target=claimer, args=(n,)) for n in taken]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    everything = [uid for uids in taken.values() for uid in uids]
+    assert len(everything) == 40 and len(set(everything)) == 40  # each study claimed exactly once
+
+
+def test_claims_of_dead_or_expired_workers_are_reclaimed(database):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = socket.gethostname()
+    future = time.time() + 3600
+    add_study(database, "3.1", dbm.STUDY_SCORING, owner=f"{host}:{dead.pid}:abc", expires=future)   # dead here
+    add_study(database, "3.2", dbm.STUDY_SCORING, owner="otherhost:1:abc", expires=time.time() - 1)  # expired
+    add_study(database, "3.3", dbm.STUDY_SCORING, owner="otherhost:1:abc", expires=future)           # alive
+    assert dbm.reclaim_stale(database) == 2
+    assert [status_of(database, u) for u in ("3.1", "3.2", "3.3")] == ["ready", "ready", "scoring"]
+
+
+def test_settings_validation_and_backoff(tmp_path):
+    s = load_settings(environ={"CXR_WORKER__NETWORK__PORT": "11999",
+                               "CXR_WORKER__DESTINATIONS": '[{name="p", host="h", port=104, ae_title="PACS"}]'})
+    assert s.network.port == 11999 and s.destinations[0].ae_title == "PACS"
+    with pytest.raises(SettingsError, match="ae_title"):
+        load_settings(environ={"CXR_WORKER__NETWORK__AE_TITLE": "THIS_AE_TITLE_IS_TOO_LONG"})
+    with pytest.raises(SettingsError, match="unknown configuration key"):
+        load_settings(environ={"CXR_WORKER__NETWORK__PROT": "1"})
+    backoff = OutboxSettings(retry_base_seconds=2, retry_max_seconds=30)
+    assert [backoff.backoff(n) for n in (1, 2, 3, 4, 5, 6)] == [2, 4, 8, 16, 30, 30]
