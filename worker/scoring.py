@@ -18,7 +18,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-from dicom_io import DicomInputError, load_display_image, read_dicom_display, to_model_input
+from dicom_io import DicomInputError, load_display_image, to_model_input
 from trainer.checkpoint import ModelInfo, load_checkpoint
 
 from .settings import DEFAULT_MODEL
