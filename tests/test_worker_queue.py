@@ -86,3 +86,17 @@ def test_settings_validation_and_backoff(tmp_path):
         load_settings(environ={"CXR_WORKER__NETWORK__PROT": "1"})
     backoff = OutboxSettings(retry_base_seconds=2, retry_max_seconds=30)
     assert [backoff.backoff(n) for n in (1, 2, 3, 4, 5, 6)] == [2, 4, 8, 16, 30, 30]
+
+
+def test_sr_uids_are_deterministic_valid_and_distinct():
+    from pydicom.uid import UID
+
+    from worker.pipeline import sr_uids
+
+    a = sr_uids("1.2.3", "2.25.9", 1)
+    assert a == sr_uids("1.2.3", "2.25.9", 1)               # a retry gets the same SR UIDs
+    b = sr_uids("1.2.3", "2.25.9", 2)
+    assert b[0] == a[0] and b[1] != a[1]                     # next revision: same series, new instance
+    assert sr_uids("1.2.4", "2.25.9", 1)[1] != a[1]
+    for uid in (*a, *b):
+        assert UID(uid).is_valid and len(uid) <= 64

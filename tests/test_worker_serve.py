@@ -165,3 +165,20 @@ def test_bad_instances_recorded_listener_survives(worker, kaggle_jpegs, tmp_path
     assert storescu(worker.port, good).returncode == 0
     assert result_for(worker, good_study)[0]["status"] == "done"
 
+
+
+def test_late_new_instance_rescored_as_next_sr_revision(worker, destination, kaggle_jpegs, tmp_path):
+    study_uid = generate_uid()
+    first = wrap_jpeg(kaggle_jpegs["NORMAL"][5], tmp_path / "a.dcm", study_uid=study_uid)
+    assert storescu(worker.port, first).returncode == 0
+    rev1 = result_for(worker, study_uid, delivered=1)[0]
+    assert rev1["revision"] == 1 and rev1["n_scored"] == 1
+    late = wrap_jpeg(kaggle_jpegs["PNEUMONIA"][6], tmp_path / "b.dcm", study_uid=study_uid)
+    assert storescu(worker.port, late).returncode == 0
+    rev2 = worker.wait_for(lambda: [r for r in worker.results() if r["study_uid"] == study_uid
+                                    and r["revision"] == 2 and r["delivered"] == 1], what="revision 2")
+    assert len([r for r in worker.results() if r["study_uid"] == study_uid]) == 1  # one result row, updated
+    assert rev2[0]["n_scored"] == 2 and rev2[0]["sr_sop_instance_uid"] != rev1["sr_sop_instance_uid"]
+    srs = [ds for ds in destination.files() if ds.StudyInstanceUID == study_uid]
+    assert sorted(int(ds.InstanceNumber) for ds in srs) == [1, 2]
+    assert len({ds.SeriesInstanceUID for ds in srs}) == 1  # revisions share the SR series

@@ -12,6 +12,7 @@ Runs beside the network threads, never on them. Per claimed batch of studies:
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -20,7 +21,6 @@ import time
 from collections import Counter, defaultdict
 
 import pydicom
-from pydicom.uid import generate_uid
 from sqlalchemy import select, update
 
 from . import db as dbm
@@ -37,10 +37,19 @@ class LeaseLost(RuntimeError):
     """Another worker took the study over (our lease expired); our result is discarded."""
 
 
+def derived_uid(*parts: str) -> str:
+    """A 2.25 UID from a SHA-256 of ``parts`` (same inputs, same UID; ISO/IEC 9834-8 UUID-style root).
+
+    (pydicom's generate_uid(prefix=None) ignores entropy_srcs and returns a random UID.)
+    """
+    digest = hashlib.sha256("\x1f".join(parts).encode("utf-8")).digest()
+    return f"2.25.{int.from_bytes(digest[:16], 'big')}"
+
+
 def sr_uids(study_uid: str, model_uid: str, revision: int) -> tuple[str, str]:
     """Deterministic (series UID, instance UID) for a study's SR: retries yield the same SR."""
-    series = generate_uid(prefix=None, entropy_srcs=["cxr-worker-sr-series", study_uid, model_uid])
-    instance = generate_uid(prefix=None, entropy_srcs=["cxr-worker-sr", study_uid, model_uid, str(revision)])
+    series = derived_uid("cxr-worker-sr-series", study_uid, model_uid)
+    instance = derived_uid("cxr-worker-sr-instance", study_uid, model_uid, str(revision))
     return series, instance
 
 
