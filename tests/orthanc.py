@@ -20,19 +20,12 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from conftest import require_tool
+from conftest import free_port, require_tool
 
 ORTHANC = "Orthanc"
 START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0
 POLL_S = 0.1
-
-
-def free_port() -> int:
-    """A TCP port that was free a moment ago (bind to port 0 on loopback)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class OrthancError(RuntimeError):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 import socket
 import subprocess
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from conftest import IN_CI, REPO_ROOT, require_tool
+from conftest import REPO_ROOT, dcmtk
 from orthanc import OrthancServer, free_port
 from pydicom.uid import RLELossless
 
@@ -22,21 +21,6 @@ from worker import cli_scu
 from worker.scu import StoreOutcome, echo, store_files, wrap_image_as_dicom
 
 STORESCP_AET = "STORESCP"
-
-
-def dcmtk_binary(name: str) -> str:
-    """DCMTK's program, not pynetdicom's same-named Python app that may come first on PATH."""
-    require_tool(name)
-    for directory in os.environ.get("PATH", "").split(os.pathsep):
-        candidate = Path(directory) / name
-        if candidate.is_file() and os.access(candidate, os.X_OK):
-            with candidate.open("rb") as handle:
-                if handle.read(2) != b"#!":  # scripts and pyenv shims are not DCMTK
-                    return str(candidate)
-    message = f"DCMTK {name} not found (only script wrappers named {name} on PATH)"
-    if IN_CI:
-        pytest.fail(message)
-    pytest.skip(message)
 
 
 def wait_for_port(port: int, process: subprocess.Popen, timeout: float = 10.0) -> None:
@@ -53,7 +37,7 @@ def wait_for_port(port: int, process: subprocess.Popen, timeout: float = 10.0) -
 @contextlib.contextmanager
 def storescp(outdir: Path, *options: str) -> Iterator[int]:
     """DCMTK storescp on a free port writing to outdir; always terminated."""
-    binary = dcmtk_binary("storescp")
+    binary = dcmtk("storescp")
     port = free_port()
     outdir.mkdir(parents=True, exist_ok=True)
     log = open(outdir.parent / f"storescp-{port}.log", "wb")

@@ -2,8 +2,7 @@
 
 Not a test module; tests import it as `from worker_fixtures import ...`.
 
-DCMTK note: pynetdicom installs its own `storescu`/`echoscu`/`storescp` console scripts, which may
-come first on PATH (e.g. pyenv shims). dcmtk() finds the real DCMTK binary by asking `--version`.
+DCMTK programs: use conftest.dcmtk(name) (pynetdicom's same-named apps may come first on PATH).
 """
 
 from __future__ import annotations
@@ -20,44 +19,10 @@ from functools import lru_cache
 from pathlib import Path
 
 import pydicom
-import pytest
 
-from conftest import IN_CI, REPO_ROOT
+from conftest import IN_CI, REPO_ROOT, dcmtk, free_port  # noqa: F401 (re-exported for tests)
 
 START_TIMEOUT_S = 60.0
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@lru_cache(maxsize=None)
-def _find_dcmtk(name: str) -> str | None:
-    candidates = [os.path.join(d, name) for d in os.environ.get("PATH", "").split(os.pathsep)]
-    candidates += [f"/usr/bin/{name}", f"/usr/local/bin/{name}"]
-    for path in candidates:
-        if not (os.path.isfile(path) and os.access(path, os.X_OK)):
-            continue
-        try:
-            out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=10)
-        except (OSError, subprocess.TimeoutExpired):
-            continue
-        if "dcmtk" in (out.stdout + out.stderr).lower():
-            return path
-    return None
-
-
-def dcmtk(name: str) -> str:
-    """Path of the DCMTK program ``name``; skip (locally) or fail (CI=true) when absent."""
-    path = _find_dcmtk(name)
-    if path is None:
-        message = f"DCMTK {name} not installed"
-        if IN_CI:
-            pytest.fail(message + " (CI=true: .ci/run must install dcmtk)")
-        pytest.skip(message)
-    return path
 
 
 @lru_cache(maxsize=1)
