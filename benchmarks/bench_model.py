@@ -1,0 +1,384 @@
+#!/usr/bin/env python
+"""Images/s of the shipped model for each inference path, and how far each one is from fp32.
+
+    python benchmarks/bench_model.py                 # full run (a few minutes; torch.compile dominates)
+    python benchmarks/bench_model.py --quick         # smoke test (seconds of timing per path)
+    python benchmarks/bench_model.py --no-compile --no-onnx --json out.json
+
+Paths (CPU): eager fp32, eager fp32 channels_last, bf16 autocast (with and without channels_last),
+torch.compile fp32 / bf16 (channels_last; compile time reported separately, skipped if compiling
+fails), ONNX Runtime fp32 (needs the optional extra: pip install -e '.[bench]'). With CUDA: fp32 and
+fp16 autocast on the GPU.
+
+Accuracy: every path scores the same REAL inputs (Kaggle JPEGs through dicom_io.read_image_file +
+to_model_input, i.e. exactly the worker's model input) at every batch size it is timed at; the
+reported deviation is max |p - p_fp32| of the sigmoid probability over all of them, against eager
+fp32 at batch 1. "ok" means within --tolerance (0.01). The recommended default is the fastest
+path within tolerance (by the geometric mean of images/s over the batch sizes).
+
+Timing: torch.inference_mode, torch.set_num_threads(all cores), warm-up, then --repeats timed
+windows of at least --min-time seconds each; the median window gives images/s. Run it on an
+otherwise idle machine: anything else using the cores makes the numbers meaningless.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from dicom_io import read_image_file, to_model_input  # noqa: E402
+from trainer.checkpoint import load_checkpoint  # noqa: E402
+
+DEFAULT_MODEL = REPO / "worker" / "models" / "default.safetensors"
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "chest_xray224" / "train"
+
+Runner = Callable[[torch.Tensor], torch.Tensor]   # float32 NCHW (CPU) -> logits (N, 1) on CPU
+
+
+@dataclass
+class PathResult:
+    name: str
+    status: str = "ok"                     # ok | skipped | failed
+    note: str = ""
+    ips: dict[int, float] = field(default_factory=dict)       # batch -> images/s (median)
+    spread: dict[int, float] = field(default_factory=dict)    # batch -> (max-min)/median of the windows
+    setup_s: float | None = None            # export/compile time not part of the timing
+    compile_s: dict[int, float] = field(default_factory=dict)  # batch -> first call (compile) seconds
+    max_dev: float | None = None            # max |p - p_fp32| over real inputs
+    label_flips: int | None = None          # decisions at the model threshold that differ from fp32
+
+    def geomean(self) -> float:
+        vals = [v for v in self.ips.values() if v > 0]
+        return math.exp(sum(math.log(v) for v in vals) / len(vals)) if vals else 0.0
+
+
+# ---------------------------------------------------------------------------------------------------
+def machine_info() -> dict:
+    cpu = platform.processor() or ""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                cpu = line.split(":", 1)[1].strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    try:
+        import onnxruntime
+        ort_version = onnxruntime.__version__
+    except ImportError:
+        ort_version = None
+    info = {"nproc": os.cpu_count(), "cpu": cpu, "torch": torch.__version__, "onnxruntime": ort_version,
+            "threads": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "python": platform.python_version()}
+    try:
+        info["bf16_native"] = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        info["bf16_native"] = False
+    return info
+
+
+def busy_processes() -> list[str]:
+    """Other processes that would spoil the timing (the training run, another benchmark)."""
+    try:
+        out = subprocess.run(["pgrep", "-a", "cxr-train"], capture_output=True, text=True, timeout=5).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [line for line in out.splitlines() if line.strip()]
+
+
+def load_real_inputs(root: Path, n: int, seed: int = 0) -> np.ndarray:
+    """n Kaggle JPEGs (half NORMAL, half PNEUMONIA) -> float32 (n, 1, 224, 224) via dicom_io."""
+    files: list[Path] = []
+    for cls in ("NORMAL", "PNEUMONIA"):
+        found = sorted((root / cls).glob("*.jp*g"))
+        if not found:
+            raise SystemExit(f"no JPEGs under {root / cls} (use --data ROOT/train)")
+        rng = np.random.default_rng(seed)
+        take = rng.choice(len(found), size=min(len(found), (n + 1) // 2), replace=False)
+        files += [found[i] for i in sorted(take)]
+    files = files[:n]
+    return np.stack([to_model_input(read_image_file(f)) for f in files]).astype(np.float32)
+
+
+def batch_of(inputs: np.ndarray, batch: int) -> torch.Tensor:
+    reps = -(-batch // len(inputs))
+    return torch.from_numpy(np.ascontiguousarray(np.concatenate([inputs] * reps)[:batch]))
+
+
+def time_runner(run: Runner, x: torch.Tensor, warmup: int, repeats: int, min_time: float,
+                sync: Callable[[], None]) -> tuple[float, float]:
+    """(median images/s, relative spread) over ``repeats`` windows of >= min_time seconds."""
+    for _ in range(warmup):
+        run(x)
+    sync()
+    start = time.perf_counter()
+    run(x)
+    sync()
+    once = max(time.perf_counter() - start, 1e-6)
+    iters = max(1, int(math.ceil(min_time / once)))
+    rates = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(iters):
+            run(x)
+        sync()
+        rates.append(iters * x.shape[0] / (time.perf_counter() - start))
+    med = statistics.median(rates)
+    return med, (max(rates) - min(rates)) / med
+
+
+def probabilities(run: Runner, inputs: np.ndarray, batch: int) -> np.ndarray:
+    out = []
+    for start in range(0, len(inputs), batch):
+        chunk = torch.from_numpy(np.ascontiguousarray(inputs[start:start + batch]))
+        out.append(torch.sigmoid(run(chunk).float().reshape(-1)).cpu().numpy())
+    return np.concatenate(out).astype(np.float64)
+
+
+# --------------------------------------------------------------------------------- inference paths
+def eager(model, channels_last: bool, amp: torch.dtype | None, device: str = "cpu") -> Runner:
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    m = model.to(device=device, memory_format=fmt)
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            x = x.to(device, non_blocking=True).contiguous(memory_format=fmt)
+            ctx = torch.autocast(device_type=device, dtype=amp) if amp is not None else contextlib.nullcontext()
+            with ctx:
+                y = m(x)
+            return y.float().cpu()
+    return run
+
+
+def compiled(model, amp: torch.dtype | None) -> Runner:
+    m = torch.compile(model.to(memory_format=torch.channels_last), dynamic=False)
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            x = x.contiguous(memory_format=torch.channels_last)
+            ctx = torch.autocast(device_type="cpu", dtype=amp) if amp is not None else contextlib.nullcontext()
+            with ctx:
+                return m(x).float()
+    return run
+
+
+def onnx_runner(model, workdir: Path, threads: int) -> tuple[Runner, float, str]:
+    import onnxruntime as ort
+
+    path = workdir / "model.onnx"
+    start = time.perf_counter()
+    example = torch.zeros(2, 1, 224, 224)
+    how = ""
+    try:
+        batch = torch.export.Dim("batch", min=1, max=1024)
+        torch.onnx.export(model, (example,), str(path), dynamo=True, input_names=["x"], output_names=["logit"],
+                          dynamic_shapes={"x": {0: batch}}, optimize=True)
+        how = "torch.onnx.export(dynamo=True)"
+    except Exception as exc:  # noqa: BLE001 - fall back to the TorchScript exporter
+        print(f"  dynamo ONNX export failed ({type(exc).__name__}: {str(exc)[:120]}); trying dynamo=False",
+              file=sys.stderr)
+        torch.onnx.export(model, (example,), str(path), dynamo=False, input_names=["x"], output_names=["logit"],
+                          dynamic_axes={"x": {0: "batch"}, "logit": {0: "batch"}}, opset_version=17)
+        how = "torch.onnx.export(dynamo=False)"
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    setup = time.perf_counter() - start
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        (y,) = sess.run(None, {"x": x.numpy()})
+        return torch.from_numpy(y)
+    return run, setup, f"{how}, ORT {ort.__version__}, {threads} intra-op threads"
+
+
+# ---------------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="checkpoint (default: the shipped model)")
+    ap.add_argument("--data", type=Path, default=DEFAULT_DATA, help="Kaggle train folder (NORMAL/, PNEUMONIA/)")
+    ap.add_argument("--images", type=int, default=64, help="real images for the deviation check")
+    ap.add_argument("--batches", default="1,8,32", help="comma-separated batch sizes")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--min-time", type=float, default=0.6, help="seconds per timed window")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--tolerance", type=float, default=0.01)
+    ap.add_argument("--quick", action="store_true", help="short smoke run (16 images, 2 short windows)")
+    ap.add_argument("--no-compile", action="store_true", help="skip torch.compile paths")
+    ap.add_argument("--no-onnx", action="store_true", help="skip ONNX Runtime")
+    ap.add_argument("--only", help="comma-separated path names to run (eager fp32 always runs)")
+    ap.add_argument("--json", type=Path, help="also write the results as JSON here")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.images, args.repeats, args.min_time, args.warmup = 16, 2, 0.2, 1
+
+    threads = os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    batches = [int(b) for b in args.batches.split(",")]
+    info = machine_info()
+    busy = busy_processes()
+    print(f"machine: {info['nproc']} cores, {info['cpu']}, torch {info['torch']} ({info['cpu_capability']}, "
+          f"native bf16: {info['bf16_native']}), onnxruntime {info['onnxruntime']}, cuda: {info['cuda']}")
+    print(f"threads: {torch.get_num_threads()}, batches {batches}, {args.repeats} windows x >= {args.min_time}s, "
+          f"{'QUICK (smoke test, not a measurement)' if args.quick else 'full'}")
+    if busy:
+        print("WARNING: other heavy processes are running; these timings are NOT valid measurements:")
+        for line in busy:
+            print("   ", line[:120])
+
+    model, minfo = load_checkpoint(args.model, "cpu")
+    print(f"model: {args.model} ({minfo.arch}, {minfo.name} {minfo.version}, threshold {minfo.threshold:.4f})")
+    t0 = time.perf_counter()
+    inputs = load_real_inputs(args.data, args.images)
+    print(f"real inputs: {len(inputs)} Kaggle JPEGs from {args.data} ({time.perf_counter() - t0:.1f} s to load)")
+
+    def fresh():
+        m, _ = load_checkpoint(args.model, "cpu")
+        return m
+
+    # reference: eager fp32, batch 1 (no batching effects in the reference)
+    ref_run = eager(fresh(), channels_last=False, amp=None)
+    p_ref = probabilities(ref_run, inputs, 1)
+    ref_labels = p_ref >= minfo.threshold
+
+    cpu_sync = lambda: None  # noqa: E731
+    paths: list[tuple[str, Callable[[], tuple[Runner, float | None, str]], Callable[[], None], bool]] = []
+
+    def simple(factory: Callable[[], Runner], note: str = ""):
+        return lambda: (factory(), None, note)
+
+    paths.append(("eager fp32", simple(lambda: eager(fresh(), False, None)), cpu_sync, False))
+    paths.append(("eager fp32 channels_last", simple(lambda: eager(fresh(), True, None)), cpu_sync, False))
+    paths.append(("bf16 autocast", simple(lambda: eager(fresh(), False, torch.bfloat16)), cpu_sync, False))
+    paths.append(("bf16 autocast channels_last",
+                  simple(lambda: eager(fresh(), True, torch.bfloat16)), cpu_sync, False))
+    if not args.no_compile:
+        paths.append(("compile fp32 channels_last", simple(lambda: compiled(fresh(), None), "inductor"),
+                      cpu_sync, True))
+        paths.append(("compile bf16 channels_last", simple(lambda: compiled(fresh(), torch.bfloat16), "inductor"),
+                      cpu_sync, True))
+    if not args.no_onnx:
+        tmp = Path(tempfile.mkdtemp(prefix="cxr-bench-onnx-"))
+        paths.append(("onnxruntime fp32", lambda: onnx_runner(fresh(), tmp, threads), cpu_sync, False))
+    if torch.cuda.is_available():
+        cuda_sync = torch.cuda.synchronize
+        paths.append(("cuda fp32", simple(lambda: eager(fresh(), True, None, "cuda")), cuda_sync, False))
+        paths.append(("cuda fp16 autocast",
+                      simple(lambda: eager(fresh(), True, torch.float16, "cuda")), cuda_sync, False))
+    if args.only:
+        wanted = {w.strip() for w in args.only.split(",")} | {"eager fp32"}
+        paths = [p for p in paths if p[0] in wanted]
+
+    results: list[PathResult] = []
+    for name, factory, sync, is_compiled in paths:
+        res = PathResult(name)
+        results.append(res)
+        print(f"- {name} ...", flush=True)
+        try:
+            run, setup, note = factory()
+            res.setup_s, res.note = setup, note
+        except ImportError as exc:
+            res.status, res.note = "skipped", f"not installed: {exc.name} (pip install -e '.[bench]')"
+            print(f"  skipped: {res.note}")
+            continue
+        except Exception as exc:  # noqa: BLE001
+            res.status, res.note = "failed", f"{type(exc).__name__}: {str(exc)[:200]}"
+            print(f"  failed: {res.note}")
+            continue
+        try:
+            devs, flips = [], 0
+            for b in batches:
+                x = batch_of(inputs, b)
+                if is_compiled:   # the first call compiles for this shape (dynamic=False)
+                    start = time.perf_counter()
+                    run(x)
+                    sync()
+                    res.compile_s[b] = time.perf_counter() - start
+                res.ips[b], res.spread[b] = time_runner(run, x, args.warmup, args.repeats, args.min_time, sync)
+                p = probabilities(run, inputs, b) if b <= len(inputs) else probabilities(run, inputs, len(inputs))
+                devs.append(float(np.max(np.abs(p - p_ref))))
+                flips = max(flips, int(np.sum((p >= minfo.threshold) != ref_labels)))
+                extra = f", compile {res.compile_s[b]:.1f} s" if b in res.compile_s else ""
+                print(f"  batch {b:>3}: {res.ips[b]:7.1f} images/s (spread {res.spread[b]:.0%}), "
+                      f"max|dp| {devs[-1]:.2e}{extra}", flush=True)
+            res.max_dev, res.label_flips = max(devs), flips
+        except Exception as exc:  # noqa: BLE001 - e.g. inductor cannot compile here: report, go on
+            res.status, res.note = "failed", f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+            print(f"  failed: {res.note}")
+
+    # ------------------------------------------------------------------------------------- table
+    base = next(r for r in results if r.name == "eager fp32")
+    print()
+    head = f"{'path':<30}" + "".join(f"{'b=' + str(b) + ' img/s':>13}" for b in batches) + \
+        "".join(f"{'x fp32 b' + str(b):>11}" for b in batches) + f"{'max|p-p32|':>12}{'<=tol':>7}{'flips':>6}"
+    print(head)
+    print("-" * len(head))
+    for r in results:
+        if r.status != "ok":
+            print(f"{r.name:<30}  {r.status}: {r.note}")
+            continue
+        cells = "".join(f"{r.ips.get(b, float('nan')):13.1f}" for b in batches)
+        ratios = "".join(f"{r.ips[b] / base.ips[b]:11.2f}" if b in r.ips and base.ips.get(b) else f"{'-':>11}"
+                         for b in batches)
+        ok = r.max_dev is not None and r.max_dev <= args.tolerance
+        print(f"{r.name:<30}{cells}{ratios}{r.max_dev:12.2e}{'yes' if ok else 'NO':>7}{r.label_flips:>6}")
+    setups = [r for r in results if r.status == "ok" and (r.compile_s or r.setup_s)]
+    if setups:
+        print("\none-off costs (not in the images/s above):")
+        for r in setups:
+            parts = []
+            if r.setup_s is not None:
+                parts.append(f"export+session {r.setup_s:.1f} s")
+            if r.compile_s:
+                parts.append("first call (compile) " + ", ".join(f"b{b}: {s:.1f} s" for b, s in r.compile_s.items()))
+            print(f"  {r.name:<30} " + "; ".join(parts) + (f"  [{r.note}]" if r.note else ""))
+
+    eligible = [r for r in results if r.status == "ok" and r.max_dev is not None and r.max_dev <= args.tolerance]
+    best = max(eligible, key=PathResult.geomean) if eligible else None
+    print(f"\nreference: eager fp32 at batch 1; tolerance {args.tolerance}; flips = decisions at threshold "
+          f"{minfo.threshold:.4f} that differ from fp32 (over {len(inputs)} real images)")
+    for b in batches:
+        cands = [r for r in eligible if b in r.ips]
+        if cands:
+            w = max(cands, key=lambda r: r.ips[b])
+            print(f"fastest within tolerance at batch {b:>2}: {w.name} ({w.ips[b]:.1f} images/s, "
+                  f"{w.ips[b] / base.ips[b]:.2f}x eager fp32)")
+    if best:
+        print(f"RECOMMENDED DEFAULT: {best.name} (geomean {best.geomean():.1f} images/s = "
+              f"{best.geomean() / base.geomean():.2f}x eager fp32; max |p - p_fp32| = {best.max_dev:.2e}, "
+              f"{best.label_flips} label flips)")
+    if busy:
+        print("WARNING: measured while other heavy processes ran; NOT valid measurements.")
+    if args.json:
+        args.json.write_text(json.dumps({"machine": info, "quick": args.quick, "busy": busy,
+                                         "model": str(args.model), "images": len(inputs),
+                                         "tolerance": args.tolerance, "batches": batches,
+                                         "recommended": best.name if best else None,
+                                         "results": [asdict(r) for r in results]}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
