@@ -51,10 +51,11 @@ class WorkerProcess:
 
     def __init__(self, data_dir: Path, *, port: int | None = None, quiet: float = 0.5,
                  destinations: list[dict] | None = None, env: dict[str, str] | None = None,
-                 ae_title: str = "CXR_WORKER") -> None:
+                 ae_title: str = "CXR_WORKER", tls=None) -> None:
         self.data_dir = Path(data_dir)
         self.port = port or free_port()
         self.ae_title = ae_title
+        self.tls = tls  # ssl.SSLContext for echo() when the worker listens with DICOM TLS
         self.log_path = self.data_dir.parent / f"{self.data_dir.name}.log"
         self.env = dict(os.environ)
         self.env.update({
@@ -98,7 +99,7 @@ class WorkerProcess:
         from worker.scu import echo
 
         try:
-            return echo("127.0.0.1", self.port, self.ae_title, "TEST_SCU", timeout=2) == 0
+            return echo("127.0.0.1", self.port, self.ae_title, "TEST_SCU", tls=self.tls, timeout=2) == 0
         except Exception:  # noqa: BLE001 - not up yet
             return False
 
@@ -168,8 +169,10 @@ class WorkerProcess:
 class StoreSCP:
     """DCMTK storescp writing received files into a directory (a destination for SRs)."""
 
-    def __init__(self, out_dir: Path, *, port: int | None = None, ae_title: str = "DEST") -> None:
+    def __init__(self, out_dir: Path, *, port: int | None = None, ae_title: str = "DEST",
+                 options: tuple[str, ...] = ()) -> None:
         self.out_dir = Path(out_dir)
+        self.options = tuple(options)  # extra storescp options, e.g. ("+tls", key, cert, "+cf", ca)
         self.port = port or free_port()
         self.ae_title = ae_title
         self.process: subprocess.Popen | None = None
@@ -177,7 +180,7 @@ class StoreSCP:
     def start(self) -> "StoreSCP":
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.process = subprocess.Popen([dcmtk("storescp"), "-aet", self.ae_title, "-od", str(self.out_dir),
-                                         "+xa", str(self.port)],
+                                         "+xa", *self.options, str(self.port)],
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:

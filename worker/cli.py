@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
+import traceback
+import warnings
 from pathlib import Path
 
 from .settings import Settings, SettingsError, load_settings
@@ -16,9 +19,48 @@ from .settings import Settings, SettingsError, load_settings
 log = logging.getLogger("cxr_worker")
 
 
+class NoPatientDataFormatter(logging.Formatter):
+    """Below DEBUG verbosity, tracebacks keep their frames but not the exception messages: those can
+    quote DICOM values, i.e. patient data (pydicom: "Unable to convert '<birth date>' to 'DA' object")."""
+
+    HIDDEN = "<message hidden: it may quote patient data; logging.level = \"DEBUG\" shows it>"
+
+    def formatException(self, ei) -> str:
+        te = traceback.TracebackException(*ei, capture_locals=False)
+        seen, todo = set(), [te]
+        while todo:
+            item = todo.pop()
+            if item is None or id(item) in seen:
+                continue
+            seen.add(id(item))
+            item._str = self.HIDDEN  # what format_exception_only prints after the type name
+            todo += [item.__cause__, item.__context__]
+        return "".join(te.format()).rstrip("\n")
+
+
+class QuotedValueFilter(logging.Filter):
+    """pydicom's validation warnings quote the offending value ("Invalid value for VR DA: '<birth
+    date>'"): below DEBUG verbosity, quoted text in its messages is replaced by <value hidden>."""
+
+    QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        hidden = self.QUOTED.sub("<value hidden>", message)
+        if hidden != message:
+            record.msg, record.args = hidden, None
+        return True
+
+
 def setup_logging(level: str) -> None:
     logging.basicConfig(level=getattr(logging, level, logging.INFO), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if level != "DEBUG":  # no patient data in logs above DEBUG (docs/worker.md "Security")
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(NoPatientDataFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logging.getLogger("pydicom").addFilter(QuotedValueFilter())
+        # pydicom logs each warning and also warns() it to stderr, unfiltered: keep the log copy only.
+        warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")
     # pynetdicom logs PDUs and data sets (patient data) at DEBUG, and is chatty at INFO.
     # highdicom narrates every attribute copy at INFO.
     for name in ("pynetdicom", "highdicom"):

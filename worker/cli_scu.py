@@ -29,6 +29,20 @@ def _add_peer_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--aec", default=DEFAULT_CALLED_AET, help=f"called AE title (default {DEFAULT_CALLED_AET})")
     parser.add_argument("--aet", default=DEFAULT_CALLING_AET, help=f"our (calling) AE title (default {DEFAULT_CALLING_AET})")
     parser.add_argument("--timeout", type=float, default=30.0, help="network timeout in seconds (default 30)")
+    tls = parser.add_argument_group("DICOM TLS (any --tls-* option implies --tls)")
+    tls.add_argument("--tls", action="store_true", help="use TLS; the peer's certificate is verified")
+    tls.add_argument("--tls-ca", default="", metavar="FILE", help="CA certificates (PEM) for the peer (default: system CAs)")
+    tls.add_argument("--tls-cert", default="", metavar="FILE", help="our client certificate (PEM), if the peer wants one")
+    tls.add_argument("--tls-key", default="", metavar="FILE", help="its private key (PEM, unencrypted)")
+
+
+def _tls_context(args: argparse.Namespace):
+    """The client SSLContext for --tls/--tls-* (worker/tls.py), or None; SettingsError for bad files."""
+    if not (args.tls or args.tls_ca or args.tls_cert or args.tls_key):
+        return None
+    from .tls import client_context
+
+    return client_context(args.tls_ca, args.tls_cert, args.tls_key, names=("--tls-ca", "--tls-cert", "--tls-key"))
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -98,7 +112,8 @@ def cmd_send(args: argparse.Namespace) -> int:
             files, origin, wrap_errors = _wrap_all(files, Path(tmp))
             errors.extend(wrap_errors)
         outcomes = store_files(
-            files, args.host, args.port, args.aec, args.aet, timeout=args.timeout, progress=not args.no_progress
+            files, args.host, args.port, args.aec, args.aet, tls=_tls_context(args), timeout=args.timeout,
+            progress=not args.no_progress,
         )
     for outcome in outcomes:
         if not outcome.ok:
@@ -116,7 +131,7 @@ def cmd_send(args: argparse.Namespace) -> int:
 
 
 def cmd_echo(args: argparse.Namespace) -> int:
-    status, reason = echo_detail(args.host, args.port, args.aec, args.aet, timeout=args.timeout)
+    status, reason = echo_detail(args.host, args.port, args.aec, args.aet, tls=_tls_context(args), timeout=args.timeout)
     where = f"{args.aec}@{args.host}:{args.port}"
     if status is None:
         print(f"C-ECHO {where} failed: {reason}", file=sys.stderr)

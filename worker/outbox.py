@@ -19,6 +19,7 @@ from sqlalchemy import select, update
 from . import db as dbm
 from .db import Database, OutboxItem
 from .settings import Settings
+from .tls import destination_context
 
 log = logging.getLogger("cxr_worker.outbox")
 
@@ -46,6 +47,8 @@ class OutboxLoop(threading.Thread):
         super().__init__(name="outbox", daemon=True)
         self.settings, self.db, self.owner, self.stop_event = settings, db, owner, stop
         self.sent = 0
+        # TLS destinations: contexts built (files loaded) at start-up; a bad file is a SettingsError.
+        self.tls = {d.name: destination_context(d, settings.tls.minimum_version) for d in settings.destinations}
 
     def run(self) -> None:
         while not self.stop_event.is_set():
@@ -70,7 +73,8 @@ class OutboxLoop(threading.Thread):
         start = time.perf_counter()
         try:
             outcomes = store_files([Path(i.sr_path) for i in group], host, port, ae_title,
-                                   calling_aet=self.settings.network.ae_title, timeout=self.settings.outbox.timeout)
+                                   calling_aet=self.settings.network.ae_title, tls=self.tls.get(name),
+                                   timeout=self.settings.outbox.timeout)
         except Exception as exc:  # noqa: BLE001 - treat as a failed try for every item
             log.warning("delivery to %s failed: %s", name, exc)
             outcomes = [None] * len(group)

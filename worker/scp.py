@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 import tempfile
 import threading
 import time
@@ -27,6 +28,7 @@ from .db import Database, Instance, Study
 from .eligibility import SCORABLE_SOP_CLASSES, check, read_header
 from .settings import Settings
 from .spool import Spool
+from .tls import describe_peer
 
 log = logging.getLogger("cxr_worker.scp")
 
@@ -58,12 +60,30 @@ class NoDelayServer(ThreadedAssociationServer):
     """
 
     def get_request(self):
-        sock, address = super().get_request()
+        sock, address = self.socket.accept()
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
             pass
+        if self.ssl_context:
+            # No handshake here: this is the accept thread, and a peer that connects and sends
+            # nothing would block every other connection. process_request_thread does it.
+            sock = self.ssl_context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
         return sock, address
+
+    def process_request_thread(self, request, client_address):
+        if isinstance(request, ssl.SSLSocket):
+            try:
+                request.settimeout(self.ae.acse_timeout)
+                request.do_handshake()
+                request.settimeout(None)
+            except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError; timeouts too
+                log.warning("TLS handshake with %s:%s failed, connection closed: %s",
+                            client_address[0], client_address[1], exc)
+                self.shutdown_request(request)
+                return
+            log.debug("TLS from %s:%s: %s", client_address[0], client_address[1], describe_peer(request))
+        super().process_request_thread(request, client_address)
 
 
 class Receiver:
@@ -189,15 +209,18 @@ def _handle_store(event, receiver: Receiver) -> int:
 
 
 def _handle_rejected(event) -> None:
-    log.warning("association from %s:%s (AE %s) rejected", event.assoc.requestor.address,
-                event.assoc.requestor.port, event.assoc.requestor.ae_title)
+    rq, rj = event.assoc.requestor, getattr(event.assoc.acceptor, "primitive", None)
+    called = getattr(rq.primitive, "called_ae_title", None)
+    log.warning("association from %s:%s rejected (%s): calling AE %r, called AE %r", rq.address, rq.port,
+                getattr(rj, "reason_str", "?"), rq.ae_title, called)
 
 
 class Listener:
     """The AE and its server thread; stop() stops accepting, lets running associations finish."""
 
-    def __init__(self, settings: Settings, receiver: Receiver) -> None:
+    def __init__(self, settings: Settings, receiver: Receiver, ssl_context: ssl.SSLContext | None = None) -> None:
         self.settings = settings
+        self.ssl_context = ssl_context
         net = settings.network
         _config.STORE_RECV_CHUNKED_DATASET = True
         _config.LOG_REQUEST_IDENTIFIERS = False
@@ -223,14 +246,16 @@ class Listener:
     def start(self) -> int:
         net = self.settings.network
         server = self.ae.make_server((net.bind_address, net.port), evt_handlers=self.handlers,
-                                     server_class=NoDelayServer)
+                                     ssl_context=self.ssl_context, server_class=NoDelayServer)
         self.ae._servers.append(server)
         self._thread = threading.Thread(target=server.serve_forever, name="scp-accept", daemon=True)
         self._thread.start()
         self.server = server
         port = server.server_address[1]
-        log.info("listening as %s on %s:%s (max %d associations, max PDU %d)", net.ae_title,
-                 net.bind_address, port, net.max_associations, net.max_pdu)
+        log.info("listening as %s on %s:%s (max %d associations, max PDU %d, %s)", net.ae_title,
+                 net.bind_address, port, net.max_associations, net.max_pdu,
+                 "DICOM TLS" + (", client certificate required" if self.settings.tls.require_client_certificate
+                                else "") if self.ssl_context else "plain TCP, no TLS")
         return port
 
     def stop(self, grace: float = 30.0) -> None:

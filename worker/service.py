@@ -23,6 +23,7 @@ from .scoring import Scorer
 from .scp import Listener, Receiver
 from .settings import Settings
 from .spool import Spool
+from .tls import server_context
 
 log = logging.getLogger("cxr_worker.service")
 
@@ -33,6 +34,8 @@ class Service:
         self.stop_event = threading.Event()
         self.owner = dbm.new_owner()
         os.umask(0o077)
+        # TLS files are loaded first: a bad certificate stops start-up (SettingsError, exit 2).
+        self.ssl_context = server_context(settings.tls) if settings.tls.enabled else None
         self.spool = Spool(settings.storage.data_dir)
         removed = self.spool.clean_incoming()
         if removed:
@@ -44,7 +47,7 @@ class Service:
         m = settings.model
         self.scorer = Scorer(m.path, m.device, m.precision, m.batch_size, m.decode_threads)
         self.receiver = Receiver(settings, self.db, self.spool)
-        self.listener = Listener(settings, self.receiver)
+        self.listener = Listener(settings, self.receiver, self.ssl_context)
         self.scorer_loop = ScorerLoop(settings, self.db, self.spool, self.scorer, self.owner, self.stop_event)
         self.outbox_loop = OutboxLoop(settings, self.db, self.owner, self.stop_event)
         self.port: int | None = None

@@ -53,12 +53,30 @@ def _check_str_list(key: str, value: Any) -> list[str]:
     return list(value)
 
 
+def _check_file(key: str, value: Any, *, required: bool = False) -> str:
+    """"" (when not required) or the path of an existing file, expanded."""
+    if not isinstance(value, (str, Path)):
+        raise SettingsError(f"{key}: expected a file path (string), got {value!r}")
+    if not str(value):
+        if required:
+            raise SettingsError(f"{key}: required")
+        return ""
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise SettingsError(f"{key}: no such file: {path}")
+    return str(path)
+
+
 @dataclass(frozen=True)
 class Destination:
     name: str
     host: str
     port: int
     ae_title: str
+    tls: bool = False                # DICOM TLS to this destination (worker/tls.py client_context)
+    tls_ca_certificates: str = ""    # CA file that signed its certificate ("" = system CAs)
+    tls_certificate: str = ""        # our client certificate, when it requires one ...
+    tls_private_key: str = ""        # ... and its (unencrypted) private key
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -69,6 +87,39 @@ class Destination:
         if self.port > 65535:
             raise SettingsError(f"destinations.{self.name}.port: {self.port} > 65535")
         _check_ae(f"destinations.{self.name}.ae_title", self.ae_title)
+        _check_bool(f"destinations.{self.name}.tls", self.tls)
+        for key in ("tls_ca_certificates", "tls_certificate", "tls_private_key"):
+            object.__setattr__(self, key, _check_file(f"destinations.{self.name}.{key}", getattr(self, key)))
+        if bool(self.tls_certificate) != bool(self.tls_private_key):
+            raise SettingsError(f"destinations.{self.name}: tls_certificate and tls_private_key go together")
+        if not self.tls and (self.tls_ca_certificates or self.tls_certificate):
+            raise SettingsError(f"destinations.{self.name}: tls_* files given but tls = false")
+
+
+@dataclass(frozen=True)
+class TLSSettings:
+    """[tls]: DICOM TLS on the listener (files checked here, loaded by worker/tls.server_context)."""
+
+    enabled: bool = False
+    certificate: str = ""
+    private_key: str = ""
+    ca_certificates: str = ""
+    require_client_certificate: bool = False
+    minimum_version: str = "TLSv1.2"
+
+    def __post_init__(self) -> None:
+        _check_bool("tls.enabled", self.enabled)
+        _check_bool("tls.require_client_certificate", self.require_client_certificate)
+        _check_choice("tls.minimum_version", self.minimum_version, ("TLSv1.2", "TLSv1.3"))
+        for key in ("certificate", "private_key", "ca_certificates"):
+            value = getattr(self, key)
+            if not isinstance(value, (str, Path)):
+                raise SettingsError(f"tls.{key}: expected a file path (string), got {value!r}")
+            if self.enabled:  # files are checked only when TLS is on
+                value = _check_file(f"tls.{key}", value, required=key != "ca_certificates")
+            object.__setattr__(self, key, str(value))
+        if self.enabled and self.require_client_certificate and not self.ca_certificates:
+            raise SettingsError("tls.require_client_certificate: needs tls.ca_certificates (the CA of the clients)")
 
 
 @dataclass(frozen=True)
@@ -196,6 +247,7 @@ class Settings:
     outbox: OutboxSettings
     destinations: list[Destination]
     log_level: str = "INFO"
+    tls: TLSSettings = field(default_factory=TLSSettings)
 
     def __post_init__(self) -> None:
         names = [d.name for d in self.destinations]
@@ -218,6 +270,7 @@ class Settings:
                 outbox=OutboxSettings(**raw.get("outbox", {})),
                 destinations=[Destination(**d) for d in dests],
                 log_level=str(raw.get("logging", {}).get("level", "INFO")).upper(),
+                tls=TLSSettings(**raw.get("tls", {})),
             )
         except TypeError as exc:  # unknown / missing keys in a destination table
             raise SettingsError(f"configuration: {exc}") from exc

@@ -21,6 +21,7 @@ import pydicom
 from highdicom.sr import CodedConcept
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
+from pydicom.valuerep import DA, TM
 
 from trainer.checkpoint import ModelInfo
 
@@ -98,6 +99,15 @@ def _evidence_copy(ds: pydicom.Dataset) -> pydicom.Dataset:
     for keyword in _TYPE2_FROM_SOURCE:
         if keyword not in out:
             setattr(out, keyword, None)
+    # highdicom converts these with DA()/TM(), which raise on a non-conformant value (e.g. a birth
+    # date "05.04.1923"): leave such a value empty (Type 2) rather than send no SR at all.
+    for keyword, vr_class in (("PatientBirthDate", DA), ("StudyDate", DA), ("StudyTime", TM)):
+        value = out.get(keyword)
+        if value:
+            try:
+                vr_class(str(value).strip())
+            except ValueError:
+                setattr(out, keyword, None)
     return out
 
 
