@@ -17,6 +17,11 @@ KAGGLE_ROOT = SHARED / "data" / "chest_xray224"
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
 
+def pytest_addoption(parser) -> None:
+    parser.addoption("--slow", action="store_true", default=False,
+                     help="also run the long soak variants (marker 'slow'; or set CXR_SOAK=1)")
+
+
 def require_tool(*names: str) -> None:
     """Skip locally when an external program (DCMTK, Orthanc, dicom3tools...) is missing; fail in CI."""
     missing = [name for name in names if shutil.which(name) is None]

@@ -71,10 +71,25 @@ class OutboxLoop(threading.Thread):
 
         host, port, ae_title, name = key
         start = time.perf_counter()
+        by_path, done = {Path(i.sr_path): i for i in group}, set()
+
+        def accepted(outcome) -> None:  # commit each accepted SR at once: a crash re-sends at most one
+            item = by_path.get(Path(outcome.path))
+            if not outcome.ok or item is None:
+                return
+            try:
+                with self.db.session() as s, s.begin():
+                    s.execute(update(OutboxItem).where(OutboxItem.id == item.id, OutboxItem.lease_owner == self.owner)
+                              .values(status=dbm.OUTBOX_SENT, sent=time.time(), last_error=None, lease_owner=None,
+                                      lease_expires=None, attempts=OutboxItem.attempts + 1, last_status=outcome.status))
+                done.add(item.id)
+            except Exception:  # noqa: BLE001 - recorded with the others after the association
+                log.exception("could not record delivery of SR %s", item.sr_sop_instance_uid)
+
         try:
             outcomes = store_files([Path(i.sr_path) for i in group], host, port, ae_title,
                                    calling_aet=self.settings.network.ae_title, tls=self.tls.get(name),
-                                   timeout=self.settings.outbox.timeout)
+                                   timeout=self.settings.outbox.timeout, on_outcome=accepted)
         except Exception as exc:  # noqa: BLE001 - treat as a failed try for every item
             log.warning("delivery to %s failed: %s", name, exc)
             outcomes = [None] * len(group)
@@ -98,8 +113,9 @@ class OutboxLoop(threading.Thread):
                     values.update(status=dbm.OUTBOX_PENDING, next_attempt=now + delay, last_error=str(why)[:2000])
                     log.warning("SR %s -> %s (%s@%s:%s) not delivered (try %d): %s; next try in %.1f s",
                                 item.sr_sop_instance_uid, name, ae_title, host, port, attempts, why, delay)
-                s.execute(update(OutboxItem).where(OutboxItem.id == item.id, OutboxItem.lease_owner == self.owner)
-                          .values(**values))
+                if item.id not in done:  # accepted ones were committed as they were answered
+                    s.execute(update(OutboxItem).where(OutboxItem.id == item.id, OutboxItem.lease_owner == self.owner)
+                              .values(**values))
                 if ok:
                     self.sent += 1
                     log.info("SR %s of study %s delivered to %s (%.3f s)", item.sr_sop_instance_uid,

@@ -24,6 +24,7 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from . import db as dbm
+from . import incoming
 from .db import Database, Instance, Study
 from .eligibility import SCORABLE_SOP_CLASSES, check, read_header
 from .settings import Settings
@@ -201,6 +202,10 @@ def _handle_store(event, receiver: Receiver) -> int:
     except AttributeError:
         log.error("C-STORE without a spooled data set (STORE_RECV_CHUNKED_DATASET off?)")
         return STATUS_OUT_OF_RESOURCES
+    failed = incoming.failure(path)  # the data set could not even be spooled (disk full, I/O error)
+    if failed:
+        log.error("cannot spool received instance (%s); answering 0xA700", failed)
+        return STATUS_OUT_OF_RESOURCES
     try:
         return receiver.store(path, event.assoc.requestor.ae_title)
     except Exception:  # noqa: BLE001 - never let a handler error take anything down
@@ -223,6 +228,7 @@ class Listener:
         self.ssl_context = ssl_context
         net = settings.network
         _config.STORE_RECV_CHUNKED_DATASET = True
+        incoming.install()  # a failed write answers 0xA700 instead of aborting the association
         _config.LOG_REQUEST_IDENTIFIERS = False
         _config.LOG_RESPONSE_IDENTIFIERS = False
         tempfile.tempdir = str(receiver.spool.incoming)  # where pynetdicom spools; same filesystem
