@@ -436,7 +436,6 @@ def test_tls_silent_peer_does_not_block_other_connections(tls_worker, pki):
                                      timeout=10)
         assert status == 0, reason
         assert time.monotonic() - start < 5
-        silent.settimeout(0.1)
 
 
 def test_cli_echo_and_send_with_tls_options(tls_worker, pki, kaggle_jpegs):
