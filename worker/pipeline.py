@@ -154,6 +154,9 @@ class ScorerLoop(threading.Thread):
         from .sr import build_pneumonia_sr
 
         headers = [pydicom.dcmread(inst.path, stop_before_pixels=True) for inst in sources]
+        for inst, header in zip(sources, headers):  # a data set without them was stored under the C-STORE's
+            header.SOPClassUID = header.get("SOPClassUID") or inst.sop_class_uid            # Affected SOP
+            header.SOPInstanceUID = header.get("SOPInstanceUID") or inst.sop_instance_uid   # Class/Instance
         series_uid, instance_uid = sr_uids(study.study_uid, self.scorer.info.uid, revision)
         ds = build_pneumonia_sr(headers, probability, positive, self.scorer.info,
                                 manufacturer=self.settings.sr.manufacturer,

@@ -246,8 +246,23 @@ def build_pneumonia_sr(
         manufacturer_model_name=model.name,
         software_versions=software_version,
         contributing_equipment=[equipment],
+        specific_character_set=_sr_character_set(first),
     )
     return sr
+
+
+def _sr_character_set(source: pydicom.Dataset):
+    """The source's Specific Character Set when highdicom takes it, else UTF-8 (ISO_IR 192).
+
+    highdicom refuses valid values such as "\\ISO 2022 IR 87" (empty first value) and unknown ones;
+    the text it copies (patient name...) was decoded by pydicom already, so UTF-8 always holds it.
+    """
+    value = source.get("SpecificCharacterSet")
+    if value is None:
+        return None
+    values = [value] if isinstance(value, str) else list(value)
+    known = {str(v.value) for v in hd.enum.SpecificCharacterSetValues}
+    return value if values and all(v in known for v in values) else "ISO_IR 192"
 
 
 def _code_tuple(concept: Any) -> tuple[str, str]:
