@@ -52,7 +52,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from make_study_files import DEFAULT_CACHE, DEFAULT_DATA, dcmtk_tool, write_studies  # noqa: E402
+from make_study_files import dcmtk_tool, write_studies
 
 WORKER_AET = "CXR_WORKER"
 DEST_AET = "BENCH_DEST"
@@ -80,7 +80,7 @@ def wait_port(port: int, proc: subprocess.Popen, timeout: float, aet: str = "ANY
         if proc.poll() is not None:
             raise RuntimeError(f"receiver exited with {proc.returncode} before listening on {port}")
         ok = subprocess.run([echoscu, "-aet", "BENCH_SCU", "-aec", aet, "-to", "5", "127.0.0.1", str(port)],
-                            capture_output=True, env=dcmtk_env(), timeout=30).returncode == 0
+                            capture_output=True, env=dcmtk_env(), timeout=30, check=False).returncode == 0
         if ok:
             return
         time.sleep(0.2)
@@ -93,7 +93,7 @@ class Proc:
     def __init__(self, cmd: list[str], log: Path, env: dict | None = None, cwd: Path | None = None) -> None:
         self.cmd = cmd
         self.log = log
-        self._fh = open(log, "ab")
+        self._fh = open(log, "ab")  # noqa: SIM115 - closed in stop()
         self.p = subprocess.Popen(cmd, stdout=self._fh, stderr=subprocess.STDOUT, env=env, cwd=cwd,
                                   start_new_session=True)
 
@@ -137,7 +137,7 @@ def run_storescu(storescu: str, port: int, aec: str, source: Path | list[Path], 
     with open(log, "ab") as fh:
         wall = time.time()
         start = time.perf_counter()
-        proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=dcmtk_env(), timeout=timeout)
+        proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=dcmtk_env(), timeout=timeout, check=False)
         seconds = time.perf_counter() - start
     if proc.returncode != 0:
         raise RuntimeError(f"storescu exited {proc.returncode} (see {log})")
@@ -289,7 +289,7 @@ def bench_storescp(syntax: str, files_dir: Path, n: int, nbytes: int, work: Path
 
 def bench_worker(syntax: str, files_dir: Path, n: int, nbytes: int, work: Path, storescu: str, storescp: str, timeout: float,
                  quiet: float, receive_only: bool = False, paced_dir: Path | None = None, paced_rate: float = 4.0,
-                 extra_env: dict | None = None, py_spy: Path | None = None) -> Run:
+                 extra_env: dict | None = None, py_spy: Path | None = None, scu_workaround: bool = False) -> Run:
     name = "worker-rx" if receive_only else "worker"
     data = work / name
     dest_out = work / f"{name}-dest"
@@ -304,12 +304,17 @@ def bench_worker(syntax: str, files_dir: Path, n: int, nbytes: int, work: Path, 
         "CXR_WORKER__DESTINATIONS": f'[{{name="bench", host="127.0.0.1", port={dest_port}, ae_title="{DEST_AET}"}}]',
     })
     env.update(extra_env or {})
-    worker = Proc([sys.executable, "-m", "worker", "serve"], work / f"{name}.log", env=env, cwd=REPO)
+    cmd = [sys.executable, "-m", "worker", "serve"]
+    if scu_workaround:   # experiment: the worker with benchmarks/scu_race.py's fix for lost C-STORE responses
+        code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import scu_race; "
+                "scu_race.install_workaround(); from worker.cli import main; sys.exit(main(['serve']))")
+        cmd = [sys.executable, "-c", code]
+    worker = Proc(cmd, work / f"{name}.log", env=env, cwd=REPO)
     spy: Proc | None = None
     db_path = data / "worker.db"
     try:
         wait_port(port, worker.p, 180, WORKER_AET)
-        if py_spy and not receive_only:
+        if py_spy:
             py_spy.parent.mkdir(parents=True, exist_ok=True)
             spy = Proc(["py-spy", "record", "--pid", str(worker.pid), "--rate", "200", "--threads", "--idle",
                         "--format", "raw", "-o", str(py_spy)], work / "py-spy.log")
@@ -337,7 +342,7 @@ def bench_worker(syntax: str, files_dir: Path, n: int, nbytes: int, work: Path, 
                 delay = t0 + i / paced_rate - time.monotonic()
                 if delay > 0:
                     time.sleep(delay)
-                fh = open(work / "storescu-paced.log", "ab")
+                fh = open(work / "storescu-paced.log", "ab")  # noqa: SIM115 - closed below
                 procs.append((subprocess.Popen(storescu_cmd(storescu, port, WORKER_AET, syntax, [], [str(f)]), stdout=fh,
                                                stderr=subprocess.STDOUT, env=dcmtk_env()), fh))
             for p, fh in procs:
@@ -399,6 +404,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--worker-env", action="append", default=[], metavar="KEY=VALUE",
                     help="extra CXR_WORKER__... overrides for the worker (e.g. CXR_WORKER__MODEL__PRECISION=bf16)")
     ap.add_argument("--py-spy", type=Path, help="profile the worker during each burst into DIR (raw collapsed stacks)")
+    ap.add_argument("--scu-workaround", action="store_true",
+                    help="experiment: run the worker with benchmarks/scu_race.py's fix for lost C-STORE responses")
     ap.add_argument("--json", type=Path, help="also write the results as JSON")
     ap.add_argument("--quick", action="store_true", help="smoke test: n=12, 1 repeat, 6 paced studies")
     args = ap.parse_args(argv)
@@ -409,13 +416,15 @@ def main(argv: list[str] | None = None) -> int:
     extra_env = dict(kv.split("=", 1) for kv in args.worker_env)
     storescu, storescp = dcmtk_tool("storescu"), dcmtk_tool("storescp")
 
-    busy = subprocess.run(["pgrep", "-a", "cxr-train"], capture_output=True, text=True).stdout.strip()
+    busy = subprocess.run(["pgrep", "-a", "cxr-train"], capture_output=True, text=True, check=False).stdout.strip()
     print(f"machine: {os.cpu_count()} cores; storescu {storescu}; N={args.n} studies x {args.repeats} runs per "
           f"receiver; worker quiet_seconds={args.quiet}{'; QUICK (smoke test)' if args.quick else ''}")
     if busy:
         print(f"WARNING: other heavy processes are running; these timings are NOT valid measurements:\n    {busy}")
     if extra_env:
         print(f"worker overrides: {extra_env}")
+    if args.scu_workaround:
+        print("EXPERIMENT: worker runs with benchmarks/scu_race.py's C-STORE response workaround (not the shipped code)")
 
     work = args.work or Path(tempfile.mkdtemp(prefix="cxr-bench-ingest-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -440,10 +449,11 @@ def main(argv: list[str] | None = None) -> int:
                     elif rec == "storescp":
                         run = bench_storescp(syntax, files_dir, args.n, nbytes, work, storescu, storescp, args.timeout)
                     elif rec in ("worker", "worker-rx"):
-                        spy = args.py_spy / f"worker-{syntax}-{rep}.txt" if args.py_spy and rep == 0 else None
+                        spy = args.py_spy / f"{rec}-{syntax}-{rep}.txt" if args.py_spy and rep == 0 else None
                         run = bench_worker(syntax, files_dir, args.n, nbytes, work, storescu, storescp, args.timeout,
                                            args.quiet, receive_only=rec == "worker-rx", paced_dir=paced_dir,
-                                           paced_rate=args.paced_rate, extra_env=extra_env, py_spy=spy)
+                                           paced_rate=args.paced_rate, extra_env=extra_env, py_spy=spy,
+                                           scu_workaround=args.scu_workaround)
                     else:
                         raise SystemExit(f"unknown receiver {rec!r}")
                     run.syntax = syntax

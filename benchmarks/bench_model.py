@@ -34,9 +34,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -44,8 +44,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from dicom_io import read_image_file, to_model_input  # noqa: E402
-from trainer.checkpoint import load_checkpoint  # noqa: E402
+from dicom_io import read_image_file, to_model_input
+from trainer.checkpoint import load_checkpoint
 
 DEFAULT_MODEL = REPO / "worker" / "models" / "default.safetensors"
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "chest_xray224" / "train"
@@ -74,7 +74,7 @@ class PathResult:
 def machine_info() -> dict:
     cpu = platform.processor() or ""
     try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10, check=False).stdout
         for line in out.splitlines():
             if line.startswith("Model name:"):
                 cpu = line.split(":", 1)[1].strip()
@@ -99,7 +99,7 @@ def machine_info() -> dict:
 def busy_processes() -> list[str]:
     """Other processes that would spoil the timing (the training run, another benchmark)."""
     try:
-        out = subprocess.run(["pgrep", "-a", "cxr-train"], capture_output=True, text=True, timeout=5).stdout
+        out = subprocess.run(["pgrep", "-a", "cxr-train"], capture_output=True, text=True, timeout=5, check=False).stdout
     except (OSError, subprocess.SubprocessError):
         return []
     return [line for line in out.splitlines() if line.strip()]
@@ -134,7 +134,7 @@ def time_runner(run: Runner, x: torch.Tensor, warmup: int, repeats: int, min_tim
     run(x)
     sync()
     once = max(time.perf_counter() - start, 1e-6)
-    iters = max(1, int(math.ceil(min_time / once)))
+    iters = max(1, math.ceil(min_time / once))
     rates = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -248,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         for line in busy:
             print("   ", line[:120])
 
-    model, minfo = load_checkpoint(args.model, "cpu")
+    _, minfo = load_checkpoint(args.model, "cpu")
     print(f"model: {args.model} ({minfo.arch}, {minfo.name} {minfo.version}, threshold {minfo.threshold:.4f})")
     t0 = time.perf_counter()
     inputs = load_real_inputs(args.data, args.images)
@@ -263,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     p_ref = probabilities(ref_run, inputs, 1)
     ref_labels = p_ref >= minfo.threshold
 
-    cpu_sync = lambda: None  # noqa: E731
+    cpu_sync = lambda: None
     paths: list[tuple[str, Callable[[], tuple[Runner, float | None, str]], Callable[[], None], bool]] = []
 
     def simple(factory: Callable[[], Runner], note: str = ""):

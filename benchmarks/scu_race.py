@@ -1,0 +1,142 @@
+#!/usr/bin/env python
+"""Reproduce the lost C-STORE response in worker/scu.store_files under GIL contention.
+
+pynetdicom 3.0.x, requestor side: send_c_store() pauses the association's reactor thread with
+``_reactor_checkpoint.clear()`` and then waits for ``_is_paused``. The reactor sets ``_is_paused =
+True`` *before* its ``checkpoint.wait()``; when it has already passed the wait, it goes on to
+``dimse.get_msg(block=False)`` and can take the C-STORE-RSP off the queue ("Received unexpected
+C-STORE service message"). send_c_store() then waits the full DIMSE timeout (worker: outbox.timeout,
+30 s), the association is aborted and the rest of the batch fails. On loopback with a fast peer
+(DCMTK storescp, TCP_NODELAY) the response is back within the window whenever other Python
+threads hold the GIL, which in the worker they do (scorer, decode pool, SCP association threads).
+
+    python benchmarks/scu_race.py                    # 40 associations x 8 files, 3 busy threads
+    python benchmarks/scu_race.py --workaround       # same, reactor parked for the whole batch
+
+--workaround demonstrates one fix (for worker/scu.py, not applied there by this script): park the
+reactor for the whole association by replacing its checkpoint with an Event whose set() is ignored
+until release, so the reactor never competes with send_c_store() for the response.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+class HeldCheckpoint(threading.Event):
+    """A reactor checkpoint that stays cleared (reactor parked) until released."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hold = True
+
+    def set(self) -> None:
+        if not self.hold:
+            super().set()
+
+
+def install_workaround() -> None:
+    from worker import scu
+
+    original = scu._associate
+
+    def _associate(*args, **kwargs):
+        assoc, reason = original(*args, **kwargs)
+        if assoc is not None and assoc.is_established:
+            checkpoint = HeldCheckpoint()
+            assoc._reactor_checkpoint = checkpoint
+            release = assoc.release
+
+            def release_and_unpark():
+                checkpoint.hold = False
+                checkpoint.set()
+                return release()
+
+            assoc.release = release_and_unpark
+            deadline = time.monotonic() + 1.0
+            while time.monotonic() < deadline:   # parked: _is_paused still True after a full loop
+                if assoc._is_paused:
+                    time.sleep(0.01)
+                    if assoc._is_paused:
+                        break
+                time.sleep(0.001)
+        return assoc, reason
+
+    scu._associate = _associate
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap.add_argument("--associations", type=int, default=40)
+    ap.add_argument("--files", type=int, default=8, help="files per association")
+    ap.add_argument("--busy-threads", type=int, default=3, help="pure-Python threads competing for the GIL")
+    ap.add_argument("--timeout", type=float, default=3.0, help="DIMSE timeout for the sends (worker: 30)")
+    ap.add_argument("--workaround", action="store_true")
+    args = ap.parse_args(argv)
+
+    from bench_ingest import Proc, free_port, wait_port
+    from dicom_factory import make_dataset, synthetic_radiograph
+    from make_study_files import dcmtk_tool
+
+    logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
+    if args.workaround:
+        install_workaround()
+    from worker.scu import store_files
+
+    work = Path(tempfile.mkdtemp(prefix="cxr-scu-race-"))
+    files = []
+    for k in range(args.files):
+        path = work / f"f{k}.dcm"
+        make_dataset(synthetic_radiograph(64, 64, seed=k)).save_as(path, enforce_file_format=True)
+        files.append(path)
+    (work / "in").mkdir()
+    port = free_port()
+    env = dict(os.environ, TCP_NODELAY="1")
+    scp = Proc([dcmtk_tool("storescp"), "-aet", "DEST", "+B", "-od", str(work / "in"), str(port)], work / "scp.log",
+               env=env)
+    stop = threading.Event()
+
+    def busy() -> None:
+        x = 0
+        while not stop.is_set():
+            x += sum(range(1000))
+
+    threads = [threading.Thread(target=busy, daemon=True) for _ in range(args.busy_threads)]
+    try:
+        wait_port(port, scp.p, 20, "DEST")
+        for t in threads:
+            t.start()
+        failed = slow = 0
+        start = time.perf_counter()
+        for _ in range(args.associations):
+            t0 = time.perf_counter()
+            outcomes = store_files(files, "127.0.0.1", port, "DEST", calling_aet="RACE", timeout=args.timeout)
+            failed += sum(not o.ok for o in outcomes)
+            slow += (time.perf_counter() - t0) > args.timeout
+        total = args.associations * args.files
+        print(f"{'with' if args.workaround else 'without'} workaround, {args.busy_threads} busy threads: "
+              f"{failed}/{total} C-STOREs failed, {slow}/{args.associations} associations hit the DIMSE timeout "
+              f"({time.perf_counter() - start:.1f} s)")
+        return 1 if failed else 0
+    finally:
+        stop.set()
+        scp.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
