@@ -51,7 +51,7 @@ def parse(path: Path):
 
 
 # leaf frames where a thread blocks or sleeps (py-spy --idle samples them too)
-WAIT_SITES = ("wait (threading.py", "get (queue.py", "_worker (thread.py:81)", "select (selectors.py",
+WAIT_SITES = ("wait (threading.py", "get (queue.py", "_worker (thread.py:81)", "futures/thread.py:81)", "select (selectors.py",
               "_run_reactor (association.py:714)", "run_reactor (dul.py:403)", "serve_forever (socketserver.py")
 
 
@@ -72,11 +72,53 @@ def label(thread: str, inclusive: Counter) -> str:
     return "other"
 
 
+STAGES = (  # (label, frame substring) - first match wins, checked from the leaf up
+    ("receive: durable + SQLite (worker/scp.py Receiver.store)", "Receiver.store (worker/scp.py"),
+    ("decode + model input (worker/scoring.py prepare)", "prepare (worker/scoring.py"),
+    ("inference (worker/scoring.py Scorer.predict)", "Scorer.predict (worker/scoring.py"),
+    ("SR build + write (worker/pipeline.py _write_sr)", "ScorerLoop._write_sr (worker/pipeline.py"),
+    ("result commit (worker/pipeline.py _commit)", "ScorerLoop._commit (worker/pipeline.py"),
+    ("queue polling (promote_quiet/claim_ready/reclaim)", "studies.py"),
+    ("outbox: SR C-STORE (worker/outbox.py deliver)", "OutboxLoop.deliver (worker/outbox.py"),
+    ("outbox: claim (worker/outbox.py claim_due)", "claim_due (worker/outbox.py"),
+    ("pynetdicom network threads (DUL, reactor)", "pynetdicom/"),
+)
+
+
+def stage_table(path: Path, rate: float, studies: int | None) -> None:
+    """Busy (non-waiting) samples per pipeline stage, as CPU seconds (GIL-holding or native)."""
+    busy: Counter = Counter()
+    total_busy = 0
+    for line in path.read_text(errors="replace").splitlines():
+        stack, _, count = line.rpartition(" ")
+        try:
+            n = int(count)
+        except ValueError:
+            continue
+        frames = stack.split(";")
+        if not frames or is_wait(frames[-1]):
+            continue
+        total_busy += n
+        for label, needle in STAGES:
+            if any(needle in f for f in frames):
+                busy[label] += n
+                break
+        else:
+            busy["other"] += n
+    print(f"\nbusy samples by stage ({total_busy / rate:.1f} thread-seconds busy in all"
+          + (f", {studies} studies" if studies else "") + "):")
+    for label, n in busy.most_common():
+        per = f"  {1000 * n / rate / studies:7.1f} ms/study" if studies else ""
+        print(f"   {100 * n / max(total_busy, 1):5.1f}%  {n / rate:7.2f} s{per}  {label}")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("profile", type=Path)
     ap.add_argument("--top", type=int, default=12)
     ap.add_argument("--match", default="worker/,dicom_io/,trainer/,pynetdicom/,sqlalchemy/,highdicom/,pydicom/,torch/")
+    ap.add_argument("--rate", type=float, default=200.0, help="py-spy sampling rate used (bench_ingest: 200)")
+    ap.add_argument("--studies", type=int, help="studies in the profiled run (for ms/study)")
     args = ap.parse_args(argv)
     threads, leaves, totals = parse(args.profile)
     grand = sum(totals.values())
@@ -106,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         busy = [(k, v) for k, v in leaf.most_common() if not is_wait(k)][: max(5, args.top // 2)]
         for func, n in busy:
             print(f"   {100 * n / total:5.1f}%  {func}")
+    stage_table(args.profile, args.rate, args.studies)
     return 0
 
 
