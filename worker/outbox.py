@@ -43,9 +43,14 @@ def claim_due(db: Database, owner: str, lease_seconds: float, limit: int = BATCH
 
 
 class OutboxLoop(threading.Thread):
-    def __init__(self, settings: Settings, db: Database, owner: str, stop: threading.Event) -> None:
+    """Sends due SRs. ``wake`` is set by the scorer when an SR is committed, so a new SR leaves at
+    once; ``outbox.poll_seconds`` only paces retries (backoff) and rows of other workers."""
+
+    def __init__(self, settings: Settings, db: Database, owner: str, stop: threading.Event,
+                 wake: threading.Event | None = None) -> None:
         super().__init__(name="outbox", daemon=True)
         self.settings, self.db, self.owner, self.stop_event = settings, db, owner, stop
+        self.wake = wake if wake is not None else stop
         self.sent = 0
         # TLS destinations: contexts built (files loaded) at start-up; a bad file is a SettingsError.
         self.tls = {d.name: destination_context(d, settings.tls.minimum_version) for d in settings.destinations}
@@ -53,9 +58,11 @@ class OutboxLoop(threading.Thread):
     def run(self) -> None:
         while not self.stop_event.is_set():
             try:
+                if self.wake is not self.stop_event:
+                    self.wake.clear()  # before the claim: an SR committed after it sets it again
                 items = claim_due(self.db, self.owner, self.settings.studies.lease_seconds)
                 if not items:
-                    self.stop_event.wait(self.settings.outbox.poll_seconds)
+                    self.wake.wait(self.settings.outbox.poll_seconds)
                     continue
                 groups: dict[tuple, list[OutboxItem]] = defaultdict(list)
                 for item in items:

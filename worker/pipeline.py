@@ -19,6 +19,8 @@ import logging
 import threading
 import time
 from collections import Counter, defaultdict
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import pydicom
 from sqlalchemy import select, update
@@ -28,9 +30,12 @@ from .db import Database, Instance, OutboxItem, Result, Study
 from .scoring import Scored, Scorer
 from .settings import Settings
 from .spool import Spool
-from .studies import ClaimedStudy, claim_ready, instances_of, promote_quiet, release, renew
+from .studies import ClaimedStudy, claim_ready, instances_of, next_due, promote_quiet, release, renew
 
 log = logging.getLogger("cxr_worker.pipeline")
+
+#: Shortest idle sleep: a study due "now" is picked up on the next pass, without a busy loop.
+MIN_IDLE_WAIT = 0.005
 
 
 class LeaseLost(RuntimeError):
@@ -54,13 +59,23 @@ def sr_uids(study_uid: str, model_uid: str, revision: int) -> tuple[str, str]:
 
 
 class ScorerLoop(threading.Thread):
+    """Claims and scores batches; a second thread finishes (SR, commit) the previous batch meanwhile.
+
+    Decoding and inference release the GIL while SR building is pure Python, so finishing batch n
+    while batch n+1 is decoded and scored uses both cores. At most one batch is being finished.
+    """
+
     def __init__(self, settings: Settings, db: Database, spool: Spool, scorer: Scorer, owner: str,
-                 stop: threading.Event, poll_seconds: float = 0.2) -> None:
+                 stop: threading.Event, poll_seconds: float = 0.2,
+                 on_committed: Callable[[], None] | None = None) -> None:
         super().__init__(name="scorer", daemon=True)
         self.settings, self.db, self.spool, self.scorer = settings, db, spool, scorer
         self.owner, self.stop_event, self.poll = owner, stop, min(poll_seconds, settings.studies.quiet_seconds or 0.2)
         self.poll = max(self.poll, 0.05)
+        self.on_committed = on_committed  # called after a result with an SR is committed (wakes the outbox)
         self.scored_studies = 0
+        self._finisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scorer-finish")
+        self._finishing: Future | None = None
 
     def run(self) -> None:
         last_reclaim = 0.0
@@ -73,12 +88,29 @@ class ScorerLoop(threading.Thread):
                 claimed = claim_ready(self.db, self.owner, self.settings.model.max_studies_per_batch,
                                       self.settings.studies.lease_seconds)
                 if not claimed:
-                    self.stop_event.wait(self.poll)
+                    self.stop_event.wait(self._idle_wait())
                     continue
                 self.process(claimed)
             except Exception:  # noqa: BLE001 - log and keep the service alive
                 log.exception("scorer loop error; retrying in 1 s")
                 self.stop_event.wait(1.0)
+        try:
+            self._wait_finishing()
+        except Exception:  # noqa: BLE001 - stopping anyway; the studies' leases are re-taken on restart
+            log.exception("finishing the last batch failed")
+        self._finisher.shutdown(wait=True)
+
+    def _idle_wait(self) -> float:
+        """Sleep until the next receiving study becomes due (quiet period over), at most ``poll``."""
+        due = next_due(self.db, self.settings.studies.quiet_seconds)
+        if due is None:
+            return self.poll
+        return min(self.poll, max(due - time.time(), MIN_IDLE_WAIT))
+
+    def _wait_finishing(self) -> None:
+        if self._finishing is not None:
+            self._finishing.result()  # _finish_all handles its own errors
+            self._finishing = None
 
     # -- one batch of studies -------------------------------------------------------------------
     def process(self, claimed: list[ClaimedStudy]) -> None:
@@ -94,6 +126,11 @@ class ScorerLoop(threading.Thread):
         by_study: dict[int, list[Scored]] = defaultdict(list)
         for s in scored:
             by_study[s.prepared.key[0]].append(s)
+        self._wait_finishing()
+        self._finishing = self._finisher.submit(self._finish_all, claimed, per_study, by_study)
+
+    def _finish_all(self, claimed: list[ClaimedStudy], per_study: dict[int, list[Instance]],
+                    by_study: dict[int, list[Scored]]) -> None:
         for study in claimed:
             try:
                 self.finish(study, per_study[study.id], by_study.get(study.id, []))
@@ -143,6 +180,8 @@ class ScorerLoop(threading.Thread):
         result["total_s"] = time.time() - study.claimed_at
         final_status = self._commit(study, result, scored)
         self.scored_studies += 1
+        if result["sr_path"] and self.on_committed is not None:
+            self.on_committed()
         prob = f"{result['probability']:.4f}" if result["probability"] is not None else "-"
         log.info("study %s acc=%s status=%s prob=%s label=%s images=%d/%d rev=%d decode=%.3fs infer=%.3fs "
                  "sr=%.3fs total=%.3fs%s", study.study_uid, study.accession or "-", final_status, prob,

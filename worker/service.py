@@ -48,8 +48,10 @@ class Service:
         self.scorer = Scorer(m.path, m.device, m.precision, m.batch_size, m.decode_threads)
         self.receiver = Receiver(settings, self.db, self.spool)
         self.listener = Listener(settings, self.receiver, self.ssl_context)
-        self.scorer_loop = ScorerLoop(settings, self.db, self.spool, self.scorer, self.owner, self.stop_event)
-        self.outbox_loop = OutboxLoop(settings, self.db, self.owner, self.stop_event)
+        self.sr_ready = threading.Event()  # scorer -> outbox: an SR was committed, send it now
+        self.scorer_loop = ScorerLoop(settings, self.db, self.spool, self.scorer, self.owner, self.stop_event,
+                                      on_committed=self.sr_ready.set)
+        self.outbox_loop = OutboxLoop(settings, self.db, self.owner, self.stop_event, wake=self.sr_ready)
         self.port: int | None = None
 
     def start(self) -> int:
@@ -62,6 +64,7 @@ class Service:
         log.info("stopping: no new associations; finishing work in flight")
         self.listener.stop(grace)
         self.stop_event.set()
+        self.sr_ready.set()  # the outbox sleeps on it
         for thread in (self.scorer_loop, self.outbox_loop):
             thread.join(timeout=grace)
             if thread.is_alive():

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 
 from . import db as dbm
 from .db import Database, Instance, Study
@@ -36,6 +36,13 @@ def promote_quiet(db: Database, quiet_seconds: float, now: float | None = None) 
         return s.execute(update(Study)
                          .where(Study.status == dbm.STUDY_RECEIVING, Study.last_received <= now - quiet_seconds)
                          .values(status=dbm.STUDY_READY, updated=now)).rowcount
+
+
+def next_due(db: Database, quiet_seconds: float) -> float | None:
+    """When (epoch s) the earliest receiving study's quiet period ends; None when none is receiving."""
+    with db.session() as s:
+        last = s.scalar(select(func.min(Study.last_received)).where(Study.status == dbm.STUDY_RECEIVING))
+    return None if last is None else last + quiet_seconds
 
 
 def has_receiving_due(db: Database, quiet_seconds: float) -> bool:
