@@ -7,7 +7,6 @@ Real Kaggle films wrapped as DX (worker/scu.wrap_image_as_dicom).
 
 from __future__ import annotations
 
-import sqlite3
 import subprocess
 import time
 from collections import Counter
@@ -16,7 +15,7 @@ from pathlib import Path
 import pytest
 from pydicom.uid import generate_uid
 
-from worker_fixtures import StoreSCP, WorkerProcess, dcmtk, wrap_jpeg
+from worker_fixtures import StoreSCP, WorkerProcess, db_rows, dcmtk, wrap_jpeg
 
 pytestmark = pytest.mark.dcmtk
 
@@ -33,13 +32,6 @@ def films(kaggle_root: Path) -> list[Path]:
     assert len(jpegs) == 48
     return jpegs
 
-
-def _rows(data_dir: Path, sql: str, *params):
-    con = sqlite3.connect(data_dir / "worker.db", timeout=30)
-    try:
-        return con.execute(sql, params).fetchall()
-    finally:
-        con.close()
 
 
 def _storescu_parallel(port: int, batches: list[list[Path]]) -> list[subprocess.CompletedProcess]:
@@ -88,12 +80,12 @@ def test_parallel_associations_every_instance_stored_every_study_scored_once(tmp
         for r in results:
             assert r.returncode == 0, r.stdout[-2000:]
 
-        stored = dict(_rows(worker.data_dir, "select sop_instance_uid, study_uid from instances"))
+        stored = dict(db_rows(worker.data_dir, "select sop_instance_uid, study_uid from instances"))
         assert len(stored) == n_instances
         assert {p: stored.get(_sop(p)) for p in study_of} == study_of
 
         def all_delivered():
-            rows = _rows(worker.data_dir, "select study_uid, status from outbox")
+            rows = db_rows(worker.data_dir, "select study_uid, status from outbox")
             return rows if len(rows) == len(all_studies) and all(s == "sent" for _, s in rows) else None
         worker.wait_for(all_delivered, timeout=90, what="every SR delivered")
         time.sleep(0.5)
@@ -103,7 +95,7 @@ def test_parallel_associations_every_instance_stored_every_study_scored_once(tmp
         assert all(r["status"] == "done" and r["revision"] == 1 for r in results_rows), results_rows
         n_scored = {r["study_uid"]: r["n_scored"] for r in results_rows}
         assert all(n_scored[uid] == SHARED_ASSOCIATIONS for uid in shared_uids), n_scored
-        studies = _rows(worker.data_dir, "select study_uid, status, revision, n_instances from studies")
+        studies = db_rows(worker.data_dir, "select study_uid, status, revision, n_instances from studies")
         assert len(studies) == len(all_studies)
         assert all(status == "done" and rev == 1 for _, status, rev, _ in studies)
         assert sum(n for *_, n in studies) == n_instances

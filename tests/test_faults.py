@@ -26,8 +26,8 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
-from conftest import IN_CI, dcmtk, free_port
-from worker_fixtures import StoreSCP, WorkerProcess, storescu, wrap_jpeg
+from conftest import dcmtk
+from worker_fixtures import StoreSCP, WorkerProcess, db_rows, storescu, wrap_jpeg
 
 pytestmark = pytest.mark.dcmtk
 
@@ -35,13 +35,6 @@ pytestmark = pytest.mark.dcmtk
 def _seed() -> int:
     return int(os.environ.get("CXR_FAULT_SEED") or random.SystemRandom().randrange(1, 2**31))
 
-
-def db_rows(data_dir: Path, sql: str, *params):
-    con = sqlite3.connect(data_dir / "worker.db", timeout=30)
-    try:
-        return con.execute(sql, params).fetchall()
-    finally:
-        con.close()
 
 
 # -- the corpus: real Kaggle films wrapped as DX, made once per session ---------------------------

@@ -26,7 +26,6 @@ after the file meta are streamed exactly as they are on disk, never re-encoded).
 from __future__ import annotations
 
 import os
-import sqlite3
 import struct
 import time
 from pathlib import Path
@@ -53,13 +52,6 @@ def worker(tmp_path_factory):
         yield proc
     assert proc.process.returncode == 0, proc.log()[-3000:]   # never crashed, clean stop
 
-
-def db_rows(worker: WorkerProcess, sql: str, *params):
-    con = sqlite3.connect(worker.data_dir / "worker.db", timeout=30)
-    try:
-        return con.execute(sql, params).fetchall()
-    finally:
-        con.close()
 
 
 # -- sending exactly the bytes on disk -------------------------------------------------------------
@@ -136,7 +128,7 @@ def small_dx(**changes) -> Dataset:
 def reason_of(worker: WorkerProcess, sop_uid: str, timeout: float = 60.0):
     """(eligible, reason) once the study is finished (scoring may revoke eligibility)."""
     def finished():
-        rows = db_rows(worker, "select i.eligible, i.reason, s.status from instances i join studies s "
+        rows = worker.db_rows("select i.eligible, i.reason, s.status from instances i join studies s "
                                "on s.study_uid = i.study_uid where i.sop_instance_uid=?", sop_uid)
         return rows if rows and rows[0][2] in ("done", "no_eligible_images", "failed") else None
     eligible, reason, _ = worker.wait_for(finished, timeout=timeout, what=f"study of {sop_uid} finished")[0]
@@ -250,7 +242,7 @@ def test_200_mb_data_set_streamed_stored_and_scored(worker, tmp_path):
     assert send(worker, path, timeout=120) == 0x0000
     elapsed = time.monotonic() - started
     assert elapsed < 120, elapsed
-    spooled = db_rows(worker, "select path, size from instances where sop_instance_uid=?", sop)
+    spooled = worker.db_rows("select path, size from instances where sop_instance_uid=?", sop)
     # the same data set bytes; only the file meta is the receiver's own (a few bytes differ)
     assert spooled and abs(os.path.getsize(spooled[0][0]) - path.stat().st_size) < 256
     assert worker.echo()

@@ -18,7 +18,6 @@ import datetime
 import ipaddress
 import os
 import socket
-import sqlite3
 import stat
 import subprocess
 import sys
@@ -137,13 +136,6 @@ def echoscu(port: int, *options: str, aet: str = "TEST_SCU", aec: str = "CXR_WOR
     return run([dcmtk("echoscu"), "-aet", aet, "-aec", aec, *options, "127.0.0.1", str(port)])
 
 
-def db_rows(worker: WorkerProcess, sql: str, *params):
-    con = sqlite3.connect(worker.data_dir / "worker.db", timeout=30)
-    try:
-        return con.execute(sql, params).fetchall()
-    finally:
-        con.close()
-
 
 def wait_result(worker: WorkerProcess, study_uid: str, delivered: int = 0) -> dict:
     def ready():
@@ -189,7 +181,7 @@ def test_unknown_calling_aet_rejected_by_dcmtk_peer(worker, kaggle_jpegs, tmp_pa
     sent = run([dcmtk("storescu"), "-aet", ALLOWED_AET, "-aec", "CXR_WORKER", "127.0.0.1", str(worker.port),
                 str(dcm)])
     assert sent.returncode == 0, sent.stdout + sent.stderr
-    assert db_rows(worker, "select calling_aet from instances where study_uid=?", study_uid) == [(ALLOWED_AET,)]
+    assert worker.db_rows("select calling_aet from instances where study_uid=?", study_uid) == [(ALLOWED_AET,)]
 
     # One WARNING per rejection with the calling AE and the peer's address.
     log = worker.wait_for(lambda: worker.log() if "'NOT_THE_WORKER'" in worker.log() else None,

@@ -4,7 +4,6 @@ SR destination. One worker for the module; each test uses its own studies."""
 from __future__ import annotations
 
 import os
-import sqlite3
 import time
 import subprocess
 
@@ -44,13 +43,6 @@ def result_for(worker: WorkerProcess, study_uid: str, delivered: int | None = No
         return None
     return worker.wait_for(ready, what=f"result for {study_uid}")
 
-
-def db_rows(worker: WorkerProcess, sql: str, *params):
-    con = sqlite3.connect(worker.data_dir / "worker.db", timeout=30)
-    try:
-        return con.execute(sql, params).fetchall()
-    finally:
-        con.close()
 
 
 def test_echoscu_and_called_aet_check(worker):
@@ -93,12 +85,12 @@ def test_study_via_storescu_scored_once_sr_delivered_duplicate_ignored(worker, d
     # The same instances again: no new row, no new SR, answered Success.
     again = storescu(worker.port, *files)
     assert again.returncode == 0, again.stderr
-    assert db_rows(worker, "select count(*) from instances where study_uid=?", study_uid)[0][0] == 2
+    assert worker.db_rows("select count(*) from instances where study_uid=?", study_uid)[0][0] == 2
     worker.wait_for(lambda: "duplicate instance" in worker.log(), what="duplicate logged")
     time.sleep(1.5)  # longer than the quiet period: a re-score would have happened by now
     assert len([r for r in worker.results() if r["study_uid"] == study_uid]) == 1
-    assert db_rows(worker, "select revision, status from studies where study_uid=?", study_uid) == [(1, "done")]
-    assert db_rows(worker, "select count(*) from outbox where study_uid=?", study_uid)[0][0] == 1
+    assert worker.db_rows("select revision, status from studies where study_uid=?", study_uid) == [(1, "done")]
+    assert worker.db_rows("select count(*) from outbox where study_uid=?", study_uid)[0][0] == 1
     assert len([ds for ds in destination.files() if ds.StudyInstanceUID == study_uid]) == 1
 
     # No patient name, ID or birth date in the INFO log; UIDs are there.
@@ -131,7 +123,7 @@ def test_compressed_transfer_syntax_scores_like_uncompressed(worker, kaggle_jpeg
     assert compressed["status"] == "done", compressed
     assert compressed["probability"] == pytest.approx(reference["probability"], abs=1e-5)
     # Stored as received: the spool file keeps the compressed transfer syntax (no transcoding).
-    stored = db_rows(worker, "select transfer_syntax, path from instances where study_uid=?", study_uid)
+    stored = worker.db_rows("select transfer_syntax, path from instances where study_uid=?", study_uid)
     assert stored[0][0] == syntax
     assert pydicom.dcmread(stored[0][1], stop_before_pixels=True).file_meta.TransferSyntaxUID == syntax
 
@@ -155,7 +147,7 @@ def test_bad_instances_recorded_listener_survives(worker, kaggle_jpegs, tmp_path
     assert row["status"] == "no_eligible_images"
     assert row["probability"] is None and row["delivered"] == 0 and row["sr_sop_instance_uid"] is None
     assert set(row["reasons"]) >= {"lateral_view", "not_chest"} and sum(row["reasons"].values()) == 4
-    reasons = dict(db_rows(worker, "select path, reason from instances where study_uid=?", study_uid))
+    reasons = dict(worker.db_rows("select path, reason from instances where study_uid=?", study_uid))
     assert all(reasons.values()) and len(reasons) == 4
     assert all(os.path.exists(p) for p in reasons)  # kept on disk
     # The listener is still up and the next association works.

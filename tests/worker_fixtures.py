@@ -12,6 +12,7 @@ import os
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -44,6 +45,15 @@ def wrap_jpeg(jpeg: Path, out: Path, *, study_uid: str | None = None, patient_na
     out.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(out, enforce_file_format=True)
     return out
+
+
+def db_rows(data_dir: Path, sql: str, *params) -> list[tuple]:
+    """Rows of a raw SQL query on a worker's SQLite database (read-only checks in tests)."""
+    con = sqlite3.connect(Path(data_dir) / "worker.db", timeout=30)
+    try:
+        return con.execute(sql, params).fetchall()
+    finally:
+        con.close()
 
 
 class WorkerProcess:
@@ -127,6 +137,10 @@ class WorkerProcess:
         """Run another cxr-worker subcommand against this worker's configuration."""
         return subprocess.run([sys.executable, "-m", "worker", *args], cwd=REPO_ROOT, env=self.env,
                               capture_output=True, text=True, timeout=120)
+
+    def db_rows(self, sql: str, *params) -> list[tuple]:
+        """Raw SQL rows from this worker's SQLite database."""
+        return db_rows(self.data_dir, sql, *params)
 
     def results(self) -> list[dict]:
         """Result rows as `cxr-worker results --json` prints them (same code, read in-process)."""
