@@ -12,34 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from dicom_factory import make_file
+from dicom_factory import OFFSET, wrap_grey_as_dicom as wrap_as_dicom
 
 from dicom_io import load_display_image, read_image_file, resize_for_model, to_model_input
-
-LEVELS_PER_GREY = 16
-"""12-bit stored value = 16 * grey + offset: the window below maps it back onto the 8-bit grey."""
-OFFSET = LEVELS_PER_GREY // 2
-# LINEAR (C.11.2.1.2): y = ((x - (c - 0.5)) / (w - 1) + 0.5) * 255; with w - 1 = 16 * 255 and
-# c - 0.5 = 16 * 127.5 + OFFSET, x = 16 g + OFFSET gives exactly y = g.
-LINEAR_WINDOW = (LEVELS_PER_GREY * 127.5 + OFFSET + 0.5, LEVELS_PER_GREY * 255 + 1)
-# LINEAR_EXACT: y = ((x - c) / w + 0.5) * 255; w = 16 * 255, c = 16 * 127.5 + OFFSET.
-EXACT_WINDOW = (LEVELS_PER_GREY * 127.5 + OFFSET, LEVELS_PER_GREY * 255)
-
-
-def wrap_as_dicom(grey: np.ndarray, path: Path, *, monochrome1: bool, function: str = "LINEAR",
-                  intercept: int = 0, dither: np.ndarray | None = None, bits_stored: int = 12) -> Path:
-    """A DICOM whose first window shows ``grey`` again (a rescale intercept shifts the stored values only)."""
-    shown = 255 - grey.astype(np.int32) if monochrome1 else grey.astype(np.int32)
-    stored = shown * LEVELS_PER_GREY + OFFSET - intercept
-    if dither is not None:
-        stored = stored + dither
-    center, width = LINEAR_WINDOW if function == "LINEAR" else EXACT_WINDOW
-    assert stored.min() >= 0 and stored.max() < 1 << bits_stored
-    return make_file(path, stored.astype(np.uint16), bits_stored=bits_stored,
-                     photometric="MONOCHROME1" if monochrome1 else "MONOCHROME2",
-                     rescale=(1, intercept) if intercept else None, window=(center, width),
-                     voi_lut_function=function)
-
 
 def assert_same_model_input(jpeg: Path, dicom: Path, *, tolerance_levels: int) -> None:
     from_jpeg, from_dicom = load_display_image(jpeg), load_display_image(dicom)

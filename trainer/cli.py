@@ -49,10 +49,11 @@ def _train_parser(sub: argparse._SubParsersAction, defaults: dict) -> None:
 
 def _evaluate_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate", help="metrics and plots of a checkpoint on a labelled folder",
-                       description="Score DIR/{NORMAL,PNEUMONIA} (or DIR/SPLIT/...) with a checkpoint at its "
+                       description="Score a labelled folder DIR/{NORMAL,PNEUMONIA} (e.g. ROOT/test) with a checkpoint at its "
                        "stored threshold; write metrics.json and the plots.",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default=None, help="checkpoint (default: the shipped model)")
+    p.add_argument("--model", required=True,
+                   help="checkpoint (.safetensors); the shipped one is worker/models/default.safetensors")
     p.add_argument("--data", required=True, help="folder with NORMAL/ and PNEUMONIA/ subfolders")
     p.add_argument("--output", "-o", default="runs/evaluate", help="output directory")
     p.add_argument("--batch-size", type=int, default=64)

@@ -12,17 +12,11 @@ from .engine import predict_logits, setup_runtime, sigmoid
 from .evaluate import binary_metrics, plot_all
 
 
-def default_model_path() -> Path:
-    """The model shipped inside the package (trained by cxr-train on the Kaggle train split)."""
-    from importlib import resources
-    return Path(str(resources.files("worker").joinpath("models/default.safetensors")))
-
-
-def evaluate_folder(model_path: str | None, data_dir: str, output: str, batch_size: int = 64,
+def evaluate_folder(model_path: str | Path, data_dir: str, output: str, batch_size: int = 64,
                     progress: bool = True) -> dict[str, Any]:
     """Metrics at the stored threshold and the plots, written to ``output``."""
     runtime = setup_runtime("off")
-    model, info = load_checkpoint(model_path or default_model_path(), runtime.device)
+    model, info = load_checkpoint(model_path, runtime.device)
     files = scan_split(data_dir)
     images, data_fingerprint = load_images(files, None, progress=progress)
     probs = sigmoid(predict_logits(model, images, runtime, batch_size))
