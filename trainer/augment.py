@@ -15,11 +15,13 @@ import torch.nn.functional as F
 
 @dataclass(frozen=True)
 class AugmentSettings:
-    rotate_degrees: float = 8.0
-    scale: float = 0.10
-    translate: float = 0.06
-    brightness: float = 0.10
-    contrast: float = 0.15
+    """Ranges of the random changes; values come from config/train.toml [augment]."""
+
+    rotate_degrees: float
+    scale: float
+    translate: float
+    brightness: float
+    contrast: float
 
 
 def augment(x: torch.Tensor, settings: AugmentSettings, generator: torch.Generator | None = None) -> torch.Tensor:

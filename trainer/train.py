@@ -11,7 +11,7 @@ import json
 import logging
 import platform
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -36,24 +36,26 @@ log = logging.getLogger("cxr_train")
 
 @dataclass
 class TrainSettings:
+    """One training run. Defaults live in config/train.toml (the CLI fills every field from it)."""
+
     data_root: str
     output: str
-    arch: str = "resnet18"
-    epochs: int = 24
-    batch_size: int = 32
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    seed: int = 42
-    patience: int = 7
-    amp: str = "auto"
-    half: bool = True
-    val_fraction: float = 0.2
-    cache_dir: str = ""
-    min_sensitivity: float = 0.95
+    arch: str
+    epochs: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    seed: int
+    patience: int
+    amp: str
+    half: bool
+    val_fraction: float
+    cache_dir: str
+    min_sensitivity: float
+    augment: AugmentSettings
     limit: int = 0  # use at most this many training files (0 = all), for smoke tests
     model_name: str = ""
     model_version: str = "1.0.0"
-    augment: AugmentSettings = field(default_factory=AugmentSettings)
     progress: bool = True
 
 
