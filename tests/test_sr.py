@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import io
 import subprocess
 from pathlib import Path
 
@@ -137,6 +138,41 @@ def test_sources_without_geometry_or_type2_attributes(sources, model):
         setattr(bare, keyword, sources[0].get(keyword))
     result = read_pneumonia_sr(build_pneumonia_sr([bare], 0.3, False, model))
     assert result["referenced_sop_instance_uids"] == [sources[0].SOPInstanceUID]
+
+
+def _bytes_with_fixed_times(sr: pydicom.Dataset) -> bytes:
+    """The SR's file bytes with the creation dates/times (the only values taken from the clock) fixed."""
+    for keyword in ("ContentDate", "InstanceCreationDate", "SeriesDate"):
+        if keyword in sr:
+            setattr(sr, keyword, "20000101")
+    for keyword in ("ContentTime", "InstanceCreationTime", "SeriesTime"):
+        if keyword in sr:
+            setattr(sr, keyword, "000000")
+    for item in sr.get("ContributingEquipmentSequence", []):
+        if "ContributionDateTime" in item:
+            item.ContributionDateTime = "20000101000000"
+    buffer = io.BytesIO()
+    sr.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("case", ["one", "two", "bare"])
+def test_fast_path_gives_the_same_bytes_as_highdicom_unabridged(sources, model, case):
+    """build_pneumonia_sr hands highdicom a content stub and attaches the tree itself (2x faster):
+    the document must be byte-identical to the one highdicom builds from the whole tree."""
+    chosen = {"one": sources[:1], "two": sources}.get(case)
+    if chosen is None:  # no geometry, no Type 2 attributes
+        bare = pydicom.Dataset()
+        for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "Rows", "Columns",
+                        "Modality", "PatientID"):
+            setattr(bare, keyword, sources[0].get(keyword))
+        chosen = [bare]
+    kwargs = dict(sr_series_uid="1.2.826.0.1.3680043.10.1.1", sr_instance_uid="1.2.826.0.1.3680043.10.1.2",
+                  instance_number=2)
+    fast = build_pneumonia_sr(chosen, 0.8731, True, model, **kwargs)
+    full = build_pneumonia_sr(chosen, 0.8731, True, model, reference=True, **kwargs)
+    assert str(fast.content) == str(full.content)  # .content (highdicom's parsed tree) too
+    assert _bytes_with_fixed_times(fast) == _bytes_with_fixed_times(full)
 
 
 def test_invalid_inputs_are_rejected(sources, model):

@@ -18,7 +18,7 @@ from typing import Any
 
 import highdicom as hd
 import pydicom
-from highdicom.sr import CodedConcept
+from highdicom.sr import CodedConcept, ContentSequence
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from pydicom.valuerep import DA, TM
@@ -159,12 +159,14 @@ def build_pneumonia_sr(
     instance_number: int = 1,
     sr_series_uid: str | None = None,
     sr_instance_uid: str | None = None,
+    reference: bool = False,
 ) -> pydicom.Dataset:
     """Build the pneumonia SR for one study's eligible images.
 
     `probability` is the model's output in [0, 1] (stored as Certainty of Finding in %), `positive`
     the thresholded decision. Pass `sr_series_uid`/`sr_instance_uid` (derived from the study) so a
-    retry produces the same SR instead of a duplicate.
+    retry produces the same SR instead of a duplicate. `reference=True` hands the content tree to
+    highdicom's constructor unabridged (about twice as slow; the same bytes, see _content_stub).
     """
     sources = _check_sources(sources)
     probability = float(probability)
@@ -230,9 +232,10 @@ def build_pneumonia_sr(
     )
     equipment.DeviceUID = model.uid  # (0018,1002): IHE AIR identifies the model by this UID
     first = evidence[0]
+    root = report[0]
     sr = hd.sr.Comprehensive3DSR(
         evidence=evidence,
-        content=report[0],
+        content=root if reference else _content_stub(root),
         series_instance_uid=series_uid,
         series_number=series_number,
         sop_instance_uid=instance_uid,
@@ -248,7 +251,28 @@ def build_pneumonia_sr(
         contributing_equipment=[equipment],
         specific_character_set=_sr_character_set(first),
     )
+    if not reference:
+        for tag, element in root.items():  # what the constructor does with the content it is given
+            sr[tag] = element
+        sr._content = ContentSequence([root], is_root=True)  # what .content returns
     return sr
+
+
+def _content_stub(root: pydicom.Dataset) -> pydicom.Dataset:
+    """The root container's own attributes without its children, for Comprehensive3DSR().
+
+    The constructor deep-copies and re-parses the whole content tree (for ``.content``) and walks
+    it twice to check that every referenced image is in ``evidence``: about half of the cost of an
+    SR. Our tree references only the sources, which are the evidence, so build_pneumonia_sr passes
+    this stub and attaches the tree afterwards the way the constructor does (its top-level
+    attributes copied into the document). tests/test_sr.py checks both paths give the same bytes.
+    """
+    stub = pydicom.Dataset()
+    for element in root:
+        if element.keyword != "ContentSequence":
+            stub.add(element)
+    stub.ContentSequence = []
+    return stub
 
 
 def _sr_character_set(source: pydicom.Dataset):
