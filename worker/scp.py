@@ -2,8 +2,9 @@
 
 pynetdicom spools each received data set to ``incoming/`` as it arrives
 (``STORE_RECV_CHUNKED_DATASET``: the bytes as sent plus file meta, never decoded or re-encoded).
-The C-STORE handler then fsyncs that file, hard-links it into ``spool/<study>/<sop>.dcm`` (atomic,
-never overwriting), fsyncs the directory, commits the instance row, and only then answers 0x0000.
+The C-STORE handler then hard-links that file into ``spool/<study>/<sop>.dcm`` (atomic, never
+overwriting), fsyncs the file and the directories that gained a name (side by side, see
+spool.fsync_together), commits the instance row, and only then answers 0x0000.
 Anything that cannot be made durable is answered 0xA700 (out of resources) so the sender retries.
 """
 
@@ -228,7 +229,7 @@ class Listener:
         self.ssl_context = ssl_context
         net = settings.network
         _config.STORE_RECV_CHUNKED_DATASET = True
-        incoming.install()  # a failed write answers 0xA700 instead of aborting the association
+        incoming.install(settings.storage.writeback_bytes)  # failed write: 0xA700, not an A-ABORT
         _config.LOG_REQUEST_IDENTIFIERS = False
         _config.LOG_RESPONSE_IDENTIFIERS = False
         tempfile.tempdir = str(receiver.spool.incoming)  # where pynetdicom spools; same filesystem

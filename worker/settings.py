@@ -157,6 +157,7 @@ class StorageSettings:
     data_dir: Path = Path("./var/cxr-worker")
     database_url: str = ""
     sqlite_busy_timeout_ms: int = 30000
+    writeback_bytes: int = 1048576
 
     def __post_init__(self) -> None:
         if not str(self.data_dir):
@@ -165,6 +166,7 @@ class StorageSettings:
         if not isinstance(self.database_url, str):
             raise SettingsError("storage.database_url: expected a string")
         _check_num("storage.sqlite_busy_timeout_ms", self.sqlite_busy_timeout_ms, minimum=0, integer=True)
+        _check_num("storage.writeback_bytes", self.writeback_bytes, minimum=0, integer=True)
 
     @property
     def url(self) -> str:
