@@ -22,6 +22,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
+import numpy as np
 import pydicom
 from sqlalchemy import select, update
 
@@ -78,6 +79,7 @@ class ScorerLoop(threading.Thread):
         self._finishing: Future | None = None
 
     def run(self) -> None:
+        self._warm_up()
         last_reclaim = 0.0
         while not self.stop_event.is_set():
             try:
@@ -99,6 +101,22 @@ class ScorerLoop(threading.Thread):
         except Exception:  # noqa: BLE001 - stopping anyway; the studies' leases are re-taken on restart
             log.exception("finishing the last batch failed")
         self._finisher.shutdown(wait=True)
+
+    def _warm_up(self) -> None:
+        """Pay the one-off costs (highdicom loads its standard tables on the first SR, ~1 s; the
+        model's first forward pass) at start-up instead of in the first study's latency."""
+        from .sr import build_pneumonia_sr
+
+        try:
+            size = self.scorer.info.input_size
+            self.scorer.predict(np.zeros((1, 1, size, size), dtype=np.float32))
+            header = pydicom.Dataset()
+            header.update({"SOPClassUID": "1.2.840.10008.5.1.4.1.1.1.1", "SOPInstanceUID": "2.25.1",
+                           "StudyInstanceUID": "2.25.2", "SeriesInstanceUID": "2.25.3", "Rows": 1, "Columns": 1,
+                           "Modality": "DX", "PatientID": ""})
+            build_pneumonia_sr([header], 0.5, True, self.scorer.info)
+        except Exception:  # noqa: BLE001 - only a warm-up; the real work reports its own errors
+            log.debug("warm-up failed", exc_info=True)
 
     def _idle_wait(self) -> float:
         """Sleep until the next receiving study becomes due (quiet period over), at most ``poll``."""
