@@ -79,7 +79,6 @@ class ScorerLoop(threading.Thread):
         self._finishing: Future | None = None
 
     def run(self) -> None:
-        self._warm_up()
         last_reclaim = 0.0
         while not self.stop_event.is_set():
             try:
@@ -102,9 +101,9 @@ class ScorerLoop(threading.Thread):
             log.exception("finishing the last batch failed")
         self._finisher.shutdown(wait=True)
 
-    def _warm_up(self) -> None:
+    def warm_up(self) -> None:
         """Pay the one-off costs (highdicom loads its standard tables on the first SR, ~1 s; the
-        model's first forward pass) at start-up instead of in the first study's latency."""
+        model's first forward pass) before the listener opens, not in the first studies' latency."""
         from .sr import build_pneumonia_sr
 
         try:

@@ -55,6 +55,7 @@ class Service:
         self.port: int | None = None
 
     def start(self) -> int:
+        self.scorer_loop.warm_up()
         self.scorer_loop.start()
         self.outbox_loop.start()
         self.port = self.listener.start()
