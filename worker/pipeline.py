@@ -107,6 +107,7 @@ class ScorerLoop(threading.Thread):
         from .sr import build_pneumonia_sr
 
         try:
+            self.scorer.start_decoders()
             size = self.scorer.info.input_size
             self.scorer.predict(np.zeros((1, 1, size, size), dtype=np.float32))
             header = pydicom.Dataset()

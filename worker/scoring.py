@@ -3,45 +3,37 @@
 Files -> dicom_io (decode, display image, the one model-input function) -> batches -> model ->
 sigmoid -> probability. CUDA when present (fp16/bf16 autocast), CPU otherwise (bf16 autocast where
 the CPU has native bf16 and it agrees with fp32 within 0.01, else fp32). Decoding runs on a few
-threads ahead of the model.
+threads, or processes (`serve`: decoders hold the GIL, see worker/prepare.py), ahead of the model.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import multiprocessing
+import os
 import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 
-from dicom_io import DicomInputError, load_display_image, to_model_input
 from trainer.checkpoint import ModelInfo, load_checkpoint
 from trainer.engine import cpu_supports_bf16
 
+from .prepare import Prepared, child_init, prepare, prepare_item, ready
 from .settings import DEFAULT_MODEL
 
 log = logging.getLogger("cxr_worker.scoring")
 
+__all__ = ["Prepared", "Scored", "Scorer", "prepare", "resolve_device", "resolve_precision"]
 
-@dataclass
-class Prepared:
-    """One file turned into model input, or the reason it could not be."""
-
-    key: object
-    path: Path
-    tensor: np.ndarray | None = None            # float32 (1, 224, 224)
-    transfer_syntax: str | None = None
-    frame: int | None = None
-    number_of_frames: int = 1
-    notes: list[str] = field(default_factory=list)
-    error_reason: str | None = None
-    error_message: str | None = None
-    decode_s: float = 0.0
+#: How often a decode process checks that the worker that started it is still alive.
+PARENT_CHECK_SECONDS = 1.0
 
 
 @dataclass
@@ -71,35 +63,11 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
-def prepare(path: str | Path, key: object = None) -> Prepared:
-    """Decode one file (DICOM by content, JPEG/PNG by suffix) to model input; never raises."""
-    path = Path(path)
-    item = Prepared(key=key if key is not None else path, path=path)
-    start = time.perf_counter()
-    try:
-        image = load_display_image(path)
-        item.tensor = to_model_input(image.pixels)
-        item.transfer_syntax = image.transfer_syntax
-        item.frame = image.frame
-        item.number_of_frames = image.number_of_frames
-        item.notes = list(image.notes)
-    except DicomInputError as exc:
-        item.error_reason, item.error_message = exc.reason, exc.message
-    except FileNotFoundError as exc:
-        item.error_reason, item.error_message = "file_not_found", str(exc)
-    except MemoryError:
-        item.error_reason, item.error_message = "out_of_memory", "image too large to decode"
-    except Exception as exc:  # noqa: BLE001 - a bad file is a recorded reason, never a crash
-        item.error_reason, item.error_message = "decode_failed", f"{type(exc).__name__}: {exc}"
-    item.decode_s = time.perf_counter() - start
-    return item
-
-
 class Scorer:
     """A loaded checkpoint on a device, scoring batches of model inputs."""
 
     def __init__(self, model_path: str | Path | None = None, device: str = "auto", precision: str = "auto",
-                 batch_size: int = 16, decode_threads: int = 2) -> None:
+                 batch_size: int = 16, decode_threads: int = 2, decode_processes: bool = False) -> None:
         self.model_path = Path(model_path) if model_path else DEFAULT_MODEL
         if not self.model_path.is_file():
             raise FileNotFoundError(f"model checkpoint not found: {self.model_path}")
@@ -107,12 +75,23 @@ class Scorer:
         self.precision = resolve_precision(precision, self.device)
         self.batch_size = batch_size
         self.decode_threads = decode_threads
+        self.decode_processes = decode_processes
         model, info = load_checkpoint(self.model_path, self.device)
         self.model: torch.nn.Module = model.to(memory_format=torch.channels_last)
         self.info: ModelInfo = info
-        self._pool = ThreadPoolExecutor(max_workers=decode_threads, thread_name_prefix="decode")
+        self._pool: Executor = self._new_pool()
         log.info("model %s %s (uid %s, threshold %.4f) on %s, precision %s", info.name, info.version,
                  info.uid, info.threshold, self.device, self.precision)
+
+    def _new_pool(self) -> Executor:
+        if not self.decode_processes:
+            return ThreadPoolExecutor(max_workers=self.decode_threads, thread_name_prefix="decode")
+        return ProcessPoolExecutor(max_workers=self.decode_threads, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=child_init, initargs=(os.getpid(), PARENT_CHECK_SECONDS))
+
+    def start_decoders(self) -> None:
+        """Start the decode processes now (each imports the decoders, ~1 s) rather than on the first study."""
+        list(self._pool.map(ready, range(self.decode_threads)))
 
     @property
     def threshold(self) -> float:
@@ -141,9 +120,33 @@ class Scorer:
         return probs.cpu().numpy().astype(np.float64)
 
     def prepare_many(self, items: Iterable[tuple[object, Path]]) -> Iterator[Prepared]:
-        """Decode on the thread pool, yielding in input order."""
+        """Decode on the pool, yielding in input order. A decode process that dies (a decoder crashing
+        on a hostile file) is replaced, and the files not yet decoded are decoded one at a time, so
+        only the file that kills a decoder is given up (reason ``decode_crashed``)."""
         items = list(items)
-        yield from self._pool.map(lambda kp: prepare(kp[1], kp[0]), items)
+        done = 0
+        try:
+            for prepared in self._pool.map(prepare_item, items):
+                done += 1
+                yield prepared
+        except BrokenProcessPool:
+            log.error("a decode process died; decoding the other %d files one at a time", len(items) - done)
+            self._replace_pool()
+            for key, path in items[done:]:
+                yield self._prepare_alone(key, Path(path))
+
+    def _prepare_alone(self, key: object, path: Path) -> Prepared:
+        try:
+            return self._pool.submit(prepare_item, (key, path)).result()
+        except BrokenProcessPool:
+            self._replace_pool()
+            item = Prepared(key=key, path=path)
+            item.error_reason, item.error_message = "decode_crashed", "the decoder process died on this file"
+            return item
+
+    def _replace_pool(self) -> None:
+        broken, self._pool = self._pool, self._new_pool()
+        broken.shutdown(wait=False, cancel_futures=True)
 
     def score(self, items: Sequence[tuple[object, Path]]) -> list[Scored]:
         """Decode and score ``(key, path)`` items in batches; failures carry their reason."""

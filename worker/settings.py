@@ -200,6 +200,7 @@ class ModelSettings:
     batch_size: int = 16
     max_studies_per_batch: int = 8
     decode_threads: int = 2
+    decode_processes: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "path", Path(self.path).expanduser() if str(self.path) else DEFAULT_MODEL)
@@ -208,6 +209,7 @@ class ModelSettings:
         _check_num("model.batch_size", self.batch_size, minimum=1, integer=True)
         _check_num("model.max_studies_per_batch", self.max_studies_per_batch, minimum=1, integer=True)
         _check_num("model.decode_threads", self.decode_threads, minimum=1, integer=True)
+        _check_bool("model.decode_processes", self.decode_processes)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,86 @@
+"""One file -> model input, without torch: runs in the scorer's decode threads or processes.
+
+Decoders hold the GIL for long stretches (gdcm's JPEG Lossless ~150 ms per 2500x2048 image, as does
+pylibjpeg), which stalls every other thread of the process: the network threads that answer C-STOREs,
+SR building, the outbox. `cxr-worker serve` therefore decodes in a few worker processes
+(`model.decode_processes`); this module is all they import (no torch, no database).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from dicom_io import DicomInputError, load_display_image, to_model_input
+
+
+@dataclass
+class Prepared:
+    """One file turned into model input, or the reason it could not be."""
+
+    key: object
+    path: Path
+    tensor: np.ndarray | None = None            # float32 (1, 224, 224)
+    transfer_syntax: str | None = None
+    frame: int | None = None
+    number_of_frames: int = 1
+    notes: list[str] = field(default_factory=list)
+    error_reason: str | None = None
+    error_message: str | None = None
+    decode_s: float = 0.0
+
+
+def prepare(path: str | Path, key: object = None) -> Prepared:
+    """Decode one file (DICOM by content, JPEG/PNG by suffix) to model input; never raises."""
+    path = Path(path)
+    item = Prepared(key=key if key is not None else path, path=path)
+    start = time.perf_counter()
+    try:
+        image = load_display_image(path)
+        item.tensor = to_model_input(image.pixels)
+        item.transfer_syntax = image.transfer_syntax
+        item.frame = image.frame
+        item.number_of_frames = image.number_of_frames
+        item.notes = list(image.notes)
+    except DicomInputError as exc:
+        item.error_reason, item.error_message = exc.reason, exc.message
+    except FileNotFoundError as exc:
+        item.error_reason, item.error_message = "file_not_found", str(exc)
+    except MemoryError:
+        item.error_reason, item.error_message = "out_of_memory", "image too large to decode"
+    except Exception as exc:  # noqa: BLE001 - a bad file is a recorded reason, never a crash
+        item.error_reason, item.error_message = "decode_failed", f"{type(exc).__name__}: {exc}"
+    item.decode_s = time.perf_counter() - start
+    return item
+
+
+def prepare_item(key_path: tuple[object, Path]) -> Prepared:
+    """``prepare`` for ``Executor.map`` over ``(key, path)`` pairs (a picklable top-level function)."""
+    key, path = key_path
+    return prepare(path, key)
+
+
+def ready(_: object = None) -> bool:
+    """A no-op task: starting a decode process imports this module and the decoders once."""
+    import dicom_io.decode  # noqa: F401 - the plugin registry
+
+    return True
+
+
+def child_init(parent_pid: int, check_seconds: float) -> None:
+    """In a decode process: Ctrl-C is the parent's business, and exit when the parent is gone
+    (a worker killed with SIGKILL must not leave idle decoders behind)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(check_seconds)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
