@@ -106,7 +106,7 @@ def plot_all(out_dir: str | Path, labels: np.ndarray, probs: np.ndarray, thresho
     _save(fig, out / "confusion_matrix.png")
     written.append(out / "confusion_matrix.png")
 
-    frac_pos, mean_pred = calibration_curve(labels, probs, n_bins=10, strategy="quantile")
+    frac_pos, mean_pred = calibration_curve(labels, probs, n_bins=10, strategy="uniform")
     fig, ax = plt.subplots(figsize=(5, 5))
     ax.plot(mean_pred, frac_pos, marker="o", label="model")
     ax.plot([0, 1], [0, 1], "k--", lw=0.8, label="perfectly calibrated")
