@@ -53,7 +53,7 @@ def resolve_device(device: str) -> torch.device:
 
 def resolve_precision(precision: str, device: torch.device) -> str:
     """``auto``: fp16 autocast on CUDA; bf16 autocast on a CPU with native bf16 (about 2x fp32 for
-    ResNet18, max |p - p_fp32| 4.4e-4 on 240 real films), else fp32."""
+    ResNet18, max |p - p_fp32| 0.0046 over 1000 real films, trained ResNet18, no label flips), else fp32."""
     if precision == "auto":
         if device.type == "cuda":
             return "fp16"
@@ -67,7 +67,8 @@ class Scorer:
     """A loaded checkpoint on a device, scoring batches of model inputs."""
 
     def __init__(self, model_path: str | Path | None = None, device: str = "auto", precision: str = "auto",
-                 batch_size: int = 16, decode_threads: int = 2, decode_processes: bool = False) -> None:
+                 batch_size: int = 16, decode_threads: int = 2, decode_processes: bool = False,
+                 torch_threads: int = 0) -> None:
         self.model_path = Path(model_path) if model_path else DEFAULT_MODEL
         if not self.model_path.is_file():
             raise FileNotFoundError(f"model checkpoint not found: {self.model_path}")
@@ -76,6 +77,8 @@ class Scorer:
         self.batch_size = batch_size
         self.decode_threads = decode_threads
         self.decode_processes = decode_processes
+        if torch_threads > 0:  # process-wide; 0 keeps torch's default (one per core)
+            torch.set_num_threads(torch_threads)
         model, info = load_checkpoint(self.model_path, self.device)
         self.model: torch.nn.Module = model.to(memory_format=torch.channels_last)
         self.info: ModelInfo = info

@@ -45,7 +45,8 @@ class Service:
         if reclaimed:
             log.info("re-queued %d studies/deliveries claimed by a worker that is gone", reclaimed)
         m = settings.model
-        self.scorer = Scorer(m.path, m.device, m.precision, m.batch_size, m.decode_threads, m.decode_processes)
+        self.scorer = Scorer(m.path, m.device, m.precision, m.batch_size, m.decode_threads, m.decode_processes,
+                             m.torch_threads)
         self.receiver = Receiver(settings, self.db, self.spool)
         self.listener = Listener(settings, self.receiver, self.ssl_context)
         self.sr_ready = threading.Event()  # scorer -> outbox: an SR was committed, send it now

@@ -201,6 +201,7 @@ class ModelSettings:
     max_studies_per_batch: int = 8
     decode_threads: int = 2
     decode_processes: bool = True
+    torch_threads: int = 1
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "path", Path(self.path).expanduser() if str(self.path) else DEFAULT_MODEL)
@@ -210,6 +211,7 @@ class ModelSettings:
         _check_num("model.max_studies_per_batch", self.max_studies_per_batch, minimum=1, integer=True)
         _check_num("model.decode_threads", self.decode_threads, minimum=1, integer=True)
         _check_bool("model.decode_processes", self.decode_processes)
+        _check_num("model.torch_threads", self.torch_threads, minimum=0, integer=True)
 
 
 @dataclass(frozen=True)
