@@ -417,6 +417,11 @@ def main(argv: list[str] | None = None) -> int:
     storescu, storescp = dcmtk_tool("storescu"), dcmtk_tool("storescp")
 
     busy = subprocess.run(["pgrep", "-a", "cxr-train"], capture_output=True, text=True, check=False).stdout.strip()
+    head = subprocess.run(["git", "-C", str(REPO), "log", "-1", "--format=%h %cd", "--date=format:%Y-%m-%d %H:%M"],
+                          capture_output=True, text=True, check=False).stdout.strip()
+    dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", "worker", "dicom_io", "config"],
+                           capture_output=True, text=True, check=False).stdout.strip()
+    print(f"code: {head or '?'}{' + uncommitted changes in worker/dicom_io/config' if dirty else ''}")
     print(f"machine: {os.cpu_count()} cores; storescu {storescu}; N={args.n} studies x {args.repeats} runs per "
           f"receiver; worker quiet_seconds={args.quiet}{'; QUICK (smoke test)' if args.quick else ''}")
     if busy:

@@ -52,7 +52,8 @@ def parse(path: Path):
 
 # leaf frames where a thread blocks or sleeps (py-spy --idle samples them too)
 WAIT_SITES = ("wait (threading.py", "get (queue.py", "_worker (thread.py:81)", "futures/thread.py:81)", "select (selectors.py",
-              "_run_reactor (association.py:714)", "run_reactor (dul.py:403)", "serve_forever (socketserver.py")
+              "association.py:714)", "dul.py:403)",  # the pynetdicom 3.0.x reactors' time.sleep lines
+              "serve_forever (socketserver.py")
 
 
 def is_wait(leaf: str) -> bool:
