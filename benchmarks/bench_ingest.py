@@ -289,7 +289,7 @@ def bench_storescp(syntax: str, files_dir: Path, n: int, nbytes: int, work: Path
 
 def bench_worker(syntax: str, files_dir: Path, n: int, nbytes: int, work: Path, storescu: str, storescp: str, timeout: float,
                  quiet: float, receive_only: bool = False, paced_dir: Path | None = None, paced_rate: float = 4.0,
-                 extra_env: dict | None = None, py_spy: Path | None = None, scu_workaround: bool = False) -> Run:
+                 extra_env: dict | None = None, py_spy: Path | None = None) -> Run:
     name = "worker-rx" if receive_only else "worker"
     data = work / name
     dest_out = work / f"{name}-dest"
@@ -305,10 +305,6 @@ def bench_worker(syntax: str, files_dir: Path, n: int, nbytes: int, work: Path, 
     })
     env.update(extra_env or {})
     cmd = [sys.executable, "-m", "worker", "serve"]
-    if scu_workaround:   # experiment: the worker with benchmarks/scu_race.py's fix for lost C-STORE responses
-        code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import scu_race; "
-                "scu_race.install_workaround(); from worker.cli import main; sys.exit(main(['serve']))")
-        cmd = [sys.executable, "-c", code]
     worker = Proc(cmd, work / f"{name}.log", env=env, cwd=REPO)
     spy: Proc | None = None
     db_path = data / "worker.db"
@@ -404,8 +400,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--worker-env", action="append", default=[], metavar="KEY=VALUE",
                     help="extra CXR_WORKER__... overrides for the worker (e.g. CXR_WORKER__MODEL__PRECISION=bf16)")
     ap.add_argument("--py-spy", type=Path, help="profile the worker during each burst into DIR (raw collapsed stacks)")
-    ap.add_argument("--scu-workaround", action="store_true",
-                    help="experiment: run the worker with benchmarks/scu_race.py's fix for lost C-STORE responses")
     ap.add_argument("--json", type=Path, help="also write the results as JSON")
     ap.add_argument("--quick", action="store_true", help="smoke test: n=12, 1 repeat, 6 paced studies")
     args = ap.parse_args(argv)
@@ -428,8 +422,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"WARNING: other heavy processes are running; these timings are NOT valid measurements:\n    {busy}")
     if extra_env:
         print(f"worker overrides: {extra_env}")
-    if args.scu_workaround:
-        print("EXPERIMENT: worker runs with benchmarks/scu_race.py's C-STORE response workaround (not the shipped code)")
 
     work = args.work or Path(tempfile.mkdtemp(prefix="cxr-bench-ingest-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -457,8 +449,7 @@ def main(argv: list[str] | None = None) -> int:
                         spy = args.py_spy / f"{rec}-{syntax}-{rep}.txt" if args.py_spy and rep == 0 else None
                         run = bench_worker(syntax, files_dir, args.n, nbytes, work, storescu, storescp, args.timeout,
                                            args.quiet, receive_only=rec == "worker-rx", paced_dir=paced_dir,
-                                           paced_rate=args.paced_rate, extra_env=extra_env, py_spy=spy,
-                                           scu_workaround=args.scu_workaround)
+                                           paced_rate=args.paced_rate, extra_env=extra_env, py_spy=spy)
                     else:
                         raise SystemExit(f"unknown receiver {rec!r}")
                     run.syntax = syntax

@@ -11,11 +11,11 @@ C-STORE service message"). send_c_store() then waits the full DIMSE timeout (wor
 threads hold the GIL, which in the worker they do (scorer, decode pool, SCP association threads).
 
     python benchmarks/scu_race.py                    # 40 associations x 8 files, 3 busy threads
-    python benchmarks/scu_race.py --workaround       # same, reactor parked for the whole batch
+    python benchmarks/scu_race.py --without-guard    # same, without the worker's fix
 
---workaround demonstrates one fix (for worker/scu.py, not applied there by this script): park the
-reactor for the whole association by replacing its checkpoint with an Event whose set() is ignored
-until release, so the reactor never competes with send_c_store() for the response.
+The fix (worker/reactor.py, used by worker/scu.store_files) parks the reactor for the whole batch by
+replacing its checkpoint with an Event whose set() is ignored until the batch is over, so the reactor
+never competes with send_c_store() for the response.
 """
 
 from __future__ import annotations
@@ -36,46 +36,13 @@ sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-class HeldCheckpoint(threading.Event):
-    """A reactor checkpoint that stays cleared (reactor parked) until released."""
+def disable_guard() -> None:
+    """Send without worker.reactor.reactor_parked, as the worker did before the fix."""
+    import contextlib
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.hold = True
-
-    def set(self) -> None:
-        if not self.hold:
-            super().set()
-
-
-def install_workaround() -> None:
     from worker import scu
 
-    original = scu._associate
-
-    def _associate(*args, **kwargs):
-        assoc, reason = original(*args, **kwargs)
-        if assoc is not None and assoc.is_established:
-            checkpoint = HeldCheckpoint()
-            assoc._reactor_checkpoint = checkpoint
-            release = assoc.release
-
-            def release_and_unpark():
-                checkpoint.hold = False
-                checkpoint.set()
-                return release()
-
-            assoc.release = release_and_unpark
-            deadline = time.monotonic() + 1.0
-            while time.monotonic() < deadline:   # parked: _is_paused still True after a full loop
-                if assoc._is_paused:
-                    time.sleep(0.01)
-                    if assoc._is_paused:
-                        break
-                time.sleep(0.001)
-        return assoc, reason
-
-    scu._associate = _associate
+    scu.reactor_parked = lambda assoc: contextlib.nullcontext()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--files", type=int, default=8, help="files per association")
     ap.add_argument("--busy-threads", type=int, default=3, help="pure-Python threads competing for the GIL")
     ap.add_argument("--timeout", type=float, default=3.0, help="DIMSE timeout for the sends (worker: 30)")
-    ap.add_argument("--workaround", action="store_true")
+    ap.add_argument("--without-guard", action="store_true", help="disable worker/reactor.py's fix")
     args = ap.parse_args(argv)
 
     from bench_ingest import Proc, free_port, wait_port
@@ -93,8 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     from make_study_files import dcmtk_tool
 
     logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
-    if args.workaround:
-        install_workaround()
+    if args.without_guard:
+        disable_guard()
     from worker.scu import store_files
 
     work = Path(tempfile.mkdtemp(prefix="cxr-scu-race-"))
@@ -128,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             failed += sum(not o.ok for o in outcomes)
             slow += (time.perf_counter() - t0) > args.timeout
         total = args.associations * args.files
-        print(f"{'with' if args.workaround else 'without'} workaround, {args.busy_threads} busy threads: "
+        print(f"{'without' if args.without_guard else 'with'} the reactor guard, {args.busy_threads} busy threads: "
               f"{failed}/{total} C-STOREs failed, {slow}/{args.associations} associations hit the DIMSE timeout "
               f"({time.perf_counter() - start:.1f} s)")
         return 1 if failed else 0

@@ -31,6 +31,8 @@ from pynetdicom.sop_class import Verification
 
 from dicom_io.images import read_image_file
 
+from .reactor import reactor_parked
+
 LOG = logging.getLogger(__name__)
 
 DEFAULT_CALLING_AET = "CXR_WORKER"
@@ -266,11 +268,13 @@ def store_files(
                     record(index_of[id(it)], StoreOutcome(it.path, it.sop_instance, None, reason))
                 continue
             try:
-                for it in batch:
-                    if not assoc.is_established:
-                        record(index_of[id(it)], StoreOutcome(it.path, it.sop_instance, None, "association lost before sending"))
-                        continue
-                    record(index_of[id(it)], _send_one(assoc, it))
+                with reactor_parked(assoc):
+                    for it in batch:
+                        if not assoc.is_established:
+                            record(index_of[id(it)], StoreOutcome(it.path, it.sop_instance, None,
+                                                                  "association lost before sending"))
+                            continue
+                        record(index_of[id(it)], _send_one(assoc, it))
             finally:
                 if assoc.is_established:
                     assoc.release()
