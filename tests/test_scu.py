@@ -150,7 +150,9 @@ def test_rejected_association_gives_outcomes_not_exceptions(dicom_files, tmp_pat
         outcomes = store_files(dicom_files[:2], "127.0.0.1", port, STORESCP_AET, timeout=5)
         assert echo("127.0.0.1", port, STORESCP_AET, timeout=5) is None
     assert [o.status for o in outcomes] == [None, None]
-    assert all("rejected" in o.error for o in outcomes), outcomes
+    # storescp --refuse closes the socket right after its A-ASSOCIATE-RJ; pynetdicom sometimes sees
+    # the close first. Either way each file gets a clear reason, never an exception.
+    assert all(not o.ok and ("rejected" in o.error or "aborted" in o.error) for o in outcomes), outcomes
 
 
 def test_unreadable_file_is_reported_and_the_rest_sent(dicom_files, tmp_path):
