@@ -2,7 +2,7 @@
 
 Every instance is stored (exit status 0, one row each), every study is scored exactly once and its
 one SR reaches the DCMTK storescp destination, and SQLite never reports "database is locked".
-Real Kaggle films wrapped as DX (worker/scu.wrap_image_as_dicom).
+Real Kaggle films wrapped as DX (worker/wrap.wrap_image_as_dicom).
 """
 
 from __future__ import annotations

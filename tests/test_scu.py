@@ -18,7 +18,8 @@ from orthanc import OrthancServer, free_port
 from pydicom.uid import RLELossless
 
 from worker import cli_scu
-from worker.scu import StoreOutcome, echo, store_files, wrap_image_as_dicom
+from worker.scu import StoreOutcome, echo, store_files
+from worker.wrap import wrap_image_as_dicom
 
 STORESCP_AET = "STORESCP"
 

@@ -12,7 +12,7 @@ import pytest
 from conftest import require_tool
 
 from trainer.checkpoint import ModelInfo, new_model_uid
-from worker.scu import DX_FOR_PRESENTATION, wrap_image_as_dicom
+from worker.wrap import DX_FOR_PRESENTATION, wrap_image_as_dicom
 from worker.sr import (
     CERTAINTY_OF_FINDING,
     PNEUMONIA,

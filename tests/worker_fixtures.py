@@ -36,8 +36,8 @@ def shared_scorer():
 
 def wrap_jpeg(jpeg: Path, out: Path, *, study_uid: str | None = None, patient_name: str | None = None,
               patient_id: str | None = None, **attributes) -> Path:
-    """A Kaggle JPEG as a DX DICOM file (worker/scu.wrap_image_as_dicom), extra attributes applied."""
-    from worker.scu import wrap_image_as_dicom
+    """A Kaggle JPEG as a DX DICOM file (worker/wrap.wrap_image_as_dicom), extra attributes applied."""
+    from worker.wrap import wrap_image_as_dicom
 
     ds = wrap_image_as_dicom(jpeg, patient_id=patient_id, patient_name=patient_name, study_uid=study_uid)
     for keyword, value in attributes.items():

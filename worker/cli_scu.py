@@ -13,7 +13,8 @@ from pathlib import Path
 
 from dicom_io.images import is_image_file
 
-from .scu import DEFAULT_CALLING_AET, echo_detail, store_files, wrap_image_as_dicom
+from .scu import DEFAULT_CALLING_AET, echo_detail, store_files
+from .wrap import wrap_image_as_dicom
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 11112

@@ -1,4 +1,4 @@
-"""DICOM client side: C-STORE (outbox sender, `cxr-worker send`), C-ECHO, and wrapping JPEG/PNG as DX.
+"""DICOM client side: C-STORE (outbox sender, `cxr-worker send`) and C-ECHO.
 
 store_files() never raises for per-file or per-peer problems: every file gets a StoreOutcome that
 says what happened, so the caller can retry exactly the ones that failed.
@@ -7,29 +7,23 @@ says what happened, so the caller can retry exactly the ones that failed.
 from __future__ import annotations
 
 import logging
-import re
 import socket
 import ssl
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 
 import pydicom
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.sequence import Sequence as DicomSequence
+from pydicom.dataset import Dataset
 from pydicom.uid import (
     UID,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
-    PYDICOM_IMPLEMENTATION_UID,
-    generate_uid,
 )
 from pynetdicom import AE, evt
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import Verification
 
-from dicom_io.images import read_image_file
 
 from .reactor import reactor_parked
 
@@ -44,13 +38,6 @@ ACCEPTED_STATUSES = frozenset({SUCCESS, 0xB000, 0xB006, 0xB007})
 MAX_CONTEXTS = 128
 UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 
-DX_FOR_PRESENTATION = UID("1.2.840.10008.5.1.4.1.1.1.1")
-#: The wrapped images have no calibration; their Imager Pixel Spacing is a nominal value that
-#: spreads the image's larger side over a typical paediatric chest field.
-NOMINAL_FIELD_MM = 300.0
-_KAGGLE_PATIENT = re.compile(r"^(person\d+|IM-\d+|NORMAL2-IM-\d+)", re.IGNORECASE)
-_CHEST = ("816094009", "SCT", "Chest")  # CID 4009 DX Anatomy Imaged (pydicom codes.SCT.Chest)
-_AP_VIEW = ("399348003", "SCT", "antero-posterior")  # CID 4010 DX View
 
 
 @dataclass(frozen=True)
@@ -333,117 +320,3 @@ def echo(
     if reason:
         LOG.debug("C-ECHO: %s", reason)
     return status
-
-
-def patient_id_from_filename(path: Path) -> str:
-    """Kaggle names carry the patient: person123_bacteria_45.jpeg -> person123, IM-0115-0001 -> IM-0115."""
-    stem = Path(path).stem
-    match = _KAGGLE_PATIENT.match(stem)
-    return (match.group(1) if match else stem)[:64]
-
-
-def wrap_image_as_dicom(
-    path: Path,
-    *,
-    patient_id: str | None = None,
-    patient_name: str | None = None,
-    study_uid: str | None = None,
-) -> Dataset:
-    """Wrap a JPEG/PNG chest film as a DX For Presentation image (MONOCHROME2, 8 bit, AP chest).
-
-    For demos and tests: the Kaggle films become real DICOM that any SCP and our own worker accept.
-    Each file is its own study unless `study_uid` is given; the patient ID comes from the file name.
-    Raises dicom_io.errors.DicomInputError for unreadable images.
-    """
-    path = Path(path)
-    pixels = read_image_file(path)
-    rows, columns = pixels.shape
-    now = datetime.now()
-    pid = patient_id or patient_id_from_filename(path)
-    sop_instance_uid = generate_uid()
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = DX_FOR_PRESENTATION
-    meta.MediaStorageSOPInstanceUID = sop_instance_uid
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-
-    ds = Dataset()
-    ds.file_meta = meta
-    text = f"{pid}{patient_name or ''}"
-    ds.SpecificCharacterSet = "ISO_IR 100" if text.isascii() else "ISO_IR 192"
-    # SOP Common
-    ds.SOPClassUID = DX_FOR_PRESENTATION
-    ds.SOPInstanceUID = sop_instance_uid
-    ds.InstanceCreationDate = now.strftime("%Y%m%d")
-    ds.InstanceCreationTime = now.strftime("%H%M%S")
-    # Patient
-    ds.PatientName = patient_name if patient_name is not None else f"DEMO^{pid}"
-    ds.PatientID = pid
-    ds.PatientBirthDate = ""
-    ds.PatientSex = ""
-    # General Study
-    ds.StudyInstanceUID = study_uid or generate_uid()
-    ds.StudyDate = now.strftime("%Y%m%d")
-    ds.StudyTime = now.strftime("%H%M%S")
-    ds.ReferringPhysicianName = ""
-    ds.StudyID = "1"
-    ds.AccessionNumber = ""
-    ds.StudyDescription = "XR CHEST AP"
-    # General Series / DX Series
-    ds.Modality = "DX"
-    ds.SeriesInstanceUID = generate_uid()
-    ds.SeriesNumber = 1
-    ds.SeriesDescription = "Wrapped chest film"
-    ds.BodyPartExamined = "CHEST"
-    ds.PresentationIntentType = "FOR PRESENTATION"
-    # General Equipment
-    ds.Manufacturer = ""
-    # General Image / DX Image / DX Anatomy Imaged / DX Positioning
-    ds.InstanceNumber = 1
-    ds.ContentDate = ds.StudyDate
-    ds.ContentTime = ds.StudyTime
-    ds.ImageType = ["DERIVED", "PRIMARY"]
-    ds.DerivationDescription = f"Wrapped from a {path.suffix.lstrip('.').upper() or 'image'} file; geometry nominal"
-    ds.PatientOrientation = ["L", "F"]  # AP film shown as usual: rows go to patient's left, columns to feet
-    ds.ImageLaterality = "U"  # unpaired body part
-    region = Dataset()
-    region.CodeValue, region.CodingSchemeDesignator, region.CodeMeaning = _CHEST
-    ds.AnatomicRegionSequence = DicomSequence([region])
-    ds.ViewPosition = "AP"
-    view = Dataset()
-    view.CodeValue, view.CodingSchemeDesignator, view.CodeMeaning = _AP_VIEW
-    view.ViewModifierCodeSequence = DicomSequence([])
-    ds.ViewCodeSequence = DicomSequence([view])
-    ds.PositionerType = ""
-    ds.BurnedInAnnotation = "NO"
-    if path.suffix.lower() in {".jpg", ".jpeg"}:  # the pixels went through lossy JPEG once
-        ds.LossyImageCompression = "01"
-        ds.LossyImageCompressionMethod = "ISO_10918_1"
-    else:
-        ds.LossyImageCompression = "00"
-    ds.PixelIntensityRelationship = "LIN"
-    ds.PixelIntensityRelationshipSign = 1
-    ds.RescaleIntercept = 0
-    ds.RescaleSlope = 1
-    ds.RescaleType = "US"
-    ds.PresentationLUTShape = "IDENTITY"
-    ds.WindowCenter = 128
-    ds.WindowWidth = 256
-    # DX Detector (no real detector: nominal spacing, see NOMINAL_FIELD_MM)
-    ds.DetectorType = ""
-    spacing = round(NOMINAL_FIELD_MM / max(rows, columns), 6)
-    ds.ImagerPixelSpacing = [spacing, spacing]
-    # Acquisition Context (Type 2)
-    ds.AcquisitionContextSequence = DicomSequence([])
-    # Image Pixel
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.Rows = rows
-    ds.Columns = columns
-    ds.BitsAllocated = 8
-    ds.BitsStored = 8
-    ds.HighBit = 7
-    ds.PixelRepresentation = 0
-    ds.PixelData = pixels.tobytes()
-    return ds
