@@ -20,7 +20,8 @@ from dicom_factory import TOOL_COMMANDS, encode_with_tool, make_dataset, make_fi
 from pydicom.data import get_testdata_file
 
 from dicom_io import read_dicom_display
-from dicom_io.decode import decode_first_frame, transfer_syntax_of
+from dicom_io.decode import IMAGECODECS_SYNTAXES, _imagecodecs_frame, decode_first_frame, transfer_syntax_of
+from pydicom.pixels import get_decoder
 
 ROWS, COLS = 300, 240
 
@@ -222,6 +223,36 @@ def test_rg1_lossless_reencodings_decode_exactly(kind: str, rg1_reference, tmp_p
     ds = pydicom.dcmread(encoded)
     assert np.array_equal(decode_first_frame(ds, transfer_syntax_of(ds)).pixels, stored)
     assert np.array_equal(image.pixels, ours)
+    if image.transfer_syntax in IMAGECODECS_SYNTAXES:  # the fast decoder, not a silent fallback
+        assert image.decoder == "imagecodecs" and not any("fallback" in n for n in image.notes)
+
+
+def test_jpeg_lossless_fast_decoder_agrees_with_every_plugin(rg1_reference, tmp_path: Path) -> None:
+    """imagecodecs (libjpeg-turbo) and the pydicom plugins give the same stored values, SV1 and Process 14."""
+    path, stored, _ours = rg1_reference
+    require_tool("dcmcjpeg")
+    for kind in ("dcmtk-jpeg-lossless-sv1", "dcmtk-jpeg-lossless"):
+        ds = pydicom.dcmread(encode_with_tool(kind, path, tmp_path / f"{kind}.dcm"))
+        tsyntax = transfer_syntax_of(ds)
+        plugins = [p for p in get_decoder(tsyntax).available_plugins]
+        assert plugins, "no pydicom plugin to compare with"
+        for plugin in plugins:
+            theirs, _ = get_decoder(tsyntax).as_array(ds, index=0, raw=True, decoding_plugin=plugin)
+            assert np.array_equal(theirs, stored), plugin
+        assert np.array_equal(_imagecodecs_frame(ds), stored)
+
+
+def test_signed_jpeg_lossless_is_left_to_pydicom(tmp_path: Path) -> None:
+    """Signed stored values: the fast path steps aside (pydicom converts two's complement), same pixels."""
+    require_tool("dcmcjpeg")
+    signed = (U12.astype(np.int32) - 2048).astype(np.int16)
+    native = make_file(tmp_path / "signed.dcm", signed, bits_stored=12, window=(0, 4096))
+    encoded = encode_with_tool("dcmtk-jpeg-lossless-sv1", native, tmp_path / "signed_ll.dcm")
+    ds = pydicom.dcmread(encoded)
+    with pytest.raises(ValueError, match="signed"):
+        _imagecodecs_frame(ds)
+    decoded = decode_first_frame(ds, transfer_syntax_of(ds))
+    assert decoded.plugin != "imagecodecs" and np.array_equal(decoded.pixels, signed)
 
 
 def test_jpeg_lossy_decodes_like_dcmtk(tmp_path: Path) -> None:
