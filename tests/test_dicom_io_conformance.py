@@ -272,6 +272,24 @@ def test_jpeg_lossy_decodes_like_dcmtk(tmp_path: Path) -> None:
         assert np.abs(shown - read_dicom_display(original).pixels).mean() < 2, f"{name}: lossy beyond reason"
 
 
+def test_native_fast_view_equals_pydicom(tmp_path: Path) -> None:
+    """The no-copy view of little-endian unsigned data gives pydicom's stored values for 8 and 16
+    bits, one and several frames; bits above High Bit stay as sent (pydicom clears them, the
+    render's table ignores them: the displayed image is the same)."""
+    garbage = U12 | np.uint16(0xA000)  # set bits above High Bit 11
+    cases = {"u12": (U12, 12), "garbage": (garbage, 12), "u8": (U8, 8), "frames": (np.stack([U12, 4095 - U12]), 12)}
+    for name, (pixels, bits) in cases.items():
+        ds = pydicom.dcmread(make_file(tmp_path / f"{name}.dcm", pixels, bits_stored=bits))
+        fast = decode_first_frame(ds, transfer_syntax_of(ds)).pixels
+        reference, _ = get_decoder(transfer_syntax_of(ds)).as_array(ds, index=0, raw=True)
+        assert not fast.flags.owndata, name  # a view, not pydicom's copy
+        mask = (1 << bits) - 1
+        assert fast.dtype == reference.dtype and np.array_equal(fast & mask, reference), name
+    shown = read_dicom_display(make_file(tmp_path / "g.dcm", garbage, bits_stored=12, window=(2000, 3000))).pixels
+    assert np.array_equal(shown, read_dicom_display(make_file(tmp_path / "c.dcm", U12, bits_stored=12,
+                                                              window=(2000, 3000))).pixels)
+
+
 # ---- multi-frame and network datasets ----------------------------------------------------------------------
 
 def test_multiframe_uses_first_frame_only(tmp_path: Path) -> None:
