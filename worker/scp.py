@@ -25,7 +25,7 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from . import db as dbm
-from . import incoming
+from . import fastrecv, incoming
 from .db import Database, Instance, Study
 from .eligibility import SCORABLE_SOP_CLASSES, check, read_header
 from .settings import Settings
@@ -230,6 +230,7 @@ class Listener:
         net = settings.network
         _config.STORE_RECV_CHUNKED_DATASET = True
         incoming.install(settings.storage.writeback_bytes)  # failed write: 0xA700, not an A-ABORT
+        fastrecv.install()  # whole PDUs per read instead of 4 KiB pieces
         _config.LOG_REQUEST_IDENTIFIERS = False
         _config.LOG_RESPONSE_IDENTIFIERS = False
         tempfile.tempdir = str(receiver.spool.incoming)  # where pynetdicom spools; same filesystem
