@@ -5,9 +5,9 @@ Runs beside the network threads, never on them. Per claimed batch of studies:
   2. study probability = max over its scored images, label by the checkpoint threshold;
   3. the SR (worker/sr.py) is written atomically under sr/, with UIDs derived from
      (study, model UID, revision), so a crash-and-retry rewrites the same SR instead of a new one;
-  4. one transaction: study -> done/no_eligible_images, result row (one per study and model),
-     outbox rows (one per destination), per-instance probability or reason. It only commits while
-     this worker still holds the study's lease.
+  4. one transaction for the whole batch (one fsync): per study -> done/no_eligible_images, result
+     row (one per study and model), outbox rows (one per destination), per-instance probability or
+     reason. A study is only recorded while this worker still holds its lease.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 import pydicom
@@ -31,7 +32,7 @@ from .db import Database, Instance, OutboxItem, Result, Study
 from .scoring import Scored, Scorer
 from .settings import Settings
 from .spool import Spool
-from .studies import ClaimedStudy, claim_ready, instances_of, next_due, promote_quiet, release, renew
+from .studies import ClaimedStudy, claim_ready, instances_of_many, next_due, release, renew
 
 log = logging.getLogger("cxr_worker.pipeline")
 
@@ -39,8 +40,16 @@ log = logging.getLogger("cxr_worker.pipeline")
 MIN_IDLE_WAIT = 0.005
 
 
-class LeaseLost(RuntimeError):
-    """Another worker took the study over (our lease expired); our result is discarded."""
+@dataclass
+class Concluded:
+    """A scored study's result row values and SR file, waiting for the batch's commit."""
+
+    study: ClaimedStudy
+    result: dict
+    scored: list[Scored]
+    n_scored: int
+    n_instances: int
+    reasons: dict[str, int]
 
 
 def derived_uid(*parts: str) -> str:
@@ -85,9 +94,8 @@ class ScorerLoop(threading.Thread):
                 if time.monotonic() - last_reclaim > 5.0:
                     dbm.reclaim_stale(self.db)
                     last_reclaim = time.monotonic()
-                promote_quiet(self.db, self.settings.studies.quiet_seconds)
                 claimed = claim_ready(self.db, self.owner, self.settings.model.max_studies_per_batch,
-                                      self.settings.studies.lease_seconds)
+                                      self.settings.studies.lease_seconds, self.settings.studies.quiet_seconds)
                 if not claimed:
                     self.stop_event.wait(self._idle_wait())
                     continue
@@ -132,7 +140,8 @@ class ScorerLoop(threading.Thread):
 
     # -- one batch of studies -------------------------------------------------------------------
     def process(self, claimed: list[ClaimedStudy]) -> None:
-        per_study: dict[int, list[Instance]] = {c.id: instances_of(self.db, c.study_uid) for c in claimed}
+        by_uid = instances_of_many(self.db, [c.study_uid for c in claimed])
+        per_study: dict[int, list[Instance]] = {c.id: by_uid[c.study_uid] for c in claimed}
         items = [((c.id, inst.id), inst.path) for c in claimed for inst in per_study[c.id] if inst.eligible]
         try:
             scored = self.scorer.score(items)
@@ -149,16 +158,35 @@ class ScorerLoop(threading.Thread):
 
     def _finish_all(self, claimed: list[ClaimedStudy], per_study: dict[int, list[Instance]],
                     by_study: dict[int, list[Scored]]) -> None:
+        """SR files for every study of the batch, then ONE transaction records them all."""
+        concluded: list[Concluded] = []
         for study in claimed:
             try:
-                self.finish(study, per_study[study.id], by_study.get(study.id, []))
-            except LeaseLost as exc:
-                log.warning("study %s: %s", study.study_uid, exc)
+                concluded.append(self.conclude(study, per_study[study.id], by_study.get(study.id, [])))
             except Exception as exc:  # noqa: BLE001
                 log.exception("study %s: finishing failed", study.study_uid)
                 release(self.db, self.owner, [study.id], f"{type(exc).__name__}: {exc}")
+        if not concluded:
+            return
+        try:
+            finals = self._commit(concluded)
+        except Exception as exc:  # noqa: BLE001 - e.g. the database went away: the studies go back
+            log.exception("recording %d results failed", len(concluded))
+            release(self.db, self.owner, [c.study.id for c in concluded], f"{type(exc).__name__}: {exc}")
+            return
+        for item in concluded:
+            final = finals.get(item.study.id)
+            if final is None:
+                log.warning("study %s: lease lost before the result was committed; result discarded",
+                            item.study.study_uid)
+                continue
+            self.scored_studies += 1
+            self._log_result(item, final)
+        if self.on_committed is not None and any(c.result["sr_path"] and c.study.id in finals for c in concluded):
+            self.on_committed()
 
-    def finish(self, study: ClaimedStudy, instances: list[Instance], scored: list[Scored]) -> None:
+    def conclude(self, study: ClaimedStudy, instances: list[Instance], scored: list[Scored]) -> Concluded:
+        """The study's result (max probability over its scored images) and its SR file; no database."""
         model = self.scorer.info
         inst_by_id = {i.id: i for i in instances}
         reasons = Counter(i.reason for i in instances if not i.eligible and i.reason)
@@ -166,23 +194,20 @@ class ScorerLoop(threading.Thread):
         for s in scored:
             if s.probability is None:
                 reasons[s.prepared.error_reason or "decode_failed"] += 1
-        decode_s = sum(s.prepared.decode_s for s in scored)
-        inference_s = sum(s.inference_s for s in ok)
         revision = study.revision + 1
         result = dict(study_uid=study.study_uid, accession=study.accession, revision=revision,
                       threshold=self.scorer.threshold, model_name=model.name, model_version=model.version,
                       model_uid=model.uid, n_instances=len(instances), n_scored=len(ok),
                       reasons=json.dumps(dict(reasons), sort_keys=True) if reasons else None,
-                      decode_s=decode_s, inference_s=inference_s, device=str(self.scorer.device),
+                      decode_s=sum(s.prepared.decode_s for s in scored),
+                      inference_s=sum(s.inference_s for s in ok), device=str(self.scorer.device),
                       probability=None, label=None, positive=None, error=None, sr_path=None,
                       sr_sop_instance_uid=None, sr_series_uid=None, best_instance_uid=None, sr_s=0.0)
-        sr_file = None
         if ok:
             best = max(ok, key=lambda s: s.probability)
             label, positive = self.scorer.label(best.probability)
-            best_inst = inst_by_id[best.prepared.key[1]]
             result.update(status=dbm.STUDY_DONE, probability=best.probability, label=label, positive=positive,
-                          best_instance_uid=best_inst.sop_instance_uid)
+                          best_instance_uid=inst_by_id[best.prepared.key[1]].sop_instance_uid)
             t0 = time.perf_counter()
             try:
                 sr_file, series_uid, instance_uid = self._write_sr(study, [inst_by_id[s.prepared.key[1]] for s in ok],
@@ -196,15 +221,16 @@ class ScorerLoop(threading.Thread):
             result.update(status=dbm.STUDY_NO_ELIGIBLE,
                           error="no eligible image: " + ", ".join(f"{k}={v}" for k, v in sorted(reasons.items())))
         result["total_s"] = time.time() - study.claimed_at
-        final_status = self._commit(study, result, scored)
-        self.scored_studies += 1
-        if result["sr_path"] and self.on_committed is not None:
-            self.on_committed()
+        return Concluded(study, result, scored, len(ok), len(instances), dict(reasons))
+
+    def _log_result(self, item: Concluded, final_status: str) -> None:
+        result, study = item.result, item.study
         prob = f"{result['probability']:.4f}" if result["probability"] is not None else "-"
         log.info("study %s acc=%s status=%s prob=%s label=%s images=%d/%d rev=%d decode=%.3fs infer=%.3fs "
                  "sr=%.3fs total=%.3fs%s", study.study_uid, study.accession or "-", final_status, prob,
-                 result["label"] or "-", len(ok), len(instances), revision, decode_s, inference_s, result["sr_s"],
-                 result["total_s"], f" reasons={dict(reasons)}" if reasons else "")
+                 result["label"] or "-", item.n_scored, item.n_instances, result["revision"], result["decode_s"],
+                 result["inference_s"], result["sr_s"], result["total_s"],
+                 f" reasons={item.reasons}" if item.reasons else "")
 
     def _write_sr(self, study: ClaimedStudy, sources: list[Instance], probability: float, positive: bool,
                   revision: int):
@@ -224,40 +250,46 @@ class ScorerLoop(threading.Thread):
         path = self.spool.write_bytes(self.spool.sr_path(study.study_uid, instance_uid), buffer.getvalue())
         return path, series_uid, instance_uid
 
-    def _commit(self, study: ClaimedStudy, result: dict, scored: list[Scored]) -> str:
+    def _commit(self, concluded: list[Concluded]) -> dict[int, str]:
+        """Record the batch in one transaction (one fsync for all of it); returns study id -> final
+        status for the studies this worker still held. A study whose lease was lost is left alone."""
         now = time.time()
+        finals: dict[int, str] = {}
         with self.db.session() as s, s.begin():
-            row = s.get(Study, study.id, with_for_update=True)
-            if row is None or row.status != dbm.STUDY_SCORING or row.lease_owner != self.owner:
-                raise LeaseLost("lease lost before the result was committed; result discarded")
-            late = row.n_instances != study.n_instances
-            final = dbm.STUDY_RECEIVING if late else result["status"]
-            s.execute(update(Study).where(Study.id == study.id)
-                      .values(status=final, revision=result["revision"], lease_owner=None, lease_expires=None,
-                              error=result["error"], updated=now))
-            existing = s.scalar(select(Result).where(Result.study_uid == study.study_uid,
-                                                     Result.model_uid == result["model_uid"]))
-            if existing is None:
-                existing = Result(created=now, **result)
-                s.add(existing)
-            else:
-                for key, value in result.items():
-                    setattr(existing, key, value)
-                existing.created = now
-            s.flush()
-            if result["sr_path"]:
-                for dest in self.settings.destinations:
-                    s.add(OutboxItem(result_id=existing.id, study_uid=study.study_uid,
-                                     sr_sop_instance_uid=result["sr_sop_instance_uid"], sr_path=result["sr_path"],
-                                     destination=dest.name, host=dest.host, port=dest.port,
-                                     ae_title=dest.ae_title, status=dbm.OUTBOX_PENDING, attempts=0,
-                                     next_attempt=now, created=now))
-            for sc in scored:
-                values = ({"probability": sc.probability, "frame": sc.prepared.frame}
-                          if sc.probability is not None else
-                          {"eligible": False, "reason": sc.prepared.error_reason,
-                           "detail": (sc.prepared.error_message or "")[:2000]})
-                s.execute(update(Instance).where(Instance.id == sc.prepared.key[1]).values(**values))
-        if late:
-            log.info("study %s: instances arrived while scoring; it will be scored again", study.study_uid)
-        return final
+            for item in concluded:
+                study, result = item.study, item.result
+                row = s.get(Study, study.id, with_for_update=True)
+                if row is None or row.status != dbm.STUDY_SCORING or row.lease_owner != self.owner:
+                    continue
+                late = row.n_instances != study.n_instances
+                final = dbm.STUDY_RECEIVING if late else result["status"]
+                s.execute(update(Study).where(Study.id == study.id)
+                          .values(status=final, revision=result["revision"], lease_owner=None, lease_expires=None,
+                                  error=result["error"], updated=now))
+                existing = s.scalar(select(Result).where(Result.study_uid == study.study_uid,
+                                                         Result.model_uid == result["model_uid"]))
+                if existing is None:
+                    existing = Result(created=now, **result)
+                    s.add(existing)
+                else:
+                    for key, value in result.items():
+                        setattr(existing, key, value)
+                    existing.created = now
+                s.flush()
+                if result["sr_path"]:
+                    for dest in self.settings.destinations:
+                        s.add(OutboxItem(result_id=existing.id, study_uid=study.study_uid,
+                                         sr_sop_instance_uid=result["sr_sop_instance_uid"],
+                                         sr_path=result["sr_path"], destination=dest.name, host=dest.host,
+                                         port=dest.port, ae_title=dest.ae_title, status=dbm.OUTBOX_PENDING,
+                                         attempts=0, next_attempt=now, created=now))
+                for sc in item.scored:
+                    values = ({"probability": sc.probability, "frame": sc.prepared.frame}
+                              if sc.probability is not None else
+                              {"eligible": False, "reason": sc.prepared.error_reason,
+                               "detail": (sc.prepared.error_message or "")[:2000]})
+                    s.execute(update(Instance).where(Instance.id == sc.prepared.key[1]).values(**values))
+                if late:
+                    log.info("study %s: instances arrived while scoring; it will be scored again", study.study_uid)
+                finals[study.id] = final
+        return finals
