@@ -37,6 +37,7 @@ import argparse
 import contextlib
 import json
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -129,6 +130,41 @@ def storescu_cmd(storescu: str, port: int, aec: str, syntax: str, opts: list[str
             *paths]
 
 
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _proc_stat(pid: int) -> tuple[int, float] | None:
+    """(parent pid, CPU seconds user+system) of a live process, from /proc/<pid>/stat."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return int(fields[1]), (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def cpu_snapshot(worker_pid: int) -> dict[str, float]:
+    """CPU seconds used so far by the worker's main process, by its child processes (the decoders),
+    by every core of the machine (busy = not idle/iowait), and by the children this script has reaped
+    (storescu). Differences of two snapshots say where a burst's CPU went."""
+    stats = {int(d.name): _proc_stat(int(d.name)) for d in Path("/proc").iterdir() if d.name.isdigit()}
+    main = stats.get(worker_pid)
+    children = sum(st[1] for st in stats.values() if st is not None and st[0] == worker_pid)
+    with open("/proc/stat") as fh:
+        ticks = [int(x) for x in fh.readline().split()[1:]]
+    busy = (sum(ticks[:8]) - ticks[3] - ticks[4]) / CLOCK_TICKS   # user..steal minus idle, iowait
+    reaped = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return {"worker": main[1] if main else 0.0, "decoders": children, "machine": busy,
+            "storescu": reaped.ru_utime + reaped.ru_stime, "wall": time.monotonic()}
+
+
+def cpu_per_study(before: dict[str, float], after: dict[str, float], n: int) -> dict[str, float]:
+    """ms of CPU per study for each part, and the machine's busy share of its cores over the interval."""
+    out = {k: (after[k] - before[k]) * 1000 / n for k in ("worker", "decoders", "storescu", "machine")}
+    wall = after["wall"] - before["wall"]
+    out["machine_busy_pct"] = 100 * (after["machine"] - before["machine"]) / (wall * (os.cpu_count() or 1))
+    return out
+
+
 def run_storescu(storescu: str, port: int, aec: str, source: Path | list[Path], log: Path,
                  timeout: float, syntax: str) -> tuple[float, float]:
     """Send a directory (+sd) or file list over one association; (wall start, seconds)."""
@@ -174,6 +210,7 @@ class Run:
     paced_rate: float | None = None
     stages: dict[str, float] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
+    cpu: dict[str, float] = field(default_factory=dict)   # CPU seconds during the burst, see cpu_snapshot
 
     @property
     def ingest_rate(self) -> float:
@@ -315,14 +352,17 @@ def bench_worker(syntax: str, files_dir: Path, n: int, nbytes: int, work: Path, 
             spy = Proc(["py-spy", "record", "--pid", str(worker.pid), "--rate", "200", "--threads", "--idle",
                         "--format", "raw", "-o", str(py_spy)], work / "py-spy.log")
             time.sleep(1.0)
+        cpu0 = cpu_snapshot(worker.pid)
         wall0, secs = run_storescu(storescu, port, WORKER_AET, files_dir, work / f"storescu-{name}.log", timeout, syntax)
         inst, _, _ = worker_progress(db_path)
         run = Run(name, "", n, nbytes, secs, inst)
         if receive_only:
+            run.cpu = cpu_per_study(cpu0, cpu_snapshot(worker.pid), n)
             return run
         burst_uids = study_uids_of(dcm_files(files_dir))
         if not wait_worker(db_path, n, timeout):
             run.errors.append(f"timeout: not all studies finished/SRs sent within {timeout:.0f} s")
+        run.cpu = cpu_per_study(cpu0, cpu_snapshot(worker.pid), n)
         lat, last_sent, stages = worker_latencies(db_path, burst_uids, quiet)
         run.latency, run.stages = lat, stages
         run.srs = len(lat)
@@ -484,11 +524,14 @@ def main(argv: list[str] | None = None) -> int:
             vs = f"{r.ingest_rate / scp.ingest_rate:.2f}" if scp else "-"
             print(f"{SYNTAX_LABEL[syntax]:<32}{name:<11}{r.ingest_rate:10.1f}{r.mbps:8.1f}{f'{r.received}/{r.n}':>9}"
                   f"{vb:>8}{vs:>10}")
-        for name in ("worker", "worker-rx"):
-            if name in recs and bare:
-                ratio = recs[name].ingest_rate / bare.ingest_rate
-                verdicts.append((f"{syntax}: {name} ingest >= {TARGETS['ingest_vs_bare']}x bare pynetdicom SCP",
-                                 ratio >= TARGETS["ingest_vs_bare"], f"{ratio:.2f}x"))
+        if "worker-rx" in recs and bare:  # the target is about ingest alone; the full job's ratio is shown above
+            ratio = recs["worker-rx"].ingest_rate / bare.ingest_rate
+            verdicts.append((f"{syntax}: ingest alone (worker-rx) >= {TARGETS['ingest_vs_bare']}x bare pynetdicom SCP",
+                             ratio >= TARGETS["ingest_vs_bare"], f"{ratio:.2f}x"))
+        rx = recs.get("worker-rx")
+        if rx is not None and rx.cpu:
+            print(f"{'':<32}worker-rx CPU per instance: main process {rx.cpu['worker']:.1f} ms, storescu "
+                  f"{rx.cpu['storescu']:.1f} ms, whole machine {rx.cpu['machine']:.1f} ms")
     if any("worker" in recs for recs in table.values()):
         print(f"\nWORKER END-TO-END (receive, persist, score, SQLite, SR accepted by the destination; "
               f"quiet_seconds={args.quiet} subtracted from latency):")
@@ -507,6 +550,11 @@ def main(argv: list[str] | None = None) -> int:
                   f"{fmt(r.paced_rate, '.0f') + '/s':>8}{fmt(pct(r.paced_latency, .5), '.2f'):>10}"
                   f"{fmt(pct(r.paced_latency, .95), '.2f'):>10}   {stages}"
                   + (f"   ERRORS: {r.errors}" if r.errors else ""))
+            if r.cpu:
+                c = r.cpu
+                print(f"{'':<32}CPU per study during the burst: worker main process {c['worker']:.0f} ms + decode "
+                      f"processes {c['decoders']:.0f} ms + storescu {c['storescu']:.0f} ms; whole machine "
+                      f"{c['machine']:.0f} ms ({c['machine_busy_pct']:.0f}% of {os.cpu_count()} cores busy)")
             target = TARGETS[f"e2e_{syntax}"]
             verdicts.append((f"{syntax}: sustained end-to-end >= {target:.0f} studies/s",
                              r.e2e_rate is not None and r.e2e_rate >= target, f"{fmt(r.e2e_rate)} studies/s"))
