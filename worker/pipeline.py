@@ -29,7 +29,7 @@ from sqlalchemy import select, update
 
 from . import db as dbm
 from .db import Database, Instance, OutboxItem, Result, Study
-from .scoring import Scored, Scorer
+from .scoring import DecodeBatch, Scored, Scorer
 from .settings import Settings
 from .spool import Spool
 from .studies import ClaimedStudy, claim_ready, instances_of_many, next_due, release, renew
@@ -38,6 +38,15 @@ log = logging.getLogger("cxr_worker.pipeline")
 
 #: Shortest idle sleep: a study due "now" is picked up on the next pass, without a busy loop.
 MIN_IDLE_WAIT = 0.005
+
+
+@dataclass
+class Ahead:
+    """A claimed batch whose images are being decoded."""
+
+    claimed: list[ClaimedStudy]
+    per_study: dict[int, list[Instance]]
+    decoding: DecodeBatch
 
 
 @dataclass
@@ -69,10 +78,10 @@ def sr_uids(study_uid: str, model_uid: str, revision: int) -> tuple[str, str]:
 
 
 class ScorerLoop(threading.Thread):
-    """Claims and scores batches; a second thread finishes (SR, commit) the previous batch meanwhile.
-
-    Decoding and inference release the GIL while SR building is pure Python, so finishing batch n
-    while batch n+1 is decoded and scored uses both cores. At most one batch is being finished.
+    """Claims and scores batches as a three-stage pipeline: while the model scores batch n, the
+    images of batch n+1 are already decoding (decode processes) and batch n-1 is being finished
+    (SRs, one commit) by a second thread. Decoding and inference release the GIL, SR building is
+    pure Python, so the stages overlap on both cores. At most one batch is in each stage.
     """
 
     def __init__(self, settings: Settings, db: Database, spool: Spool, scorer: Scorer, owner: str,
@@ -89,6 +98,7 @@ class ScorerLoop(threading.Thread):
 
     def run(self) -> None:
         last_reclaim = 0.0
+        ahead: Ahead | None = None  # claimed, its images decoding while the model scores the previous batch
         while not self.stop_event.is_set():
             try:
                 if time.monotonic() - last_reclaim > 5.0:
@@ -96,14 +106,19 @@ class ScorerLoop(threading.Thread):
                     last_reclaim = time.monotonic()
                 claimed = claim_ready(self.db, self.owner, self.settings.model.max_studies_per_batch,
                                       self.settings.studies.lease_seconds, self.settings.studies.quiet_seconds)
-                if not claimed:
+                following = self.begin(claimed) if claimed else None
+                if ahead is not None:
+                    current, ahead = ahead, None
+                    self.complete(current)
+                ahead = following
+                if ahead is None:
                     self.stop_event.wait(self._idle_wait())
-                    continue
-                self.process(claimed)
             except Exception:  # noqa: BLE001 - log and keep the service alive
                 log.exception("scorer loop error; retrying in 1 s")
                 self.stop_event.wait(1.0)
         try:
+            if ahead is not None:
+                self.complete(ahead)
             self._wait_finishing()
         except Exception:  # noqa: BLE001 - stopping anyway; the studies' leases are re-taken on restart
             log.exception("finishing the last batch failed")
@@ -140,11 +155,21 @@ class ScorerLoop(threading.Thread):
 
     # -- one batch of studies -------------------------------------------------------------------
     def process(self, claimed: list[ClaimedStudy]) -> None:
+        """Score one batch of claimed studies now (begin + complete)."""
+        self.complete(self.begin(claimed))
+
+    def begin(self, claimed: list[ClaimedStudy]) -> Ahead:
+        """Look up the studies' instances and start decoding their eligible images."""
         by_uid = instances_of_many(self.db, [c.study_uid for c in claimed])
         per_study: dict[int, list[Instance]] = {c.id: by_uid[c.study_uid] for c in claimed}
         items = [((c.id, inst.id), inst.path) for c in claimed for inst in per_study[c.id] if inst.eligible]
+        return Ahead(claimed, per_study, self.scorer.decode_async(items))
+
+    def complete(self, ahead: Ahead) -> None:
+        """Score the decoded images, then hand the batch to the finisher (SRs, one commit)."""
+        claimed = ahead.claimed
         try:
-            scored = self.scorer.score(items)
+            scored = self.scorer.score_prepared(self.scorer.collect(ahead.decoding))
         except Exception as exc:  # noqa: BLE001 - e.g. CUDA out of memory: give the studies back
             log.exception("batch scoring failed; releasing %d studies", len(claimed))
             release(self.db, self.owner, [c.id for c in claimed], f"scoring failed: {type(exc).__name__}: {exc}")
@@ -154,7 +179,7 @@ class ScorerLoop(threading.Thread):
         for s in scored:
             by_study[s.prepared.key[0]].append(s)
         self._wait_finishing()
-        self._finishing = self._finisher.submit(self._finish_all, claimed, per_study, by_study)
+        self._finishing = self._finisher.submit(self._finish_all, claimed, ahead.per_study, by_study)
 
     def _finish_all(self, claimed: list[ClaimedStudy], per_study: dict[int, list[Instance]],
                     by_study: dict[int, list[Scored]]) -> None:

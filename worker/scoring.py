@@ -13,7 +13,7 @@ import logging
 import multiprocessing
 import os
 import time
-from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +34,14 @@ __all__ = ["Prepared", "Scored", "Scorer", "prepare", "resolve_device", "resolve
 
 #: How often a decode process checks that the worker that started it is still alive.
 PARENT_CHECK_SECONDS = 1.0
+
+
+@dataclass
+class DecodeBatch:
+    """Items whose decoding was started (Scorer.decode_async); futures may be fewer after a pool failure."""
+
+    items: list[tuple[object, Path]]
+    futures: list[Future]
 
 
 @dataclass
@@ -122,21 +130,39 @@ class Scorer:
             probs = torch.sigmoid(logits.float().reshape(-1))
         return probs.cpu().numpy().astype(np.float64)
 
-    def prepare_many(self, items: Iterable[tuple[object, Path]]) -> Iterator[Prepared]:
-        """Decode on the pool, yielding in input order. A decode process that dies (a decoder crashing
+    def decode_async(self, items: Iterable[tuple[object, Path]]) -> DecodeBatch:
+        """Start decoding ``(key, path)`` items on the pool and return at once (collect() waits).
+
+        The server decodes the next batch while the model scores the current one.
+        """
+        items = list(items)
+        futures: list[Future] = []
+        try:
+            futures = [self._pool.submit(prepare_item, item) for item in items]
+        except BrokenProcessPool:  # a decoder died earlier: collect() decodes them one at a time
+            pass
+        return DecodeBatch(items, futures)
+
+    def collect(self, batch: DecodeBatch) -> Iterator[Prepared]:
+        """The batch's decoded items in input order. A decode process that dies (a decoder crashing
         on a hostile file) is replaced, and the files not yet decoded are decoded one at a time, so
         only the file that kills a decoder is given up (reason ``decode_crashed``)."""
-        items = list(items)
-        done = 0
-        try:
-            for prepared in self._pool.map(prepare_item, items):
-                done += 1
-                yield prepared
-        except BrokenProcessPool:
-            log.error("a decode process died; decoding the other %d files one at a time", len(items) - done)
-            self._replace_pool()
-            for key, path in items[done:]:
-                yield self._prepare_alone(key, Path(path))
+        for index, (key, path) in enumerate(batch.items):
+            try:
+                if index >= len(batch.futures):
+                    raise BrokenProcessPool("not submitted")
+                yield batch.futures[index].result()
+            except BrokenProcessPool:
+                log.error("a decode process died; decoding the other %d files one at a time",
+                          len(batch.items) - index)
+                self._replace_pool()
+                for key_, path_ in batch.items[index:]:
+                    yield self._prepare_alone(key_, Path(path_))
+                return
+
+    def prepare_many(self, items: Iterable[tuple[object, Path]]) -> Iterator[Prepared]:
+        """Decode on the pool, yielding in input order (see collect)."""
+        yield from self.collect(self.decode_async(items))
 
     def _prepare_alone(self, key: object, path: Path) -> Prepared:
         try:
@@ -153,6 +179,10 @@ class Scorer:
 
     def score(self, items: Sequence[tuple[object, Path]]) -> list[Scored]:
         """Decode and score ``(key, path)`` items in batches; failures carry their reason."""
+        return self.score_prepared(self.prepare_many(items))
+
+    def score_prepared(self, prepared_items: Iterable[Prepared]) -> list[Scored]:
+        """Score decoded items in batches of ``batch_size``; items without a tensor keep their reason."""
         results: list[Scored] = []
         pending: list[Scored] = []
 
@@ -167,7 +197,7 @@ class Scorer:
                 scored.inference_s = share
             pending.clear()
 
-        for prepared in self.prepare_many(items):
+        for prepared in prepared_items:
             scored = Scored(prepared)
             results.append(scored)
             if prepared.tensor is not None:
