@@ -13,7 +13,6 @@ Runs beside the network threads, never on them. Per claimed batch of studies:
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import threading
@@ -259,20 +258,18 @@ class ScorerLoop(threading.Thread):
 
     def _write_sr(self, study: ClaimedStudy, sources: list[Instance], probability: float, positive: bool,
                   revision: int):
-        from .sr import build_pneumonia_sr
+        from .sr import encode_pneumonia_sr
 
         headers = [pydicom.dcmread(inst.path, stop_before_pixels=True) for inst in sources]
         for inst, header in zip(sources, headers):  # a data set without them was stored under the C-STORE's
             header.SOPClassUID = header.get("SOPClassUID") or inst.sop_class_uid            # Affected SOP
             header.SOPInstanceUID = header.get("SOPInstanceUID") or inst.sop_instance_uid   # Class/Instance
         series_uid, instance_uid = sr_uids(study.study_uid, self.scorer.info.uid, revision)
-        ds = build_pneumonia_sr(headers, probability, positive, self.scorer.info,
-                                manufacturer=self.settings.sr.manufacturer,
-                                series_number=self.settings.sr.series_number, instance_number=revision,
-                                sr_series_uid=series_uid, sr_instance_uid=instance_uid)
-        buffer = io.BytesIO()
-        ds.save_as(buffer, enforce_file_format=True)
-        path = self.spool.write_bytes(self.spool.sr_path(study.study_uid, instance_uid), buffer.getvalue())
+        data = encode_pneumonia_sr(headers, probability, positive, self.scorer.info,
+                                   manufacturer=self.settings.sr.manufacturer,
+                                   series_number=self.settings.sr.series_number, instance_number=revision,
+                                   sr_series_uid=series_uid, sr_instance_uid=instance_uid)
+        path = self.spool.write_bytes(self.spool.sr_path(study.study_uid, instance_uid), data)
         return path, series_uid, instance_uid
 
     def _commit(self, concluded: list[Concluded]) -> dict[int, str]:

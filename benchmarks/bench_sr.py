@@ -1,0 +1,106 @@
+#!/usr/bin/env python
+"""ms per pneumonia SR (build + encode to Part 10 bytes): highdicom reference vs the template path.
+
+    python benchmarks/bench_sr.py            # 200 SRs per path and case
+    python benchmarks/bench_sr.py --quick    # 30 per path and case (a few seconds)
+
+Reference: build_pneumonia_sr + save_as (what ScorerLoop._write_sr did). Fast: encode_pneumonia_sr
+with its template already built (the first study of a shape pays the reference once). Every SR gets
+new SR UIDs, instance number and probability, as in the worker; the sources are DX headers read with
+stop_before_pixels, like the ones the scorer reads. Prints the median per case and the ratio, in
+CPU time of this process (time.process_time: the SR is pure Python on one thread, and CPU time is
+what the worker's per-study budget is made of; it also holds up better than wall time on a busy
+machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.uid import generate_uid
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
+from dicom_factory import DX_FOR_PRESENTATION_STORAGE, make_dataset  # noqa: E402
+
+from trainer.checkpoint import ModelInfo, new_model_uid  # noqa: E402
+from worker import sr_template  # noqa: E402
+from worker.sr import build_pneumonia_sr, encode_pneumonia_sr, sr_file_bytes  # noqa: E402
+
+FULL_REPEATS, QUICK_REPEATS = 200, 30
+IMAGES_PER_CASE = (1, 2, 3)
+DETECTOR_SIZE = (3000, 2500)  # rows, columns of a typical flat-panel chest DX (header only)
+
+
+def dx_headers(count: int) -> list[pydicom.Dataset]:
+    """`count` DX headers of one study, with the attributes a real modality sends, read back from bytes."""
+    study_uid, series_uid = generate_uid(), generate_uid()
+    headers = []
+    for index in range(count):
+        ds = make_dataset(np.zeros((4, 4), np.uint16), bits_stored=12, sop_class=DX_FOR_PRESENTATION_STORAGE)
+        ds.Rows, ds.Columns = DETECTOR_SIZE
+        ds.SpecificCharacterSet = "ISO_IR 100"
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
+        ds.PatientID, ds.PatientName, ds.PatientBirthDate, ds.PatientSex = "12345678", "Müller^Anna", "19800101", "F"
+        ds.StudyDate, ds.StudyTime, ds.AccessionNumber, ds.StudyID = "20240102", "101500", "A1234567", "1"
+        ds.ReferringPhysicianName, ds.StudyDescription, ds.InstitutionName = "Doe^John", "XR CHEST PA LAT", "General"
+        ds.Manufacturer, ds.ManufacturerModelName, ds.SoftwareVersions = "ACME", "DR-1", ["4.1", "fw2"]
+        ds.StationName, ds.AcquisitionDateTime = "ROOM1", "20240102101510.25"
+        ds.PatientOrientation, ds.ImagerPixelSpacing = (["P", "F"], ["A", "F"])[index % 2], [0.139, 0.139]
+        buffer = io.BytesIO()
+        ds.save_as(buffer, enforce_file_format=True)
+        headers.append(pydicom.dcmread(io.BytesIO(buffer.getvalue()), stop_before_pixels=True))
+    return headers
+
+
+def median_ms(make_sr: Callable[[int], bytes], repeats: int) -> float:
+    times = []
+    for index in range(repeats):
+        start = time.process_time()
+        make_sr(index)
+        times.append(time.process_time() - start)
+    return statistics.median(times) * 1e3
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help=f"{QUICK_REPEATS} SRs per path and case")
+    parser.add_argument("--repeats", type=int, help=f"SRs per path and case (default {FULL_REPEATS})")
+    args = parser.parse_args()
+    repeats = args.repeats or (QUICK_REPEATS if args.quick else FULL_REPEATS)
+    model = ModelInfo(arch="simplecnn", name="cxr-pneumonia", version="1.0.0", threshold=0.42, uid=new_model_uid())
+
+    def arguments(index: int) -> dict:
+        return dict(instance_number=index + 1, sr_series_uid=generate_uid(), sr_instance_uid=generate_uid())
+
+    print(f"{'images':>6} {'reference ms':>13} {'fast ms':>8} {'ratio':>6}   (median CPU time of {repeats} SRs each)")
+    for count in IMAGES_PER_CASE:
+        sources = dx_headers(count)
+        probability = (lambda index: (index % 97) / 97)  # noqa: E731 - a new value per SR
+
+        def reference(index: int) -> bytes:
+            sr = build_pneumonia_sr(sources, probability(index), True, model, **arguments(index))
+            return sr_file_bytes(sr)
+
+        def fast(index: int) -> bytes:
+            return encode_pneumonia_sr(sources, probability(index), True, model, **arguments(index))
+
+        sr_template.clear()
+        fast(0), reference(0)  # the template, and highdicom's one-off table loading
+        before = sr_template.cache_info()["template"]
+        reference_ms, fast_ms = median_ms(reference, repeats), median_ms(fast, repeats)
+        assert sr_template.cache_info()["template"] - before == repeats, "fast path fell back to the reference"
+        print(f"{count:>6} {reference_ms:>13.2f} {fast_ms:>8.2f} {reference_ms / fast_ms:>5.0f}x")
+
+
+if __name__ == "__main__":
+    main()
