@@ -26,9 +26,9 @@ from worker.sr import (
     SR_SERIES_DESCRIPTION,
     build_pneumonia_sr,
     encode_pneumonia_sr,
-    read_pneumonia_sr,
     sr_file_bytes,
 )
+from worker.sr_read import read_pneumonia_sr
 
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
 

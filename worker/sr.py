@@ -6,6 +6,8 @@ model's UID. Only standard codes (SCT, DCM, UCUM) are used, so any TID 1500 read
 PACS viewers) can show it. Which code means what, and why, is listed below with each constant.
 The SR joins the images' study (patient and study modules copied from the sources) in a new series,
 and carries the IHE AI Results (AIR) Contributing Equipment item that names the model.
+The fast encoder is worker/sr_template.py (encode_pneumonia_sr); the reader is worker/sr_read.py
+(read_pneumonia_sr).
 """
 
 from __future__ import annotations
@@ -20,13 +22,12 @@ from typing import Any
 import highdicom as hd
 import pydicom
 from highdicom.sr import CodedConcept, ContentSequence
+from pydicom import config
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
-from pydicom import config
 from pydicom.valuerep import DA, DT, TM, validate_value
 
 from trainer.checkpoint import ModelInfo
-
 
 def _package_version() -> str:
     try:
@@ -355,65 +356,3 @@ def _sr_character_set(source: pydicom.Dataset):
     values = [value] if isinstance(value, str) else list(value)
     known = {str(v.value) for v in hd.enum.SpecificCharacterSetValues}
     return value if values and all(v in known for v in values) else "ISO_IR 192"
-
-
-def _code_tuple(concept: Any) -> tuple[str, str]:
-    return (str(concept.scheme_designator), str(concept.value))
-
-
-def _text_value(container: pydicom.Dataset, name: Code) -> str | None:
-    """The TEXT value of a direct child content item with concept `name` (TID 4019 rows)."""
-    for item in container.get("ContentSequence", []):
-        concept = item.get("ConceptNameCodeSequence")
-        if item.get("ValueType") == "TEXT" and concept and _code_tuple(CodedConcept.from_dataset(concept[0])) == _code_tuple(name):
-            return str(item.TextValue)
-    return None
-
-
-def read_pneumonia_sr(ds: pydicom.Dataset) -> dict[str, Any]:
-    """Read back what build_pneumonia_sr wrote, through highdicom's TID 1500 parser.
-
-    Returns finding, presence ("present"/"absent"), probability in [0, 1], positive, model UID
-    (device observer UID), model name/version, and the referenced source SOP Instance UIDs.
-    Raises ValueError when the SR holds no pneumonia measurement group.
-    """
-    sr = hd.sr.Comprehensive3DSR.from_dataset(ds, copy=True)
-    report = sr.content
-    groups = [g for g in report.get_image_measurement_groups(finding_type=PNEUMONIA)]
-    if len(groups) != 1:
-        raise ValueError(f"expected one pneumonia measurement group, found {len(groups)}")
-    group = groups[0]
-    evaluations = group.get_qualitative_evaluations(name=PNEUMONIA)
-    presence = None
-    if evaluations:
-        value = _code_tuple(evaluations[0].value)
-        presence = {_code_tuple(PRESENT): "present", _code_tuple(ABSENT): "absent"}.get(value)
-    measurements = group.get_measurements(name=CERTAINTY_OF_FINDING)
-    probability = None
-    if measurements:
-        unit = _code_tuple(measurements[0].unit)
-        scale = 100.0 if unit == _code_tuple(PERCENT) else 1.0
-        probability = float(measurements[0].value) / scale
-    device = report.get_observer_contexts(observer_type=DEVICE_OBSERVER)
-    model_uid = None
-    if device:
-        model_uid = str(device[0].observer_identifying_attributes.uid)
-    algorithm_name = _text_value(group[0], codes.DCM.AlgorithmName)
-    algorithm_version = _text_value(group[0], codes.DCM.AlgorithmVersion)
-    referenced: list[str] = []
-    for item in group.source_images:
-        uid = str(item.referenced_sop_instance_uid)
-        if uid not in referenced:
-            referenced.append(uid)
-    return {
-        "finding": PNEUMONIA.meaning if group.finding_type == PNEUMONIA else str(group.finding_type.meaning),
-        "presence": presence,
-        "positive": presence == "present",
-        "probability": probability,
-        "model_uid": model_uid,
-        "model_name": algorithm_name,
-        "model_version": algorithm_version,
-        "referenced_sop_instance_uids": referenced,
-        "study_instance_uid": str(ds.StudyInstanceUID),
-        "sr_instance_uid": str(ds.SOPInstanceUID),
-    }

@@ -11,11 +11,13 @@ and the creation date/times.
 So the first study of a shape is built by build_pneumonia_sr (the reference) and its file bytes are
 cut into constant runs and slots, one slot per element that holds a per-study value. A later study
 of that shape only encodes its slot values, with pydicom's own element writer, and splices them in
-with the enclosing sequence and item lengths recomputed. A template is kept only if it gives back
-the reference study's own bytes exactly and none of that study's UIDs is left in its constant
-runs. Studies no template covers (a new shape, CT/MR sources whose descriptors are not mapped
-below, odd values highdicom would reject) are built by the reference, so the answer is always the
-bytes build_pneumonia_sr + save_as give, up to the creation date/times.
+with the enclosing sequence and item lengths recomputed (the byte machinery is worker/sr_bytes.py,
+highdicom's per-source steps worker/sr_source.py; this module decides which elements are slots and
+where their values come from). A template is kept only if it gives back the reference study's own
+bytes exactly and none of that study's UIDs is left in its constant runs. Studies no template
+covers (a new shape, CT/MR sources whose descriptors are not mapped below, odd values highdicom
+would reject) are built by the reference, so the answer is always the bytes build_pneumonia_sr +
+save_as give, up to the creation date/times.
 """
 
 from __future__ import annotations
@@ -23,26 +25,28 @@ from __future__ import annotations
 import datetime
 import logging
 import math
-import struct
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 import highdicom as hd
 import pydicom
-from pydicom.charset import convert_encodings, default_encoding
-from pydicom.dataelem import DataElement
-from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import write_data_element, write_sequence_item
+from pydicom.charset import default_encoding
 from pydicom.sr.codedict import codes
-from pydicom.tag import BaseTag
 from pydicom.valuerep import DA, DS, DT, TM
 
 from trainer.checkpoint import ModelInfo
 
 from . import sr
+from .sr_bytes import (
+    META_GROUP_LENGTH,
+    SlotKey,
+    Template,
+    constant_bytes,
+    dataset_parts,
+)
+from .sr_source import acquisition_equipment, patient_study_elements
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +76,6 @@ _REQUIRED_COPIED = tuple(pydicom.datadict.tag_for_keyword(kw) for kw in (*sr._TY
 #: Valid Patient's Sex values; highdicom refuses others, so such a study goes to the reference.
 _PATIENT_SEX = frozenset({"", *(v.value for v in hd.PatientSexValues)})
 _LONG_STRING_MAX = 64  # LO, as highdicom checks Institution Name
-_ACQUISITION_EQUIPMENT = codes.DCM.AcquisitionEquipment
 #: Contributing Equipment items besides the acquisition one: ours (the model) and highdicom's.
 _OWN_EQUIPMENT_ITEMS = 2
 
@@ -114,208 +117,7 @@ class _Unfit(Exception):
     """The study (or the reference document of its shape) is not one the template rules cover."""
 
 
-# --- Byte templates -------------------------------------------------------------------------------
-SlotKey = tuple  # e.g. ("copy", tag), ("source", 1, "SOPInstanceUID"), ("certainty", "ds")
-_UNDEFINED_LENGTH = 0xFFFFFFFF
-_ITEM_HEAD = b"\xfe\xff\x00\xe0"
-_ITEM_END = b"\xfe\xff\x0d\xe0\x00\x00\x00\x00"
-_SEQUENCE_END = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
-_META_GROUP_LENGTH = 0x00020000
-_META_GROUP_LENGTH_HEAD = b"\x02\x00\x00\x00UL\x04\x00"  # (0002,0000) UL, 4 bytes
-_PREAMBLE = b"\x00" * 128 + b"DICM"
-
-
-@dataclass(frozen=True)
-class _Slot:
-    """An element (or, with tag None, a sequence item) whose value each study supplies."""
-
-    key: SlotKey
-    tag: BaseTag | None
-    vr: str | None
-    encodings: Any
-
-
-@dataclass(frozen=True)
-class _Box:
-    """A sequence or item holding slots: its length is known only once they are filled."""
-
-    head: bytes
-    parts: tuple
-    undefined: bool
-    end: bytes
-
-
-Part = Union[bytes, _Slot, _Box]
-
-
-def _writer() -> DicomBytesIO:
-    fp = DicomBytesIO()
-    fp.is_little_endian, fp.is_implicit_VR = True, False
-    return fp
-
-
-def _element_bytes(elem: DataElement, encodings: Any) -> bytes:
-    fp = _writer()
-    write_data_element(fp, elem, encodings)
-    return fp.getvalue()
-
-
-def _item_bytes(item: pydicom.Dataset, encodings: Any) -> bytes:
-    fp = _writer()
-    write_sequence_item(fp, item, encodings)
-    return fp.getvalue()
-
-
-def _parts(ds: pydicom.Dataset, encodings: Any, marks: dict[int, SlotKey]) -> list[Part]:
-    """`ds` encoded the way pydicom's write_dataset does, with marked elements/items left as slots."""
-    encodings = ds.get("SpecificCharacterSet", encodings)
-    parts: list[Part] = []
-    for tag in sorted(ds.keys()):
-        if tag.element == 0 and tag.group > 6:  # retired group lengths are not written
-            continue
-        elem = ds[tag]
-        if id(elem) in marks:
-            parts.append(_Slot(marks[id(elem)], elem.tag, elem.VR, encodings))
-        elif elem.VR == "SQ":
-            inner = convert_encodings(encodings)  # what write_data_element hands to the items
-            items = []
-            for item in elem.value:
-                if id(item) in marks:
-                    items.append(_Slot(marks[id(item)], None, None, inner))
-                else:
-                    undefined = bool(getattr(item, "is_undefined_length_sequence_item", False))
-                    items.append(_Box(_ITEM_HEAD, tuple(_parts(item, inner, marks)), undefined,
-                                      _ITEM_END if undefined else b""))
-            head = struct.pack("<HH", tag.group, tag.element) + b"SQ\x00\x00"
-            undefined = bool(elem.is_undefined_length)
-            parts.append(_Box(head, tuple(items), undefined, _SEQUENCE_END if undefined else b""))
-        else:
-            parts.append(_element_bytes(elem, encodings))
-    return _compact(parts)
-
-
-def _compact(parts: Sequence[Part]) -> list[Part]:
-    """Boxes without slots become bytes; neighbouring bytes are joined."""
-    out: list[Part] = []
-    for part in parts:
-        if isinstance(part, _Box):
-            inner = _compact(part.parts)
-            part = _Box(part.head, tuple(inner), part.undefined, part.end)
-            if all(isinstance(p, bytes) for p in inner):
-                part = _render([part], _no_slots)
-        if isinstance(part, bytes) and out and isinstance(out[-1], bytes):
-            out[-1] += part
-        else:
-            out.append(part)
-    return out
-
-
-def _no_slots(slot: _Slot) -> bytes:
-    raise AssertionError(f"unfilled slot {slot.key}")
-
-
-def _render(parts: Sequence[Part], fill: Callable[[_Slot], bytes]) -> bytes:
-    chunks = []
-    for part in parts:
-        if type(part) is bytes:
-            chunks.append(part)
-        elif type(part) is _Box:
-            body = _render(part.parts, fill)
-            length = _UNDEFINED_LENGTH if part.undefined else len(body)
-            chunks.append(part.head + struct.pack("<I", length) + body + part.end)
-        else:
-            chunks.append(fill(part))
-    return b"".join(chunks)
-
-
-def _constant_bytes(parts: Sequence[Part]) -> bytes:
-    return b"".join(p if isinstance(p, bytes) else _constant_bytes(p.parts) if isinstance(p, _Box) else b""
-                    for p in parts)
-
-
-@dataclass(frozen=True)
-class _Template:
-    """One shape's SR file: file meta and data set as constant runs and slots."""
-
-    meta: tuple
-    body: tuple
-
-    def render(self, value: Callable[[SlotKey], Any]) -> bytes:
-        encoded: dict[tuple, bytes] = {}
-
-        def fill(slot: _Slot) -> bytes:
-            memo = (slot.key, slot.tag)
-            if memo not in encoded:
-                v = value(slot.key)
-                if slot.tag is None:  # a whole sequence item
-                    encoded[memo] = _item_bytes(v, slot.encodings)
-                else:
-                    elem = v if isinstance(v, DataElement) else DataElement(slot.tag, slot.vr, v)
-                    encoded[memo] = _element_bytes(elem, slot.encodings)
-            return encoded[memo]
-
-        meta = _render(self.meta, fill)
-        return b"".join((_PREAMBLE, _META_GROUP_LENGTH_HEAD, struct.pack("<I", len(meta)), meta,
-                         _render(self.body, fill)))
-
-
 # --- One study's facts ----------------------------------------------------------------------------
-class _PatientStudyCopy(hd.SOPClass):
-    """Just highdicom's copy of the first image's Patient and Study modules (what Comprehensive3DSR
-    does via SOPClass.copy_patient_and_study_information), without building a document."""
-
-    def __init__(self, source: pydicom.Dataset) -> None:  # noqa: D107 - deliberately skips SOPClass.__init__
-        pydicom.Dataset.__init__(self)
-        self.copy_patient_and_study_information(source)
-
-
-_copied_tags: dict[tuple, tuple[BaseTag, ...]] = {}
-
-
-def _patient_study_elements(source: pydicom.Dataset) -> dict[BaseTag, DataElement]:
-    """The elements _PatientStudyCopy takes from `source`. Which tags it takes depends only on the
-    SOP class (its IOD's modules) and the tags present, so that list is remembered (0.2 ms a copy)."""
-    key = (str(source.SOPClassUID), frozenset(source.keys()))
-    tags = _copied_tags.get(key)
-    if tags is None:
-        tags = tuple(_PatientStudyCopy(source).keys())
-        if len(_copied_tags) >= TEMPLATE_CACHE_SIZE:
-            _copied_tags.clear()
-        _copied_tags[key] = tags
-    return {tag: source[tag] for tag in tags}
-
-
-def _acquisition_equipment(source: pydicom.Dataset) -> pydicom.Dataset | None:
-    """highdicom's ContributingEquipment.for_image_acquisition(source), or None where that raises
-    (Comprehensive3DSR then leaves the item out). Same constructor call; only its check that the
-    SOP class is an image (about 1 ms a call) is left out: a template exists only for SOP classes
-    the reference accepted, and its image library refuses non-image SOP classes."""
-    manufacturer = source.get("Manufacturer")
-    if manufacturer is None or manufacturer == "":
-        return None
-    when = source.get("AcquisitionDateTime")
-    if when is None:
-        date, time = source.get("AcquisitionDate"), source.get("AcquisitionTime")
-        if isinstance(date, datetime.date) and isinstance(time, datetime.time):
-            when = datetime.datetime.combine(date, time)
-    try:
-        return hd.ContributingEquipment(
-            manufacturer=manufacturer,
-            purpose_of_reference=_ACQUISITION_EQUIPMENT,
-            manufacturer_model_name=source.get("ManufacturerModelName"),
-            software_versions=source.get("SoftwareVersions"),
-            device_serial_number=source.get("DeviceSerialNumber"),
-            institution_name=source.get("InstitutionName"),
-            institutional_department_name=source.get("InstitutionalDepartmentName"),
-            institution_address=source.get("InstitutionAddress"),
-            station_name=source.get("StationName"),
-            contribution_datetime=when,
-            contribution_description="Acquisition equipment of the source image(s)",  # highdicom's words
-        )
-    except Exception:  # noqa: BLE001 - exactly what highdicom swallows here
-        return None
-
-
 def _first_index(values: Sequence[Any]) -> tuple:
     """For each value, the index of its first occurrence (a partition, as highdicom groups)."""
     first: dict[Any, int] = {}
@@ -331,7 +133,7 @@ class _Study:
         self.probability = probability
         evidence = [sr._evidence_copy(ds) for ds in sources]
         first = evidence[0]
-        self.copied = _patient_study_elements(first)
+        self.copied = patient_study_elements(first)
         if not all(tag in self.copied for tag in _REQUIRED_COPIED):
             raise _Unfit("the first image's IOD lacks a Patient/General Study attribute")
         if (first.PatientSex or "") not in _PATIENT_SEX:
@@ -340,7 +142,7 @@ class _Study:
         if institution is not None and (len(institution) > _LONG_STRING_MAX or "\\" in institution):
             raise _Unfit("Institution Name highdicom refuses")
         self.arguments = {**arguments, "InstitutionName": institution}
-        self.acquisition = _acquisition_equipment(first)
+        self.acquisition = acquisition_equipment(first)
         self.libraries = [sr._library_copy(ds) for ds in evidence]
         charset = sr._sr_character_set(first)
         self.signature = (
@@ -388,7 +190,7 @@ class _Study:
         raise KeyError(key)
 
     # --- finding the slots in the reference document of this study ---
-    def template(self, document: pydicom.Dataset, reference: bytes) -> _Template:
+    def template(self, document: pydicom.Dataset, reference: bytes) -> Template:
         """Cut the reference into a template; raise _Unfit unless it gives `reference` back exactly."""
         marks: dict[int, SlotKey] = {}
         for elem in document:
@@ -406,7 +208,7 @@ class _Study:
         if self.acquisition is not None:
             marks[id(equipment.pop(0))] = ("acquisition",)
         if len(equipment) != _OWN_EQUIPMENT_ITEMS:  # else an acquisition item would be frozen in
-            raise _Unfit("highdicom and _acquisition_equipment disagree on the acquisition equipment")
+            raise _Unfit("highdicom and acquisition_equipment disagree on the acquisition equipment")
         if "ContributionDateTime" in equipment[-1]:
             marks[id(equipment[-1]["ContributionDateTime"])] = ("clock", "ContributionDateTime")
         for study in document.CurrentRequestedProcedureEvidenceSequence:
@@ -420,15 +222,15 @@ class _Study:
 
         meta = pydicom.Dataset()  # render() writes the group length itself
         for elem in document.file_meta:
-            if elem.tag != _META_GROUP_LENGTH:
+            if elem.tag != META_GROUP_LENGTH:
                 meta.add(elem)
-        template = _Template(tuple(_parts(meta, default_encoding, marks)),
-                             tuple(_parts(document, default_encoding, marks)))
+        template = Template(tuple(dataset_parts(meta, default_encoding, marks)),
+                            tuple(dataset_parts(document, default_encoding, marks)))
         clock = {kw: document[kw].value for kw in _CLOCK_KEYWORDS if kw in document}
         clock["ContributionDateTime"] = equipment[-1].get("ContributionDateTime")
         if template.render(lambda key: self.value(key, clock)) != reference:
             raise _Unfit("the template does not give the reference bytes back")
-        constant = _constant_bytes(template.meta) + _constant_bytes(template.body)
+        constant = constant_bytes(template.meta) + constant_bytes(template.body)
         for uid in self._uids():
             if uid.encode() in constant:
                 raise _Unfit(f"per-study UID {uid} left in the template's constant bytes")
@@ -488,7 +290,7 @@ class _Study:
 
 
 # --- The cache and the entry point ----------------------------------------------------------------
-_templates: OrderedDict[tuple, _Template | None] = OrderedDict()  # None: a shape known not to fit
+_templates: OrderedDict[tuple, Template | None] = OrderedDict()  # None: a shape known not to fit
 _lock = threading.Lock()
 _counts = {"template": 0, "reference": 0, "unfit": 0}
 
