@@ -303,10 +303,12 @@ def bench_bare(syntax: str, files_dir: Path, n: int, nbytes: int, work: Path, st
                  "--max-pdu", str(PDU)], work / "bare.log")
     try:
         wait_port(port, proc.p, 30, "BARE_SCP")
+        cpu0 = cpu_snapshot(proc.pid)
         _, secs = run_storescu(storescu, port, "BARE_SCP", files_dir, work / "storescu-bare.log", timeout, syntax)
+        cpu = cpu_per_study(cpu0, cpu_snapshot(proc.pid), n)
     finally:
         proc.stop()
-    run = Run("bare", "", n, nbytes, secs, len(dcm_files(out)))
+    run = Run("bare", "", n, nbytes, secs, len(dcm_files(out)), cpu=cpu)
     shutil.rmtree(out, ignore_errors=True)
     return run
 
@@ -316,10 +318,12 @@ def bench_storescp(syntax: str, files_dir: Path, n: int, nbytes: int, work: Path
     out = work / "storescp"
     proc, port = start_storescp(storescp, out, work / "storescp.log")
     try:
+        cpu0 = cpu_snapshot(proc.pid)
         _, secs = run_storescu(storescu, port, DEST_AET, files_dir, work / "storescu-storescp.log", timeout, syntax)
+        cpu = cpu_per_study(cpu0, cpu_snapshot(proc.pid), n)
     finally:
         proc.stop()
-    run = Run("storescp", "", n, nbytes, secs, len(dcm_files(out)))
+    run = Run("storescp", "", n, nbytes, secs, len(dcm_files(out)), cpu=cpu)
     shutil.rmtree(out, ignore_errors=True)
     return run
 
@@ -528,10 +532,11 @@ def main(argv: list[str] | None = None) -> int:
             ratio = recs["worker-rx"].ingest_rate / bare.ingest_rate
             verdicts.append((f"{syntax}: ingest alone (worker-rx) >= {TARGETS['ingest_vs_bare']}x bare pynetdicom SCP",
                              ratio >= TARGETS["ingest_vs_bare"], f"{ratio:.2f}x"))
-        rx = recs.get("worker-rx")
-        if rx is not None and rx.cpu:
-            print(f"{'':<32}worker-rx CPU per instance: main process {rx.cpu['worker']:.1f} ms, storescu "
-                  f"{rx.cpu['storescu']:.1f} ms, whole machine {rx.cpu['machine']:.1f} ms")
+        for name, r in recs.items():
+            if r.cpu and name != "worker":
+                print(f"{'':<32}{name} CPU per instance: receiver {r.cpu['worker']:.1f} ms, storescu "
+                      f"{r.cpu['storescu']:.1f} ms, whole machine {r.cpu['machine']:.1f} ms "
+                      f"({r.cpu['machine_busy_pct']:.0f}% of {os.cpu_count()} cores busy)")
     if any("worker" in recs for recs in table.values()):
         print(f"\nWORKER END-TO-END (receive, persist, score, SQLite, SR accepted by the destination; "
               f"quiet_seconds={args.quiet} subtracted from latency):")
