@@ -2,9 +2,9 @@
 
 pynetdicom spools each received data set to ``incoming/`` as it arrives
 (``STORE_RECV_CHUNKED_DATASET``: the bytes as sent plus file meta, never decoded or re-encoded).
-The C-STORE handler then hard-links that file into ``spool/<study>/<sop>.dcm`` (atomic, never
-overwriting), fsyncs the file and the directories that gained a name (side by side, see
-spool.fsync_together), commits the instance row, and only then answers 0x0000.
+The C-STORE handler starts the file's fsync, parses its header meanwhile, hard-links the file into
+``spool/<study>/<sop>.dcm`` (atomic, never overwriting), fsyncs the directories that gained a name
+beside it (spool.fsync_together), commits the instance row, and only then answers 0x0000.
 Anything that cannot be made durable is answered 0xA700 (out of resources) so the sender retries.
 """
 
@@ -29,7 +29,7 @@ from . import fastrecv, incoming
 from .db import Database, Instance, Study
 from .eligibility import SCORABLE_SOP_CLASSES, check, read_header
 from .settings import Settings
-from .spool import Spool
+from .spool import Spool, fsync_later
 from .tls import describe_peer
 
 log = logging.getLogger("cxr_worker.scp")
@@ -101,19 +101,23 @@ class Receiver:
         self._lock = threading.Lock()
 
     def store(self, tmp: Path, calling_aet: str | None) -> int:
+        file_sync = fsync_later(tmp)  # the data's fsync runs while the header is parsed
         try:
             header = read_header(tmp)
         except Exception as exc:  # noqa: BLE001 - unparseable: tell the sender, keep listening
+            self._settle(file_sync)
             self._quarantine(tmp, f"unreadable DICOM header: {type(exc).__name__}: {exc}")
             return STATUS_CANNOT_UNDERSTAND
         if not header.study_uid or not header.sop_instance_uid:
+            self._settle(file_sync)
             self._quarantine(tmp, "missing StudyInstanceUID or SOPInstanceUID")
             return STATUS_CANNOT_UNDERSTAND
         final = self.spool.instance_path(header.study_uid, header.sop_instance_uid)
         size = tmp.stat().st_size
         # No "already stored?" query first: the spool name is the instance's, so a duplicate
         # finds its file taken (adopt -> False) or its row taken (IntegrityError in _record).
-        if not self.spool.adopt(tmp, final):
+        if not self.spool.adopt(tmp, final, file_sync):
+            self._settle(file_sync)
             if self._known(header.sop_instance_uid):
                 tmp.unlink(missing_ok=True)
                 return self._duplicate(header)
@@ -122,6 +126,14 @@ class Receiver:
             log.info("replacing unrecorded spool file for %s", header.sop_instance_uid)
             self.spool.replace(tmp, final)
         return self._record(header, final, size, calling_aet)
+
+    @staticmethod
+    def _settle(file_sync) -> None:
+        """Wait for a started fsync whose file is not kept after all (its error no longer matters)."""
+        try:
+            file_sync.result()
+        except OSError:
+            pass
 
     def _known(self, sop_uid: str) -> bool:
         with self.db.engine.connect() as conn:
