@@ -12,6 +12,7 @@ import ssl
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pydicom
 from pydicom.dataset import Dataset
@@ -21,11 +22,14 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 from pynetdicom import AE, evt
+from pynetdicom.association import Association
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import Verification
 
+from .reactor import association_ending, reactor_parked
 
-from .reactor import reactor_parked
+if TYPE_CHECKING:
+    from .association_pool import AssociationPool
 
 LOG = logging.getLogger(__name__)
 
@@ -37,7 +41,23 @@ ACCEPTED_STATUSES = frozenset({SUCCESS, 0xB000, 0xB006, 0xB007})
 #: A requestor may propose at most 128 presentation contexts (odd IDs 1..255).
 MAX_CONTEXTS = 128
 UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+_META_KEYS = ("MediaStorageSOPClassUID", "MediaStorageSOPInstanceUID", "TransferSyntaxUID")
 
+ContextPairs = list[tuple[str, tuple[str, ...]]]
+"""Presentation contexts to propose, as (abstract syntax, transfer syntaxes) pairs."""
+
+
+@dataclass(frozen=True)
+class Peer:
+    """Everything that defines an association we request (an AssociationPool key)."""
+
+    host: str
+    port: int
+    called_aet: str
+    calling_aet: str = DEFAULT_CALLING_AET
+    tls: ssl.SSLContext | None = None
+    timeout: float = 30
+    max_pdu: int = 0
 
 
 @dataclass(frozen=True)
@@ -78,7 +98,8 @@ def _nodelay(event: evt.Event) -> None:
         pass
 
 
-def _make_ae(calling_aet: str, timeout: float) -> AE:
+def make_ae(calling_aet: str, timeout: float) -> AE:
+    """An AE for requesting associations, every pynetdicom timeout set to ``timeout``."""
     ae = AE(ae_title=calling_aet)
     ae.acse_timeout = timeout
     ae.dimse_timeout = timeout
@@ -87,37 +108,35 @@ def _make_ae(calling_aet: str, timeout: float) -> AE:
     return ae
 
 
-def _associate(
-    ae: AE,
-    host: str,
-    port: int,
-    called_aet: str,
-    contexts: list[PresentationContext],
-    tls: ssl.SSLContext | None,
-    max_pdu: int,
-):
-    """Open an association; returns (assoc, None) or (None, reason)."""
+def open_association(ae: AE, peer: Peer, pairs: ContextPairs) -> tuple[Association | None, str | None]:
+    """Request an association proposing ``pairs``; returns (assoc, None) or (None, reason)."""
+    contexts = []
+    for abstract, syntaxes in pairs:
+        context = PresentationContext()
+        context.abstract_syntax = abstract
+        context.transfer_syntax = list(syntaxes)
+        contexts.append(context)
     connected: list[bool] = []
 
     def on_open(event: evt.Event) -> None:
         connected.append(True)
         _nodelay(event)
 
+    where = f"{peer.called_aet}@{peer.host}:{peer.port}"
     try:
         assoc = ae.associate(
-            host,
-            port,
+            peer.host,
+            peer.port,
             contexts=contexts,
-            ae_title=called_aet,
-            max_pdu=max_pdu,
-            tls_args=(tls, host) if tls is not None else None,
+            ae_title=peer.called_aet,
+            max_pdu=peer.max_pdu,
+            tls_args=(peer.tls, peer.host) if peer.tls is not None else None,
             evt_handlers=[(evt.EVT_CONN_OPEN, on_open)],
         )
     except (OSError, ValueError, RuntimeError) as exc:
-        return None, f"cannot open an association with {called_aet}@{host}:{port}: {exc}"
+        return None, f"cannot open an association with {where}: {exc}"
     if assoc.is_established:
         return assoc, None
-    where = f"{called_aet}@{host}:{port}"
     if not connected:
         return None, f"cannot connect to {where}: connection refused, unreachable or timed out"
     if assoc.is_rejected:
@@ -132,7 +151,17 @@ def _associate(
 
 
 def _read_header(path: Path) -> _Item:
+    """SOP class, instance and transfer syntax: from the file meta alone when it has all three (a
+    small read; our SRs always do), else from the data set's header."""
     item = _Item(path=Path(path))
+    try:
+        meta = pydicom.filereader.read_file_meta_info(path)
+    except Exception:  # noqa: BLE001 - not a Part 10 file: the full read below says why
+        meta = Dataset()
+    values = [str(meta.get(key) or "") for key in _META_KEYS]
+    if all(values):
+        item.sop_class, item.sop_instance, item.transfer_syntax = values
+        return item
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=True)
     except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds for bad files
@@ -149,7 +178,7 @@ def _read_header(path: Path) -> _Item:
     return item
 
 
-def _contexts_for(items: Iterable[_Item]) -> list[tuple[str, tuple[str, ...]]]:
+def _contexts_for(items: Iterable[_Item]) -> ContextPairs:
     """(abstract syntax, transfer syntaxes) pairs: each file's own syntax first, then uncompressed."""
     wanted: dict[tuple[str, tuple[str, ...]], None] = {}
     for item in items:
@@ -201,6 +230,64 @@ def _send_one(assoc, item: _Item) -> StoreOutcome:
     return StoreOutcome(item.path, item.sop_instance, int(status), error)
 
 
+def association_lost(assoc: Association) -> bool:
+    """No longer usable: released, aborted, or the peer's abort/release/close not yet handled."""
+    return not assoc.is_established or association_ending(assoc)
+
+
+class _OneShot:
+    """store_files() without a pool: a new association per batch, released after it."""
+
+    def __init__(self) -> None:
+        self.ae: AE | None = None
+
+    def checkout(self, peer: Peer, pairs: ContextPairs) -> tuple[Association | None, bool, str | None]:
+        if self.ae is None:
+            self.ae = make_ae(peer.calling_aet, peer.timeout)
+        assoc, reason = open_association(self.ae, peer, pairs)
+        return assoc, False, reason
+
+    def checkin(self, assoc: Association, keep: bool) -> None:  # never kept
+        if assoc.is_established:
+            assoc.release()
+
+    def close(self) -> None:
+        if self.ae is not None:
+            self.ae.shutdown()
+
+
+def _send_batch(link: _OneShot | AssociationPool, peer: Peer, batch: list[_Item],
+                record: Callable[[_Item, StoreOutcome], None]) -> None:
+    """Send one batch over one association from ``link``; a kept association that the peer had
+    just closed costs no file: its first file is sent again at once over a fresh association."""
+    assoc, reused, reason = link.checkout(peer, _contexts_for(batch))
+    if assoc is None:
+        for it in batch:
+            record(it, StoreOutcome(it.path, it.sop_instance, None, reason))
+        return
+    healthy, rest = True, list(batch)
+    try:
+        with reactor_parked(assoc):
+            while rest:
+                it = rest[0]
+                if association_lost(assoc):
+                    outcome = StoreOutcome(it.path, it.sop_instance, None, "association lost before sending")
+                else:
+                    outcome = _send_one(assoc, it)
+                lost = association_lost(assoc)
+                if reused and it is batch[0] and outcome.status is None and lost:
+                    break  # the kept association was gone before our first C-STORE: not this file's failure
+                record(it, outcome)
+                rest.pop(0)
+                healthy = healthy and not lost and (outcome.status is None or outcome.ok)
+    finally:
+        link.checkin(assoc, keep=healthy and not rest and not association_lost(assoc))
+    if rest:
+        LOG.info("kept association with %s@%s:%s was closed by the peer; sending again on a new one",
+                 peer.called_aet, peer.host, peer.port)
+        _send_batch(link, peer, rest, record)  # the pool has none kept now: fresh, so no third try
+
+
 def store_files(
     paths: Sequence[Path],
     host: str,
@@ -213,11 +300,14 @@ def store_files(
     max_pdu: int = 0,
     progress: bool = False,
     on_outcome: Callable[[StoreOutcome], None] | None = None,
+    pool: AssociationPool | None = None,
 ) -> list[StoreOutcome]:
     """C-STORE every file over one association (more only past 128 presentation contexts).
 
     Files are sent in their stored transfer syntax (a compressed one falls back to uncompressed
-    only when the peer refuses it). Returns one outcome per path, in order.
+    only when the peer refuses it). Returns one outcome per path, in order. With ``pool``
+    (worker/association_pool.py) the association is taken from it and left open for the next
+    call, so a stream of single files pays association setup and release once.
     """
     items = [_read_header(Path(p)) for p in paths]
     outcomes: dict[int, StoreOutcome] = {}
@@ -232,41 +322,23 @@ def store_files(
         bar = tqdm(total=len(items), unit="file", desc=f"C-STORE {called_aet}")
         bar.update(len(outcomes))
 
-    def record(index: int, outcome: StoreOutcome) -> None:
-        outcomes[index] = outcome
+    index_of = {id(it): i for i, it in pending}
+
+    def record(item: _Item, outcome: StoreOutcome) -> None:
+        outcomes[index_of[id(item)]] = outcome
         if on_outcome is not None:
             on_outcome(outcome)
         if bar is not None:
             bar.update(1)
 
-    index_of = {id(it): i for i, it in pending}
-    ae = _make_ae(calling_aet, timeout)
+    peer = Peer(host, port, called_aet, calling_aet, tls, timeout, max_pdu)
+    link = pool if pool is not None else _OneShot()
     try:
         for batch in _batches([it for _, it in pending]):
-            contexts = []
-            for abstract, syntaxes in _contexts_for(batch):
-                context = PresentationContext()
-                context.abstract_syntax = abstract
-                context.transfer_syntax = list(syntaxes)
-                contexts.append(context)
-            assoc, reason = _associate(ae, host, port, called_aet, contexts, tls, max_pdu)
-            if assoc is None:
-                for it in batch:
-                    record(index_of[id(it)], StoreOutcome(it.path, it.sop_instance, None, reason))
-                continue
-            try:
-                with reactor_parked(assoc):
-                    for it in batch:
-                        if not assoc.is_established:
-                            record(index_of[id(it)], StoreOutcome(it.path, it.sop_instance, None,
-                                                                  "association lost before sending"))
-                            continue
-                        record(index_of[id(it)], _send_one(assoc, it))
-            finally:
-                if assoc.is_established:
-                    assoc.release()
+            _send_batch(link, peer, batch, record)
     finally:
-        ae.shutdown()
+        if pool is None:
+            link.close()
         if bar is not None:
             bar.close()
     result = [outcomes[i] for i in range(len(items))]
@@ -285,12 +357,10 @@ def echo_detail(
     timeout: float = 10,
 ) -> tuple[int | None, str | None]:
     """C-ECHO; (status, None) when the peer answered, else (None, why not)."""
-    ae = _make_ae(calling_aet, timeout)
-    context = PresentationContext()
-    context.abstract_syntax = Verification
-    context.transfer_syntax = list(UNCOMPRESSED)
+    ae = make_ae(calling_aet, timeout)
     try:
-        assoc, reason = _associate(ae, host, port, called_aet, [context], tls, 0)
+        assoc, reason = open_association(ae, Peer(host, port, called_aet, calling_aet, tls, timeout),
+                                         [(Verification, UNCOMPRESSED)])
         if assoc is None:
             return None, reason
         try:

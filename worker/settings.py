@@ -231,12 +231,14 @@ class OutboxSettings:
     retry_max_seconds: float = 300.0
     timeout: float = 30.0
     poll_seconds: float = 0.5
+    idle_release_seconds: float = 2.0  # keep a destination's association open this long for the next SR
 
     def __post_init__(self) -> None:
         _check_num("outbox.retry_base_seconds", self.retry_base_seconds, minimum=0.01)
         _check_num("outbox.retry_max_seconds", self.retry_max_seconds, minimum=self.retry_base_seconds)
         _check_num("outbox.timeout", self.timeout, minimum=0.1)
         _check_num("outbox.poll_seconds", self.poll_seconds, minimum=0.01)
+        _check_num("outbox.idle_release_seconds", self.idle_release_seconds, minimum=0)
 
     def backoff(self, attempts: int) -> float:
         """Delay before the next try after ``attempts`` failures (exponential, capped)."""
