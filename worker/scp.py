@@ -292,12 +292,24 @@ class Listener:
         return port
 
     def stop(self, grace: float = 30.0) -> None:
+        """Stop accepting; give established associations up to ``grace`` seconds to finish.
+
+        A connection that has not been established (no A-ASSOCIATE-RQ yet: a port probe, a load
+        balancer's health check) is aborted at once: otherwise it would hold the stop for the
+        ACSE timeout with nothing to finish.
+        """
         if self.server is None:
             return
         server, self.server = self.server, None
         server.shutdown()  # stop accepting, close the listening socket
         deadline = time.monotonic() + grace
-        while server.active_associations and time.monotonic() < deadline:
+        while time.monotonic() < deadline:
+            open_now = list(server.active_associations)
+            for assoc in open_now:
+                if not assoc.is_established:
+                    assoc.abort()
+            if not any(assoc.is_established for assoc in open_now):
+                break
             time.sleep(0.05)
         for assoc in server.active_associations:
             log.warning("aborting association still open after %.0f s", grace)
