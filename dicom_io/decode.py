@@ -46,8 +46,8 @@ PREFERRED_PLUGINS: dict[str, tuple[str, ...]] = {
     JPEGLosslessSV1: ("imagecodecs", "gdcm", "pylibjpeg"),  # 30 ms vs 140 ms vs 165 ms
     JPEGLSLossless: ("pyjpegls", "gdcm", "pylibjpeg"),  # 104 ms vs 175 ms vs 408 ms
     JPEGLSNearLossless: ("pyjpegls", "gdcm", "pylibjpeg"),
-    JPEG2000Lossless: ("pylibjpeg", "pillow", "gdcm"),  # 607 ms vs 624 ms vs 708 ms (all OpenJPEG)
-    JPEG2000: ("pylibjpeg", "pillow", "gdcm"),
+    JPEG2000Lossless: ("gdcm", "pylibjpeg", "pillow"),  # 437-557 ms vs 590-788 vs 615-802 (quiet, 12/16-bit)
+    JPEG2000: ("gdcm", "pylibjpeg", "pillow"),
 }
 """Transfer Syntax UID -> decoding plugins, fastest first (all exact for lossless syntaxes)."""
 
