@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import tempfile
 import time
 
 from conftest import free_port
@@ -39,6 +40,23 @@ def test_a_silent_tcp_connection_does_not_hold_the_stop(tmp_path):
         assert time.monotonic() - started < 3.0  # acse_timeout is 30 s
     finally:
         probe.close()
+        database.dispose()
+
+
+def test_the_listener_leaves_the_process_temp_dir_alone(tmp_path):
+    """pynetdicom spools into the spool's incoming/ without changing tempfile's default for the
+    whole process (other code, e.g. a PostgreSQL test cluster, must not land in a 0700 spool)."""
+    before = tempfile.gettempdir()
+    listener, port, database = _listener(tmp_path)
+    try:
+        assert tempfile.gettempdir() == before
+        ae = AE(ae_title="PROBE")
+        ae.add_requested_context(Verification)
+        assoc = ae.associate("127.0.0.1", port, ae_title=listener.settings.network.ae_title)
+        assert assoc.is_established
+        assoc.release()
+    finally:
+        listener.stop(grace=5.0)
         database.dispose()
 
 

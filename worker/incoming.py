@@ -29,6 +29,7 @@ _failures: dict[str, str] = {}
 _lock = threading.Lock()
 _SYNC_FILE_RANGE_WRITE = 2  # <linux/fs.h>: start writeback of dirty pages in the range, do not wait
 _writeback_bytes = 0        # set by install(); 0 = no early writeback
+_directory: str | None = None  # set by install(): where data sets are spooled (None: the temp dir)
 
 
 def _load_sync_file_range():
@@ -56,11 +57,12 @@ class IncomingFile:
         self._written = 0   # bytes written so far
         self._queued = 0    # bytes whose writeback was started
         try:
+            kwargs.setdefault("dir", _directory)
             self._handle = tempfile.NamedTemporaryFile(*args, **kwargs)
             self.name = self._handle.name
         except OSError as exc:  # incoming/ missing, unwritable, or no inode left
             self._handle = None
-            self.name = os.path.join(tempfile.gettempdir(), f"unwritable-{uuid.uuid4().hex}.dcm")
+            self.name = os.path.join(_directory or tempfile.gettempdir(), f"unwritable-{uuid.uuid4().hex}.dcm")
             self._fail(exc)
 
     def _fail(self, exc: OSError) -> None:
@@ -116,15 +118,18 @@ def failure(path) -> str | None:
         return _failures.pop(str(path), None)
 
 
-def install(writeback_bytes: int = 0) -> None:
+def install(writeback_bytes: int = 0, directory: str | os.PathLike | None = None) -> None:
     """Make pynetdicom spool received data sets through IncomingFile (idempotent).
 
     ``writeback_bytes`` > 0: start the kernel's writeback every that many received bytes.
+    ``directory``: where the data sets are spooled (the spool's incoming/, on the same filesystem as
+    the spool so adopting a file is a link). The process-wide temp dir is left alone.
     """
-    global _writeback_bytes
+    global _writeback_bytes, _directory
     from pynetdicom import dimse_messages
 
     _writeback_bytes = max(0, int(writeback_bytes))
+    _directory = os.fspath(directory) if directory is not None else None
 
     if not hasattr(dimse_messages, "NamedTemporaryFile"):
         raise RuntimeError("pynetdicom.dimse_messages.NamedTemporaryFile not found: pynetdicom changed")

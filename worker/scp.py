@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import socket
 import ssl
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -254,11 +253,11 @@ class Listener:
         self.ssl_context = ssl_context
         net = settings.network
         _config.STORE_RECV_CHUNKED_DATASET = True
-        incoming.install(settings.storage.writeback_bytes)  # failed write: 0xA700, not an A-ABORT
+        # spool into incoming/ (same filesystem as the spool); a failed write: 0xA700, not an A-ABORT
+        incoming.install(settings.storage.writeback_bytes, receiver.spool.incoming)
         fastrecv.install()  # whole PDUs per read instead of 4 KiB pieces
         _config.LOG_REQUEST_IDENTIFIERS = False
         _config.LOG_RESPONSE_IDENTIFIERS = False
-        tempfile.tempdir = str(receiver.spool.incoming)  # where pynetdicom spools; same filesystem
         ae = AE(ae_title=net.ae_title)
         ae.maximum_associations = net.max_associations
         ae.maximum_pdu_size = net.max_pdu
