@@ -100,3 +100,44 @@ def test_sr_uids_are_deterministic_valid_and_distinct():
     assert sr_uids("1.2.4", "2.25.9", 1)[1] != a[1]
     for uid in (*a, *b):
         assert UID(uid).is_valid and len(uid) <= 64
+
+
+@pytest.mark.parametrize("rescore", [True, False])
+def test_an_instance_after_scoring_reopens_or_is_recorded_as_late(tmp_path, rescore):
+    """The receiver's record step (real SQLite): a new instance of a scored study re-opens it for a
+    new SR revision, or, with studies.rescore_late_arrivals = false, is kept but marked late_arrival.
+    An instance arriving during the quiet period's 'ready' state restarts the quiet period."""
+    from worker.db import Instance
+    from worker.eligibility import Header
+    from worker.scp import Receiver
+    from worker.spool import Spool
+
+    settings = load_settings(environ={"CXR_WORKER__STORAGE__DATA_DIR": f'"{tmp_path}"',
+                                      "CXR_WORKER__STUDIES__RESCORE_LATE_ARRIVALS": str(rescore).lower()})
+    db = Database(settings.storage.url)
+    receiver = Receiver(settings, db, Spool(settings.storage.data_dir))
+
+    def record(sop: str) -> None:
+        header = Header("2.25.7", "2.25.8", sop, "1.2.840.10008.5.1.4.1.1.1.1", "DX", "CHEST", "PA", "A7",
+                        "1.2.840.10008.1.2.1")
+        assert receiver._record(header, tmp_path / f"{sop}.dcm", 10, "MODALITY") == 0x0000
+
+    try:
+        record("2.25.71")
+        with db.session() as s, s.begin():
+            s.query(Study).filter_by(study_uid="2.25.7").update({"status": dbm.STUDY_READY})
+        record("2.25.72")
+        assert status_of(db, "2.25.7") == dbm.STUDY_RECEIVING  # quiet period restarted
+        with db.session() as s, s.begin():
+            s.query(Study).filter_by(study_uid="2.25.7").update({"status": dbm.STUDY_DONE})
+        record("2.25.73")
+        with db.session() as s:
+            study = s.query(Study).filter_by(study_uid="2.25.7").one()
+            late = s.query(Instance).filter_by(sop_instance_uid="2.25.73").one()
+        assert study.n_instances == 3
+        if rescore:
+            assert study.status == dbm.STUDY_RECEIVING and late.eligible and late.reason is None
+        else:
+            assert study.status == dbm.STUDY_DONE and not late.eligible and late.reason == "late_arrival"
+    finally:
+        db.dispose()

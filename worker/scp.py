@@ -20,7 +20,7 @@ from pathlib import Path
 from pynetdicom import AE, _config, evt
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
-from sqlalchemy import insert, select, update
+from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from . import db as dbm
@@ -48,6 +48,15 @@ TRANSFER_SYNTAXES = [
     "1.2.840.10008.1.2.4.91",  # JPEG 2000
     "1.2.840.10008.1.2.5",     # RLE Lossless
 ]
+
+#: The C-STORE path's statements, built once: SQLAlchemy then only binds values (building a statement
+#: per call with its values cost ~0.6 ms of Python per instance, more than SQLite's commit).
+_STUDY_ROW = select(Study.id, Study.status).where(Study.study_uid == bindparam("uid"))
+_NEW_STUDY = insert(Study)
+_TOUCH_STUDY = (update(Study).where(Study.id == bindparam("sid"))
+                .values(n_instances=Study.n_instances + 1, last_received=bindparam("now"), updated=bindparam("now"),
+                        status=bindparam("new_status")))
+_NEW_INSTANCE = insert(Instance)
 
 STATUS_SUCCESS = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700
@@ -169,32 +178,31 @@ class Receiver:
             now = time.time()
             try:
                 with self.db.engine.begin() as conn:
-                    study = conn.execute(select(Study.id, Study.status)
-                                         .where(Study.study_uid == header.study_uid).with_for_update()).first()
+                    study = conn.execute(_STUDY_ROW, {"uid": header.study_uid}).first()
                     if study is None:
-                        conn.execute(insert(Study).values(
+                        conn.execute(_NEW_STUDY, dict(
                             study_uid=header.study_uid, accession=header.accession, status=dbm.STUDY_RECEIVING,
                             n_instances=1, first_received=now, last_received=now, updated=now, attempts=0,
                             revision=0, scored_instances=0))
                     else:
-                        values = dict(n_instances=Study.n_instances + 1, last_received=now, updated=now)
-                        if study.status in (dbm.STUDY_DONE, dbm.STUDY_NO_ELIGIBLE, dbm.STUDY_FAILED):
+                        status = study.status
+                        if status in (dbm.STUDY_DONE, dbm.STUDY_NO_ELIGIBLE, dbm.STUDY_FAILED):
                             if st.rescore_late_arrivals:
-                                values["status"] = dbm.STUDY_RECEIVING
+                                status = dbm.STUDY_RECEIVING
                                 log.info("study %s: new instance after scoring; re-opened for a new SR revision",
                                          header.study_uid)
                             else:
                                 eligible, reason = False, "late_arrival"
                                 detail = "arrived after the study was scored (studies.rescore_late_arrivals=false)"
-                        elif study.status == dbm.STUDY_READY:
-                            values["status"] = dbm.STUDY_RECEIVING  # restart the quiet period
-                        conn.execute(update(Study).where(Study.id == study.id).values(**values))
-                    conn.execute(insert(Instance).values(
+                        elif status == dbm.STUDY_READY:
+                            status = dbm.STUDY_RECEIVING  # restart the quiet period
+                        conn.execute(_TOUCH_STUDY, {"sid": study.id, "now": now, "new_status": status})
+                    conn.execute(_NEW_INSTANCE, dict(
                         sop_instance_uid=header.sop_instance_uid, study_uid=header.study_uid,
                         series_uid=header.series_uid, sop_class_uid=header.sop_class_uid,
                         transfer_syntax=header.transfer_syntax, modality=header.modality, body_part=header.body_part,
                         view_position=header.view_position, path=str(final), size=size, calling_aet=calling_aet,
-                        received=now, eligible=eligible, reason=reason, detail=detail))
+                        received=now, eligible=eligible, reason=reason, detail=detail, probability=None, frame=None))
                 self._count("received")
                 log.debug("stored %s in study %s", header.sop_instance_uid, header.study_uid)
                 return STATUS_SUCCESS
