@@ -80,6 +80,18 @@ def uid_of(path: Path) -> str:
     return str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
 
 
+def _add_scored_study(session, study_uid: str, model_uid: str, now: float) -> Result:
+    """A done study and its result row, which outbox rows refer to (flushed: the result has its id)."""
+    session.add(Study(study_uid=study_uid, status=dbm.STUDY_DONE, n_instances=1, first_received=now,
+                      last_received=now, updated=now))
+    session.flush()
+    result = Result(study_uid=study_uid, status=dbm.STUDY_DONE, threshold=0.5, model_name="m",
+                    model_version="1", model_uid=model_uid, n_instances=1, n_scored=1, created=now)
+    session.add(result)
+    session.flush()
+    return result
+
+
 # --- destinations ----------------------------------------------------------------------------------
 
 class VerboseStoreSCP:
@@ -212,14 +224,7 @@ class Outbox:
         self.db = Database(f"sqlite:///{tmp / 'outbox.db'}")
         now = time.time()
         with self.db.session() as s, s.begin():
-            s.add(Study(study_uid="1.2.3", status=dbm.STUDY_DONE, n_instances=1, first_received=now,
-                        last_received=now, updated=now))
-            s.flush()
-            result = Result(study_uid="1.2.3", status=dbm.STUDY_DONE, threshold=0.5, model_name="m",
-                            model_version="1", model_uid="1.2.4", n_instances=1, n_scored=1, created=now)
-            s.add(result)
-            s.flush()
-            self.result_id = result.id
+            self.result_id = _add_scored_study(s, "1.2.3", "1.2.4", now).id
         self.stop_event, self.wake = threading.Event(), threading.Event()
         self.loop = OutboxLoop(self.settings, self.db, dbm.new_owner(), self.stop_event, wake=self.wake)
 
@@ -466,13 +471,7 @@ def _claimers_take_disjoint_rows(url: str, rows: int = 60, claimers: int = 4, re
             s.query(OutboxItem).delete()
             s.query(Result).delete()
             s.query(Study).delete()
-            s.add(Study(study_uid="9.9", status=dbm.STUDY_DONE, n_instances=1, first_received=now,
-                        last_received=now, updated=now))
-            s.flush()
-            result = Result(study_uid="9.9", status=dbm.STUDY_DONE, threshold=0.5, model_name="m",
-                            model_version="1", model_uid="9.8", n_instances=1, n_scored=1, created=now)
-            s.add(result)
-            s.flush()
+            result = _add_scored_study(s, "9.9", "9.8", now)
             for i in range(rows):
                 s.add(OutboxItem(result_id=result.id, study_uid="9.9", sr_sop_instance_uid=f"9.9.{i}",
                                  sr_path=f"/nowhere/{i}.dcm", destination="d", host="h", port=1, ae_title="D",

@@ -38,9 +38,10 @@ _T = OutboxItem.__table__
 _DUE = (select(_T.c.id).where(_T.c.status == dbm.OUTBOX_PENDING, _T.c.next_attempt <= bindparam("now"))
         .order_by(_T.c.next_attempt, _T.c.id).limit(bindparam("n")))
 _LEASE = dict(status=dbm.OUTBOX_SENDING, lease_owner=bindparam("owner"), lease_expires=bindparam("expires"))
-_CLAIM = {skip_locked: update(_T).where(_T.c.id.in_(due), _T.c.status == dbm.OUTBOX_PENDING)
+_DUE_FOR = {False: _DUE, True: _DUE.with_for_update(skip_locked=True)}  # key: is PostgreSQL
+_CLAIM = {postgres: update(_T).where(_T.c.id.in_(due), _T.c.status == dbm.OUTBOX_PENDING)
           .values(**_LEASE).returning(*_T.c)
-          for skip_locked, due in ((False, _DUE), (True, _DUE.with_for_update(skip_locked=True)))}
+          for postgres, due in _DUE_FOR.items()}
 _MARK_SENT = (update(_T).where(_T.c.id == bindparam("oid"), _T.c.lease_owner == bindparam("owner"))
               .values(status=dbm.OUTBOX_SENT, sent=bindparam("at"), last_error=None, lease_owner=None,
                       lease_expires=None, attempts=_T.c.attempts + 1, last_status=bindparam("rsp_status")))
@@ -56,8 +57,7 @@ def claim_due(db: Database, owner: str, lease_seconds: float, limit: int = BATCH
         if db.engine.dialect.update_returning:
             rows = conn.execute(_CLAIM[db.is_postgres], params).mappings().all()
         else:  # SQLite < 3.35: one UPDATE per row, then read them back
-            due = _DUE.with_for_update(skip_locked=True) if db.is_postgres else _DUE
-            ids = [oid for oid in conn.scalars(due, params).all()
+            ids = [oid for oid in conn.scalars(_DUE_FOR[db.is_postgres], params).all()
                    if conn.execute(update(_T).where(_T.c.id == oid, _T.c.status == dbm.OUTBOX_PENDING)
                                    .values(**_LEASE), params).rowcount]
             rows = conn.execute(select(_T).where(_T.c.id.in_(ids))).mappings().all() if ids else []

@@ -55,8 +55,6 @@ class Concluded:
     study: ClaimedStudy
     result: dict
     scored: list[Scored]
-    n_scored: int
-    n_instances: int
     reasons: dict[str, int]
 
 
@@ -153,10 +151,6 @@ class ScorerLoop(threading.Thread):
             self._finishing = None
 
     # -- one batch of studies -------------------------------------------------------------------
-    def process(self, claimed: list[ClaimedStudy]) -> None:
-        """Score one batch of claimed studies now (begin + complete)."""
-        self.complete(self.begin(claimed))
-
     def begin(self, claimed: list[ClaimedStudy]) -> Ahead:
         """Look up the studies' instances and start decoding their eligible images."""
         by_uid = instances_of_many(self.db, [c.study_uid for c in claimed])
@@ -245,14 +239,14 @@ class ScorerLoop(threading.Thread):
             result.update(status=dbm.STUDY_NO_ELIGIBLE,
                           error="no eligible image: " + ", ".join(f"{k}={v}" for k, v in sorted(reasons.items())))
         result["total_s"] = time.time() - study.claimed_at
-        return Concluded(study, result, scored, len(ok), len(instances), dict(reasons))
+        return Concluded(study, result, scored, dict(reasons))
 
     def _log_result(self, item: Concluded, final_status: str) -> None:
         result, study = item.result, item.study
         prob = f"{result['probability']:.4f}" if result["probability"] is not None else "-"
         log.info("study %s acc=%s status=%s prob=%s label=%s images=%d/%d rev=%d decode=%.3fs infer=%.3fs "
                  "sr=%.3fs total=%.3fs%s", study.study_uid, study.accession or "-", final_status, prob,
-                 result["label"] or "-", item.n_scored, item.n_instances, result["revision"], result["decode_s"],
+                 result["label"] or "-", result["n_scored"], result["n_instances"], result["revision"], result["decode_s"],
                  result["inference_s"], result["sr_s"], result["total_s"],
                  f" reasons={item.reasons}" if item.reasons else "")
 

@@ -147,7 +147,7 @@ class Scorer:
         """The batch's decoded items in input order. A decode process that dies (a decoder crashing
         on a hostile file) is replaced, and the files not yet decoded are decoded one at a time, so
         only the file that kills a decoder is given up (reason ``decode_crashed``)."""
-        for index, (key, path) in enumerate(batch.items):
+        for index in range(len(batch.items)):
             try:
                 if index >= len(batch.futures):
                     raise BrokenProcessPool("not submitted")
@@ -156,8 +156,8 @@ class Scorer:
                 log.error("a decode process died; decoding the other %d files one at a time",
                           len(batch.items) - index)
                 self._replace_pool()
-                for key_, path_ in batch.items[index:]:
-                    yield self._prepare_alone(key_, Path(path_))
+                for key, path in batch.items[index:]:
+                    yield self._prepare_alone(key, Path(path))
                 return
 
     def prepare_many(self, items: Iterable[tuple[object, Path]]) -> Iterator[Prepared]:

@@ -51,7 +51,7 @@ TRANSFER_SYNTAXES = [
 
 #: The C-STORE path's statements, built once: SQLAlchemy then only binds values (building a statement
 #: per call with its values cost ~0.6 ms of Python per instance, more than SQLite's commit).
-_STUDY_ROW = select(Study.id, Study.status).where(Study.study_uid == bindparam("uid"))
+_STUDY_ROW = select(Study.id, Study.status).where(Study.study_uid == bindparam("uid")).with_for_update()
 _NEW_STUDY = insert(Study)
 _TOUCH_STUDY = (update(Study).where(Study.id == bindparam("sid"))
                 .values(n_instances=Study.n_instances + 1, last_received=bindparam("now"), updated=bindparam("now"),
@@ -126,7 +126,7 @@ class Receiver:
         # finds its file taken (adopt -> False) or its row taken (IntegrityError in _record).
         if not self.spool.adopt(tmp, final, file_sync):
             self._settle(file_sync)
-            if self._known(header.sop_instance_uid):
+            if self._recorded_path(header.sop_instance_uid) is not None:
                 tmp.unlink(missing_ok=True)
                 return self._duplicate(header)
             # A file without a row: a crash between rename and commit; Success was never sent, so
@@ -143,9 +143,10 @@ class Receiver:
         except OSError:
             pass
 
-    def _known(self, sop_uid: str) -> bool:
+    def _recorded_path(self, sop_uid: str) -> str | None:
+        """The spool path recorded for this SOP Instance UID, or None when it is not stored yet."""
         with self.db.engine.connect() as conn:
-            return conn.scalar(select(Instance.id).where(Instance.sop_instance_uid == sop_uid)) is not None
+            return conn.scalar(select(Instance.path).where(Instance.sop_instance_uid == sop_uid))
 
     def _duplicate(self, header) -> int:
         self._count("duplicates")
@@ -207,8 +208,10 @@ class Receiver:
                 log.debug("stored %s in study %s", header.sop_instance_uid, header.study_uid)
                 return STATUS_SUCCESS
             except IntegrityError:
-                if self._known(header.sop_instance_uid):  # stored before, or a concurrent copy won
-                    self._unlink_if_foreign(header, final)
+                recorded = self._recorded_path(header.sop_instance_uid)
+                if recorded is not None:  # stored before, or a concurrent copy won
+                    if Path(recorded) != final:  # the same UID sent under another study: drop its extra link
+                        final.unlink(missing_ok=True)
                     return self._duplicate(header)
                 time.sleep(0.05 * (attempt + 1))       # concurrent first instance of the same study
             except OperationalError as exc:
@@ -216,13 +219,6 @@ class Receiver:
                 time.sleep(0.2 * (attempt + 1))
         log.error("could not record instance %s; answering 0xA700", header.sop_instance_uid)
         return STATUS_OUT_OF_RESOURCES
-
-    def _unlink_if_foreign(self, header, final: Path) -> None:
-        """A duplicate SOP Instance UID sent under another study linked a second spool file: drop it."""
-        with self.db.engine.connect() as conn:
-            recorded = conn.scalar(select(Instance.path).where(Instance.sop_instance_uid == header.sop_instance_uid))
-        if recorded is not None and Path(recorded) != final:
-            final.unlink(missing_ok=True)
 
 
 def _handle_echo(event) -> int:

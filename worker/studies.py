@@ -29,13 +29,17 @@ class ClaimedStudy:
     claimed_at: float
 
 
+def _promotion(quiet_seconds: float, now: float):
+    """The UPDATE receiving -> ready for studies with no new instance for ``quiet_seconds``."""
+    return (update(Study).where(Study.status == dbm.STUDY_RECEIVING, Study.last_received <= now - quiet_seconds)
+            .values(status=dbm.STUDY_READY, updated=now))
+
+
 def promote_quiet(db: Database, quiet_seconds: float, now: float | None = None) -> int:
     """receiving -> ready for studies with no new instance for ``quiet_seconds``."""
     now = time.time() if now is None else now
     with db.session() as s, s.begin():
-        return s.execute(update(Study)
-                         .where(Study.status == dbm.STUDY_RECEIVING, Study.last_received <= now - quiet_seconds)
-                         .values(status=dbm.STUDY_READY, updated=now)).rowcount
+        return s.execute(_promotion(quiet_seconds, now)).rowcount
 
 
 def next_due(db: Database, quiet_seconds: float) -> float | None:
@@ -43,13 +47,6 @@ def next_due(db: Database, quiet_seconds: float) -> float | None:
     with db.session() as s:
         last = s.scalar(select(func.min(Study.last_received)).where(Study.status == dbm.STUDY_RECEIVING))
     return None if last is None else last + quiet_seconds
-
-
-def has_receiving_due(db: Database, quiet_seconds: float) -> bool:
-    with db.session() as s:
-        return s.scalar(select(Study.id).where(Study.status == dbm.STUDY_RECEIVING,
-                                               Study.last_received <= time.time() - quiet_seconds)
-                        .limit(1)) is not None
 
 
 def claim_ready(db: Database, owner: str, limit: int, lease_seconds: float,
@@ -63,9 +60,7 @@ def claim_ready(db: Database, owner: str, limit: int, lease_seconds: float,
     claimed: list[ClaimedStudy] = []
     with db.session() as s, s.begin():
         if quiet_seconds is not None:
-            s.execute(update(Study)
-                      .where(Study.status == dbm.STUDY_RECEIVING, Study.last_received <= now - quiet_seconds)
-                      .values(status=dbm.STUDY_READY, updated=now))
+            s.execute(_promotion(quiet_seconds, now))
         query = (select(Study.id, Study.study_uid, Study.accession, Study.n_instances, Study.revision)
                  .where(Study.status == dbm.STUDY_READY).order_by(Study.last_received).limit(limit))
         if db.is_postgres:
@@ -81,10 +76,6 @@ def claim_ready(db: Database, owner: str, limit: int, lease_seconds: float,
                 claimed.append(ClaimedStudy(row.id, row.study_uid, row.accession, row.n_instances,
                                             row.revision, now))
     return claimed
-
-
-def instances_of(db: Database, study_uid: str) -> list[Instance]:
-    return instances_of_many(db, [study_uid]).get(study_uid, [])
 
 
 def instances_of_many(db: Database, study_uids: list[str]) -> dict[str, list[Instance]]:
