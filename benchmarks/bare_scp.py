@@ -56,8 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.fast_recv:
         sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-        from worker import fastrecv
-
+        from worker.net._pynetdicom import recv as fastrecv
         fastrecv.install()
 
     args.out.mkdir(parents=True, exist_ok=True)

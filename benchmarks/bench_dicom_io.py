@@ -26,7 +26,7 @@ import pydicom
 from pydicom.pixels import apply_modality_lut, apply_voi_lut, get_decoder
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from dicom_factory import TOOL_COMMANDS, encode_with_tool, make_file, synthetic_radiograph  # noqa: E402
+from testkit.dicom_factory import TOOL_COMMANDS, encode_with_tool, make_file, synthetic_radiograph  # noqa: E402
 
 from dicom_io import read_dicom_display  # noqa: E402
 from dicom_io.decode import PREFERRED_PLUGINS, frame_with_plugin, plugin_order  # noqa: E402

@@ -30,11 +30,11 @@ from pydicom.uid import generate_uid
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
-from dicom_factory import DX_FOR_PRESENTATION_STORAGE, make_dataset  # noqa: E402
+from testkit.dicom_factory import DX_FOR_PRESENTATION_STORAGE, make_dataset  # noqa: E402
 
 from trainer.checkpoint import ModelInfo, new_model_uid  # noqa: E402
 from worker import sr_template  # noqa: E402
-from worker.sr import build_pneumonia_sr, encode_pneumonia_sr, sr_file_bytes  # noqa: E402
+from worker.sr.builder import build_pneumonia_sr, encode_pneumonia_sr, sr_file_bytes  # noqa: E402
 
 FULL_REPEATS, QUICK_REPEATS = 200, 30
 IMAGES_PER_CASE = (1, 2, 3)

@@ -40,8 +40,7 @@ def disable_guard() -> None:
     """Send without worker.reactor.reactor_parked, as the worker did before the fix."""
     import contextlib
 
-    from worker import scu
-
+    from worker.net import scu
     scu.reactor_parked = lambda assoc: contextlib.nullcontext()
 
 
@@ -56,13 +55,13 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from bench_ingest import Proc, free_port, wait_port
-    from dicom_factory import make_dataset, synthetic_radiograph
+    from testkit.dicom_factory import make_dataset, synthetic_radiograph
     from make_study_files import dcmtk_tool
 
     logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
     if args.without_guard:
         disable_guard()
-    from worker.scu import store_files
+    from worker.net.scu import store_files
 
     work = Path(tempfile.mkdtemp(prefix="cxr-scu-race-"))
     files = []

@@ -1,73 +1,18 @@
-"""Shared test helpers: where the real data lives, and external tools that must exist in CI."""
+"""Fixtures for every test; helpers live in the importable package tests/testkit."""
 
 from __future__ import annotations
 
-import os
-import shutil
-import socket
-import subprocess
-from functools import lru_cache
 from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("CXR_SHARED", REPO_ROOT.parent / "shared"))
-KAGGLE_ROOT = SHARED / "data" / "chest_xray224"
-IN_CI = os.environ.get("CI", "").lower() == "true"
+from testkit.env import IN_CI, KAGGLE_ROOT
+from testkit.postgres import postgres_cluster
 
 
 def pytest_addoption(parser) -> None:
     parser.addoption("--slow", action="store_true", default=False,
                      help="also run the long soak variants (marker 'slow'; or set CXR_SOAK=1)")
-
-
-def require_tool(*names: str) -> None:
-    """Skip locally when an external program (DCMTK, Orthanc, dicom3tools...) is missing; fail in CI."""
-    missing = [name for name in names if shutil.which(name) is None]
-    if missing:
-        message = f"required program(s) not installed: {', '.join(missing)}"
-        if IN_CI:
-            pytest.fail(message + " (CI=true: .ci/run must install them)")
-        pytest.skip(message)
-
-
-def free_port() -> int:
-    """A TCP port on loopback that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@lru_cache(maxsize=None)
-def _find_dcmtk(name: str) -> str | None:
-    candidates = [os.path.join(d, name) for d in os.environ.get("PATH", "").split(os.pathsep)]
-    candidates += [f"/usr/bin/{name}", f"/usr/local/bin/{name}"]
-    for path in candidates:
-        if not (os.path.isfile(path) and os.access(path, os.X_OK)):
-            continue
-        try:
-            out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=10)
-        except (OSError, subprocess.TimeoutExpired):
-            continue
-        if "dcmtk" in (out.stdout + out.stderr).lower():
-            return path
-    return None
-
-
-def dcmtk(name: str) -> str:
-    """Path of DCMTK's program ``name``; skip locally / fail in CI when absent.
-
-    pynetdicom installs Python apps named storescu/echoscu/storescp that may come first on PATH
-    (pyenv shims), so the real binary is found by asking ``--version``.
-    """
-    path = _find_dcmtk(name)
-    if path is None:
-        message = f"DCMTK {name} not installed"
-        if IN_CI:
-            pytest.fail(message + " (CI=true: .ci/run must install dcmtk)")
-        pytest.skip(message)
-    return path
 
 
 @pytest.fixture(scope="session")
@@ -84,3 +29,9 @@ def kaggle_root() -> Path:
 def kaggle_jpegs(kaggle_root: Path) -> dict[str, list[Path]]:
     """A few real JPEGs per class, sorted (deterministic)."""
     return {cls: sorted((kaggle_root / "train" / cls).glob("*.jpeg"))[:8] for cls in ("NORMAL", "PNEUMONIA")}
+
+
+@pytest.fixture(scope="module")
+def postgres_url():
+    """A throwaway PostgreSQL cluster for the module's tests (testkit/postgres.py)."""
+    yield from postgres_cluster()

@@ -15,15 +15,16 @@ import signal
 import threading
 import time
 
-from . import db as dbm
-from .db import Database
-from .outbox import OutboxLoop
-from .pipeline import ScorerLoop
-from .scoring import Scorer
-from .scp import Listener, Receiver
+from .store import db as dbm
+from .store.db import Database
+from .outbox_loop import OutboxLoop
+from .scorer_loop import ScorerLoop
+from .scoring.runner import Scorer
+from .net.listener import Listener
+from .receiver import Receiver
 from .settings import Settings
-from .spool import Spool
-from .tls import server_context
+from .store.spool import Spool
+from .net.tls import server_context
 
 log = logging.getLogger("cxr_worker.service")
 

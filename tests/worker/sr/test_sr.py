@@ -1,0 +1,466 @@
+"""The pneumonia SR: highdicom reads back what we wrote, dicom3tools and DCMTK find it valid."""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import io
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from testkit.env import require_tool
+from testkit.dicom_factory import CR_IMAGE_STORAGE, DX_FOR_PRESENTATION_STORAGE, make_dataset
+from pydicom.uid import generate_uid
+
+from trainer.checkpoint import ModelInfo, new_model_uid
+from worker.sr import template as sr_template
+from worker.cli.wrap import DX_FOR_PRESENTATION, wrap_image_as_dicom
+from worker.sr.builder import (
+    CERTAINTY_OF_FINDING,
+    PNEUMONIA,
+    PROCESSING_EQUIPMENT,
+    SR_SERIES_DESCRIPTION,
+    build_pneumonia_sr,
+    encode_pneumonia_sr,
+    sr_file_bytes,
+)
+from worker.sr.reader import read_pneumonia_sr
+
+COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
+
+
+@pytest.fixture(scope="module")
+def model() -> ModelInfo:
+    return ModelInfo(arch="simplecnn", name="cxr-pneumonia-test", version="1.2.3", threshold=0.42, uid=new_model_uid())
+
+
+@pytest.fixture(scope="module")
+def wrapped(kaggle_jpegs: dict[str, list[Path]], tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """Two real Kaggle films of one patient, wrapped as DX images of one study, written to disk."""
+    out = tmp_path_factory.mktemp("wrapped")
+    study_uid = pydicom.uid.generate_uid()
+    paths = []
+    for index, jpeg in enumerate(kaggle_jpegs["PNEUMONIA"][:2]):
+        ds = wrap_image_as_dicom(jpeg, patient_id="person-test", study_uid=study_uid)
+        path = out / f"dx{index}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def sources(wrapped: list[Path]) -> list[pydicom.Dataset]:
+    return [pydicom.dcmread(p, stop_before_pixels=True) for p in wrapped]
+
+
+@pytest.fixture(scope="module")
+def sr_file(sources: list[pydicom.Dataset], model: ModelInfo, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    sr = build_pneumonia_sr(sources, 0.8731, True, model)
+    path = tmp_path_factory.mktemp("sr") / "sr.dcm"
+    sr.save_as(path, enforce_file_format=True)
+    return path
+
+
+def dciodvfy(path: Path) -> tuple[list[str], list[str]]:
+    """(error lines, warning lines) of dicom3tools' IOD verifier (it reports on stderr)."""
+    require_tool("dciodvfy")
+    run = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
+    lines = (run.stdout + run.stderr).splitlines()
+    errors = [line for line in lines if line.startswith("Error")]
+    warnings = [line for line in lines if line.startswith("Warning")]
+    for line in warnings:
+        print(f"dciodvfy {path.name}: {line}")
+    return errors, warnings
+
+
+@pytest.mark.parametrize("probability, positive", [(0.8731, True), (0.0213, False), (0.0, False), (1.0, True)])
+def test_read_back_through_highdicom(sources, model, probability, positive, tmp_path):
+    sr = build_pneumonia_sr(sources, probability, positive, model)
+    path = tmp_path / "sr.dcm"
+    sr.save_as(path, enforce_file_format=True)
+    result = read_pneumonia_sr(pydicom.dcmread(path))
+    assert result["finding"] == "Pneumonia"
+    assert result["presence"] == ("present" if positive else "absent")
+    assert result["positive"] is positive
+    assert result["probability"] == pytest.approx(probability, abs=1e-9)
+    assert result["model_uid"] == model.uid
+    assert result["model_name"] == model.name and result["model_version"] == model.version
+    assert result["referenced_sop_instance_uids"] == [str(ds.SOPInstanceUID) for ds in sources]
+
+
+def test_header_same_study_new_series_air_equipment(sources, model, sr_file):
+    sr = pydicom.dcmread(sr_file)
+    assert sr.SOPClassUID == COMPREHENSIVE_3D_SR and sr.Modality == "SR"
+    assert sr.StudyInstanceUID == sources[0].StudyInstanceUID
+    assert sr.SeriesInstanceUID not in {ds.SeriesInstanceUID for ds in sources}
+    assert sr.PatientID == "person-test" and sr.PatientName == sources[0].PatientName
+    assert (sr.SeriesNumber, sr.SeriesDescription) == (9901, SR_SERIES_DESCRIPTION)
+    assert (sr.CompletionFlag, sr.VerificationFlag) == ("COMPLETE", "UNVERIFIED")
+    ai = [item for item in sr.ContributingEquipmentSequence if item.get("DeviceUID") == model.uid]
+    assert len(ai) == 1
+    purpose = ai[0].PurposeOfReferenceCodeSequence[0]
+    assert (purpose.CodingSchemeDesignator, purpose.CodeValue) == (PROCESSING_EQUIPMENT.scheme_designator, PROCESSING_EQUIPMENT.value)
+    assert (ai[0].ManufacturerModelName, ai[0].SoftwareVersions) == (model.name, model.version)
+    evidence = {
+        sop.ReferencedSOPInstanceUID
+        for study in sr.CurrentRequestedProcedureEvidenceSequence
+        for series in study.ReferencedSeriesSequence
+        for sop in series.ReferencedSOPSequence
+    }
+    assert evidence == {ds.SOPInstanceUID for ds in sources}
+
+
+def test_only_standard_coding_schemes(sr_file):
+    schemes: set[str] = set()
+
+    def walk(ds: pydicom.Dataset) -> None:
+        for element in ds:
+            if element.keyword == "CodingSchemeDesignator":
+                schemes.add(str(element.value))
+            elif element.VR == "SQ":
+                for item in element.value:
+                    walk(item)
+
+    walk(pydicom.dcmread(sr_file))
+    assert {PNEUMONIA.scheme_designator, CERTAINTY_OF_FINDING.scheme_designator} <= schemes
+    assert schemes <= {"DCM", "SCT", "UCUM", "RFC5646"}, schemes  # no private (99...) schemes
+
+
+def test_given_uids_make_the_sr_reproducible(sources, model):
+    kwargs = dict(sr_series_uid="1.2.826.0.1.3680043.10.1.1", sr_instance_uid="1.2.826.0.1.3680043.10.1.2")
+    first = build_pneumonia_sr(sources, 0.5, True, model, series_number=9902, instance_number=3, **kwargs)
+    second = build_pneumonia_sr(sources, 0.5, True, model, series_number=9902, instance_number=3, **kwargs)
+    assert first.SeriesInstanceUID == second.SeriesInstanceUID == kwargs["sr_series_uid"]
+    assert first.SOPInstanceUID == second.SOPInstanceUID == kwargs["sr_instance_uid"]
+    assert (first.SeriesNumber, first.InstanceNumber) == (9902, 3)
+    assert str(first.ContentSequence) == str(second.ContentSequence)  # same tracking UID, same tree
+
+
+def test_sources_without_geometry_or_type2_attributes(sources, model):
+    bare = pydicom.Dataset()
+    for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "Rows", "Columns", "Modality", "PatientID"):
+        setattr(bare, keyword, sources[0].get(keyword))
+    result = read_pneumonia_sr(build_pneumonia_sr([bare], 0.3, False, model))
+    assert result["referenced_sop_instance_uids"] == [sources[0].SOPInstanceUID]
+
+
+HIGHDICOM_EQUIPMENT = "Highdicom open-source contributors"
+
+
+def _bytes_with_fixed_times(sr: pydicom.Dataset | bytes) -> bytes:
+    """The SR's file bytes with the creation dates/times (the only values taken from the clock) fixed.
+
+    Only highdicom's own Contributing Equipment item has its Contribution DateTime from the clock;
+    the acquisition equipment item's comes from the source image and must match as it is.
+    """
+    if isinstance(sr, bytes):
+        sr = pydicom.dcmread(io.BytesIO(sr))
+    for keyword in ("ContentDate", "InstanceCreationDate", "SeriesDate"):
+        if keyword in sr:
+            setattr(sr, keyword, "20000101")
+    for keyword in ("ContentTime", "InstanceCreationTime", "SeriesTime"):
+        if keyword in sr:
+            setattr(sr, keyword, "000000")
+    for item in sr.get("ContributingEquipmentSequence", []):
+        if "ContributionDateTime" in item and item.Manufacturer == HIGHDICOM_EQUIPMENT:
+            item.ContributionDateTime = "20000101000000"
+    return sr_file_bytes(sr)
+
+
+@pytest.mark.parametrize("case", ["one", "two", "bare"])
+def test_fast_path_gives_the_same_bytes_as_highdicom_unabridged(sources, model, case):
+    """build_pneumonia_sr hands highdicom a content stub and attaches the tree itself (2x faster):
+    the document must be byte-identical to the one highdicom builds from the whole tree."""
+    chosen = {"one": sources[:1], "two": sources}.get(case)
+    if chosen is None:  # no geometry, no Type 2 attributes
+        bare = pydicom.Dataset()
+        for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "Rows", "Columns",
+                        "Modality", "PatientID"):
+            setattr(bare, keyword, sources[0].get(keyword))
+        chosen = [bare]
+    kwargs = dict(sr_series_uid="1.2.826.0.1.3680043.10.1.1", sr_instance_uid="1.2.826.0.1.3680043.10.1.2",
+                  instance_number=2)
+    fast = build_pneumonia_sr(chosen, 0.8731, True, model, **kwargs)
+    full = build_pneumonia_sr(chosen, 0.8731, True, model, reference=True, **kwargs)
+    assert str(fast.content) == str(full.content)  # .content (highdicom's parsed tree) too
+    assert _bytes_with_fixed_times(fast) == _bytes_with_fixed_times(full)
+
+
+def test_invalid_inputs_are_rejected(sources, model):
+    with pytest.raises(ValueError, match="at least one"):
+        build_pneumonia_sr([], 0.5, True, model)
+    for probability in (-0.01, 1.01, float("nan")):
+        with pytest.raises(ValueError, match="probability"):
+            build_pneumonia_sr(sources, probability, True, model)
+    other = copy.deepcopy(sources[1])
+    other.StudyInstanceUID = pydicom.uid.generate_uid()
+    with pytest.raises(ValueError, match="one study"):
+        build_pneumonia_sr([sources[0], other], 0.5, True, model)
+    with pytest.raises(ValueError, match="not a valid DICOM UID"):
+        build_pneumonia_sr(sources, 0.5, True, model, sr_instance_uid="not-a-uid")
+    no_uid = copy.deepcopy(sources[0])
+    del no_uid.SOPInstanceUID
+    with pytest.raises(ValueError, match="SOPInstanceUID"):
+        build_pneumonia_sr([no_uid], 0.5, True, model)
+
+
+def test_sr_passes_dciodvfy(sr_file):
+    errors, _ = dciodvfy(sr_file)
+    assert errors == []
+
+
+def test_sr_passes_dsrdump(sr_file):
+    require_tool("dsrdump")
+    run = subprocess.run(["dsrdump", str(sr_file)], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert run.stderr.strip() == "", run.stderr
+    assert '"Pneumonia"' in run.stdout and "Certainty of Finding" in run.stdout
+
+
+def test_wrapped_dx_images_pass_dciodvfy(wrapped):
+    for path in wrapped:
+        ds = pydicom.dcmread(path)
+        assert ds.SOPClassUID == DX_FOR_PRESENTATION
+        assert (ds.Modality, ds.PhotometricInterpretation, ds.BitsStored, ds.ViewPosition) == ("DX", "MONOCHROME2", 8, "AP")
+        errors, _ = dciodvfy(path)
+        assert errors == [], path
+
+
+# --- encode_pneumonia_sr: the template path gives the reference bytes ------------------------------
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+#: Probabilities the studies of one shape cycle through (edges, tiny, long decimals).
+PROBABILITIES = (0.8731, 0.0213, 0.0, 1.0, 1e-7, 0.123456789, 0.5)
+JAPANESE_NAME = "Yamada{seed}^Tarou=山田^太郎=やまだ^たろう"
+#: Specific Character Set -> (patient name, institution name) with text that needs it.
+NAMES: dict[str | tuple[str, ...] | None, tuple[str, str]] = {
+    None: ("Doe{seed}^Jane", "General Hospital {seed}"),
+    "ISO_IR 100": ("Müller{seed}^Jürgen", "Hôpital Zürich {seed}"),
+    "ISO_IR 192": ("Ωμέγα{seed}^Άλφα", "Νοσοκομείο {seed}"),
+    ("", "ISO 2022 IR 87"): (JAPANESE_NAME, "Tokyo Hospital {seed}"),  # "\\ISO 2022 IR 87": highdicom refuses
+    ("ISO 2022 IR 6", "ISO 2022 IR 87"): (JAPANESE_NAME, "Osaka Hospital {seed}"),
+}
+ORIENTATIONS = (["L", "F"], ["A", "FR"], ["R", "H"])
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What stays the same across the studies of one template; make_study varies everything else."""
+
+    images: tuple[tuple[str, str, str], ...]  # (SOP Class UID, photometric, series key) per image
+    charset: str | tuple[str, ...] | None = "ISO_IR 100"
+    optional: bool = True  # birth date, accession, institution, acquisition equipment
+    orientation: bool = True  # Patient Orientation; without it the library entry has no TID 1603 part
+    spacing: bool = True  # Imager Pixel Spacing
+    frames_of_reference: bool = False
+    bad_dates: bool = False
+    extras: bool = False  # more Patient/Study attributes: sequences, multi-valued PN, DS, AS
+    implicit_vr: bool = False
+    templated: bool = True  # False: the reference builds every study of this shape
+    conformant: bool = True  # False: the reference SR itself has dciodvfy errors (source values it keeps)
+
+
+DX1 = (DX_FOR_PRESENTATION_STORAGE, "MONOCHROME2", "a")
+SHAPES = {
+    "dx-one": Shape((DX1,)),
+    "dx-two-monochrome1": Shape(((DX_FOR_PRESENTATION_STORAGE, "MONOCHROME1", "a"),) * 2),
+    "three-cr-dx-two-series": Shape(((CR_IMAGE_STORAGE, "MONOCHROME1", "a"), (CR_IMAGE_STORAGE, "MONOCHROME2", "a"),
+                                     (DX_FOR_PRESENTATION_STORAGE, "MONOCHROME2", "b"))),
+    "frames-of-reference": Shape((DX1, DX1), frames_of_reference=True),
+    "dx-no-orientation": Shape((DX1, DX1), orientation=False),
+    "minimal-no-geometry": Shape((DX1,), charset=None, optional=False, orientation=False, spacing=False),
+    "bad-dates": Shape((DX1,), bad_dates=True),
+    "utf8": Shape((DX1, (CR_IMAGE_STORAGE, "MONOCHROME1", "b")), charset="ISO_IR 192"),
+    "jis-first-empty": Shape((DX1,), charset=("", "ISO 2022 IR 87")),
+    "jis-with-ir6": Shape((DX1, DX1), charset=("ISO 2022 IR 6", "ISO 2022 IR 87")),
+    "implicit-vr-extras": Shape((DX1, DX1), extras=True, implicit_vr=True),
+    "ct": Shape(((CT_IMAGE_STORAGE, "MONOCHROME2", "a"),), templated=False),  # TID 1604 descriptors not mapped
+}
+
+
+def make_study(shape: Shape, seed: int) -> list[pydicom.Dataset]:
+    """Headers of one study of `shape`, as the worker reads them (stop_before_pixels), all of whose
+    per-study values (UIDs, names, dates, sizes, spacing, orientation, equipment) depend on `seed`."""
+    study_uid = generate_uid()
+    series = {key: generate_uid() for *_, key in shape.images}
+    patient_name, institution = (text.format(seed=seed) for text in NAMES[shape.charset])
+    headers = []
+    for index, (sop_class, photometric, key) in enumerate(shape.images):
+        ds = make_dataset(np.zeros((20 + seed + index, 16 + 3 * seed), np.uint16), bits_stored=12,
+                          photometric=photometric, sop_class=sop_class)
+        if shape.charset is not None:
+            ds.SpecificCharacterSet = list(shape.charset) if isinstance(shape.charset, tuple) else shape.charset
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series[key]
+        ds.PatientID, ds.PatientName, ds.PatientSex = f"PID{seed:04d}", patient_name, "FM"[seed % 2]
+        ds.StudyDate, ds.StudyTime = f"2024{seed % 12 + 1:02d}{seed % 28 + 1:02d}", f"{10 + seed % 10}3015"
+        ds.StudyID, ds.StudyDescription, ds.ReferringPhysicianName = str(seed), f"XR CHEST {seed}", f"Ref{seed}^A"
+        if shape.optional:
+            ds.PatientBirthDate, ds.AccessionNumber = f"19{50 + seed}0704", f"ACC{seed}"
+            ds.InstitutionName = institution
+            ds.Manufacturer, ds.ManufacturerModelName, ds.StationName = "ACME Imaging", f"DR-{seed}", f"ROOM{seed}"
+            ds.SoftwareVersions, ds.DeviceSerialNumber = ["4.1", f"fw{seed}"], f"SN{seed}"
+            ds.AcquisitionDateTime = f"2024010{seed % 9 + 1}1010{seed % 60:02d}.25"
+        if shape.orientation:
+            ds.PatientOrientation = ORIENTATIONS[(seed + index) % len(ORIENTATIONS)]
+        if shape.spacing:
+            ds.ImagerPixelSpacing = [0.139 + 0.001 * seed, 0.15 + 0.0123 * seed]  # anisotropic: rows vs columns
+        if shape.frames_of_reference:
+            ds.FrameOfReferenceUID = generate_uid()
+        if shape.bad_dates:
+            ds.PatientBirthDate, ds.StudyDate, ds.StudyTime = "05.04.1923", "2024-01-02", "12:30"
+            ds.AcquisitionDateTime = f"2024-01-02 10:{seed:02d}"  # highdicom copies it into the equipment item
+        if shape.extras:
+            ds.PatientAge, ds.PatientWeight, ds.PatientComments = f"{30 + seed:03d}Y", 60.5 + seed, f"note {seed}"
+            ds.OtherPatientIDsSequence = [pydicom.Dataset()]
+            ds.OtherPatientIDsSequence[0].update({"PatientID": f"OTHER{seed}", "IssuerOfPatientID": "HOSP",
+                                                  "TypeOfPatientID": "TEXT"})
+            ds.ReferencedStudySequence = [pydicom.Dataset()]  # a copied reference: not a library image
+            ds.ReferencedStudySequence[0].update({"ReferencedSOPClassUID": "1.2.840.10008.3.1.2.3.1",
+                                                  "ReferencedSOPInstanceUID": generate_uid()})
+            ds.PhysiciansOfRecord = [f"Doe{seed}^A", "Roe^B"]
+        if shape.implicit_vr:
+            ds.file_meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian
+        if sop_class == CT_IMAGE_STORAGE:
+            ds.Modality, ds.FrameOfReferenceUID, ds.SliceThickness = "CT", generate_uid(), 1.25
+            ds.PixelSpacing, ds.ImagePositionPatient = [0.7, 0.8], [-100.0, -120.5, 30.0 + seed]
+            ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        buffer = io.BytesIO()
+        ds.save_as(buffer, enforce_file_format=True)
+        headers.append(pydicom.dcmread(io.BytesIO(buffer.getvalue()), stop_before_pixels=True))
+    return headers
+
+
+def sr_arguments(seed: int) -> dict:
+    """The per-study arguments the pipeline passes (derived UIDs, revision as instance number)."""
+    return dict(series_number=9900 + seed, instance_number=seed, sr_series_uid=generate_uid(),
+                sr_instance_uid=generate_uid())
+
+
+def assert_same_sr(fast: bytes, reference: bytes) -> None:
+    """Equal up to the clock values; on failure the element dumps' diff says where."""
+    fast, reference = _bytes_with_fixed_times(fast), _bytes_with_fixed_times(reference)
+    if fast != reference:
+        dumps = [str(pydicom.dcmread(io.BytesIO(data))).splitlines() for data in (reference, fast)]
+        diff = "\n".join(difflib.unified_diff(*dumps, "reference", "fast", lineterm="", n=2))
+        pytest.fail(f"template SR differs from the reference:\n{diff or '(same dump; bytes differ)'}")
+
+
+@pytest.fixture()
+def fresh_templates():
+    sr_template.clear()
+    yield
+    sr_template.clear()
+
+
+@pytest.mark.parametrize("positive", [True, False], ids=["positive", "negative"])
+@pytest.mark.parametrize("name", list(SHAPES))
+def test_encode_gives_the_reference_bytes(model, name, positive, fresh_templates):
+    """Study 1 of a shape builds its template from the reference; studies 2-4 (every per-study value
+    different) are rendered from it, and all must equal build_pneumonia_sr + save_as."""
+    shape = SHAPES[name]
+    for seed in (1, 2, 3, 4):
+        sources = make_study(shape, seed)
+        probability, arguments = PROBABILITIES[(seed + positive) % len(PROBABILITIES)], sr_arguments(seed)
+        fast = encode_pneumonia_sr(sources, probability, positive, model, **arguments)
+        reference = sr_file_bytes(build_pneumonia_sr(sources, probability, positive, model, **arguments))
+        assert_same_sr(fast, reference)
+    info = sr_template.cache_info()
+    assert (info["template"], info["reference"]) == ((3, 1) if shape.templated else (0, 4)), info
+
+
+def test_encode_keeps_settings_apart(model, fresh_templates):
+    """Manufacturer, software version and model are part of the shape, not frozen from the first study."""
+    other_model = ModelInfo(arch="simplecnn", name="cxr-other", version="9", threshold=0.3, uid=new_model_uid())
+    for seed, (m, manufacturer, version) in enumerate([(model, "cxr-worker", "1.0"), (model, "Site AI", "1.0"),
+                                                       (other_model, "cxr-worker", "1.0"),
+                                                       (model, "cxr-worker", "2.0"), (model, "Site AI", "1.0")]):
+        sources, arguments = make_study(SHAPES["dx-one"], seed + 1), sr_arguments(seed + 1)
+        fast = encode_pneumonia_sr(sources, 0.6, True, m, manufacturer=manufacturer, software_version=version,
+                                   **arguments)
+        reference = build_pneumonia_sr(sources, 0.6, True, m, manufacturer=manufacturer, software_version=version,
+                                       **arguments)
+        assert_same_sr(fast, sr_file_bytes(reference))
+    assert sr_template.cache_info()["template"] == 1  # only the repeated ("Site AI", model, "1.0")
+
+
+def test_shapes_never_share_a_template(model, fresh_templates):
+    """All shapes through one cache, twice: each study must get its own shape's document. (bad-dates
+    has dx-one's shape: its odd dates are values, so it may already use that template in round 1.)"""
+    for seed in (5, 6):
+        rendered = sr_template.cache_info()["template"]
+        for shape in SHAPES.values():
+            sources, arguments = make_study(shape, seed), sr_arguments(seed)
+            fast = encode_pneumonia_sr(sources, 0.7, True, model, **arguments)
+            assert_same_sr(fast, sr_file_bytes(build_pneumonia_sr(sources, 0.7, True, model, **arguments)))
+    assert sr_template.cache_info()["template"] - rendered == sum(shape.templated for shape in SHAPES.values())
+
+
+def test_encode_leaves_the_sources_as_they_were(model, fresh_templates):
+    """The SR copies the sources before blanking bad dates or hiding missing geometry (copy.copy of a
+    Dataset would share its elements with the caller's)."""
+    for seed in (1, 2):
+        sources = make_study(SHAPES["bad-dates"], seed)
+        bare = make_study(SHAPES["dx-no-orientation"], seed)
+        before = [str(ds) for ds in sources + bare]
+        encode_pneumonia_sr(sources, 0.5, True, model, **sr_arguments(seed))
+        encode_pneumonia_sr(bare, 0.5, True, model, **sr_arguments(seed))
+        build_pneumonia_sr(bare, 0.5, True, model)
+        assert [str(ds) for ds in sources + bare] == before
+        assert (sources[0].PatientBirthDate, bare[0].Modality) == ("05.04.1923", "DX")
+
+
+@pytest.mark.parametrize("name", [n for n, shape in SHAPES.items() if shape.templated])
+def test_template_sr_reads_back_and_passes_dciodvfy(model, name, fresh_templates, tmp_path):
+    """A rendered SR reads back through highdicom, and dciodvfy finds no error (bad-dates included:
+    non-conformant source dates, the Acquisition DateTime highdicom copies among them, are left empty)."""
+    shape = SHAPES[name]
+    encode_pneumonia_sr(make_study(shape, 1), 0.25, True, model, **sr_arguments(1))  # builds the template
+    sources, arguments = make_study(shape, 2), sr_arguments(2)
+    data = encode_pneumonia_sr(sources, 0.8731, True, model, **arguments)
+    assert sr_template.cache_info()["template"] == 1
+    result = read_pneumonia_sr(pydicom.dcmread(io.BytesIO(data)))
+    assert (result["presence"], result["positive"]) == ("present", True)
+    assert result["probability"] == pytest.approx(0.8731, abs=1e-9)
+    assert (result["model_uid"], result["model_name"], result["model_version"]) == (
+        model.uid, model.name, model.version)
+    assert result["referenced_sop_instance_uids"] == [str(ds.SOPInstanceUID) for ds in sources]
+    assert result["study_instance_uid"] == sources[0].StudyInstanceUID
+    assert result["sr_instance_uid"] == arguments["sr_instance_uid"]
+    if shape.conformant:
+        path = tmp_path / "sr.dcm"
+        path.write_bytes(data)
+        errors, _ = dciodvfy(path)
+        assert errors == []
+
+
+def test_encode_rejects_what_build_rejects(model, fresh_templates):
+    sources = make_study(SHAPES["dx-two-monochrome1"], 1)
+    encode_pneumonia_sr(sources, 0.5, True, model, **sr_arguments(1))  # the shape now has a template
+    with pytest.raises(ValueError, match="at least one"):
+        encode_pneumonia_sr([], 0.5, True, model)
+    for probability in (-0.01, 1.01, float("nan")):
+        with pytest.raises(ValueError, match="probability"):
+            encode_pneumonia_sr(sources, probability, True, model)
+    other = copy.deepcopy(sources[1])
+    other.StudyInstanceUID = generate_uid()
+    with pytest.raises(ValueError, match="one study"):
+        encode_pneumonia_sr([sources[0], other], 0.5, True, model)
+    with pytest.raises(ValueError, match="not a valid DICOM UID"):
+        encode_pneumonia_sr(sources, 0.5, True, model, sr_instance_uid="not-a-uid")
+
+
+def test_patient_sex_outside_the_defined_terms_still_gets_an_sr(model, fresh_templates):
+    """Patient's Sex "U" (not a DICOM defined term, common in the wild) made highdicom refuse the
+    whole SR; it is left empty (Type 2) instead, on both paths."""
+    for seed in (2, 3):
+        odd = make_study(SHAPES["dx-two-monochrome1"], seed)
+        odd[0].PatientSex = "U"
+        arguments = sr_arguments(seed)
+        fast = encode_pneumonia_sr(odd, 0.5, True, model, **arguments)
+        reference = build_pneumonia_sr(odd, 0.5, True, model, **arguments)
+        assert reference.PatientSex in (None, "")
+        assert_same_sr(fast, sr_file_bytes(reference))
+        assert odd[0].PatientSex == "U"  # the caller's header is left alone

@@ -1,0 +1,153 @@
+"""`cxr-worker send` and `cxr-worker echo`: the DICOM client side of the command line.
+
+The CLI owner calls register(subparsers); each subcommand sets func=handler(args) -> exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from dicom_io.images import is_image_file
+
+from ..net.scu import DEFAULT_CALLING_AET, echo_detail, store_files
+from .wrap import wrap_image_as_dicom
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 11112
+DEFAULT_CALLED_AET = "CXR_WORKER"
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+def _add_peer_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default=DEFAULT_HOST, help=f"peer host (default {DEFAULT_HOST})")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"peer DICOM port (default {DEFAULT_PORT})")
+    parser.add_argument("--aec", default=DEFAULT_CALLED_AET, help=f"called AE title (default {DEFAULT_CALLED_AET})")
+    parser.add_argument("--aet", default=DEFAULT_CALLING_AET, help=f"our (calling) AE title (default {DEFAULT_CALLING_AET})")
+    parser.add_argument("--timeout", type=float, default=30.0, help="network timeout in seconds (default 30)")
+    tls = parser.add_argument_group("DICOM TLS (any --tls-* option implies --tls)")
+    tls.add_argument("--tls", action="store_true", help="use TLS; the peer's certificate is verified")
+    tls.add_argument("--tls-ca", default="", metavar="FILE", help="CA certificates (PEM) for the peer (default: system CAs)")
+    tls.add_argument("--tls-cert", default="", metavar="FILE", help="our client certificate (PEM), if the peer wants one")
+    tls.add_argument("--tls-key", default="", metavar="FILE", help="its private key (PEM, unencrypted)")
+
+
+def _tls_context(args: argparse.Namespace):
+    """The client SSLContext for --tls/--tls-* (worker/tls.py), or None; SettingsError for bad files."""
+    if not (args.tls or args.tls_ca or args.tls_cert or args.tls_key):
+        return None
+    from ..net.tls import client_context
+
+    return client_context(args.tls_ca, args.tls_cert, args.tls_key, names=("--tls-ca", "--tls-cert", "--tls-key"))
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the `send` and `echo` subcommands."""
+    send = subparsers.add_parser(
+        "send",
+        help="C-STORE DICOM files (or, with --wrap, JPEG/PNG chest films) to a DICOM node",
+        description="Send files over one association. Directories are expanded (with --recursive, "
+        "into subdirectories). Exits non-zero if any file was not stored.",
+    )
+    send.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="files or directories")
+    _add_peer_arguments(send)
+    send.add_argument("--wrap", action="store_true", help="wrap JPEG/PNG files as DICOM DX images first")
+    send.add_argument("--recursive", "-r", action="store_true", help="descend into subdirectories")
+    send.add_argument("--no-progress", action="store_true", help="no progress bar")
+    send.set_defaults(func=cmd_send)
+
+    ping = subparsers.add_parser("echo", help="C-ECHO a DICOM node (exit 0 when it answers Success)")
+    _add_peer_arguments(ping)
+    ping.set_defaults(func=cmd_echo)
+
+
+def expand_paths(paths: Iterable[Path], recursive: bool) -> tuple[list[Path], list[str]]:
+    """Files named or found in the directories (sorted, hidden files skipped), and error lines."""
+    files: list[Path] = []
+    errors: list[str] = []
+    for path in paths:
+        if path.is_dir():
+            found = path.rglob("*") if recursive else path.iterdir()
+            files.extend(sorted(p for p in found if p.is_file() and not p.name.startswith(".")))
+        elif path.is_file():
+            files.append(path)
+        else:
+            errors.append(f"{path}: no such file or directory")
+    return files, errors
+
+
+def _wrap_all(files: Sequence[Path], tmpdir: Path) -> tuple[list[Path], dict[Path, Path], list[str]]:
+    """Replace image files by wrapped DICOM copies in tmpdir; returns (to send, wrapped->original, errors)."""
+    to_send: list[Path] = []
+    origin: dict[Path, Path] = {}
+    errors: list[str] = []
+    for index, path in enumerate(files):
+        if not is_image_file(path):
+            to_send.append(path)
+            continue
+        try:
+            ds = wrap_image_as_dicom(path)
+        except Exception as exc:  # noqa: BLE001 - one bad image must not stop the rest
+            errors.append(f"{path}: cannot wrap as DICOM: {exc}")
+            continue
+        target = tmpdir / f"{index:06d}.dcm"
+        ds.save_as(target, enforce_file_format=True)
+        to_send.append(target)
+        origin[target] = path
+    return to_send, origin, errors
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    files, errors = expand_paths(args.paths, args.recursive)
+    if not files and not errors:
+        print("send: no files to send", file=sys.stderr)
+        return EXIT_USAGE
+    with tempfile.TemporaryDirectory(prefix="cxr-send-") as tmp:
+        origin: dict[Path, Path] = {}
+        if args.wrap:
+            files, origin, wrap_errors = _wrap_all(files, Path(tmp))
+            errors.extend(wrap_errors)
+        outcomes = store_files(
+            files, args.host, args.port, args.aec, args.aet, tls=_tls_context(args), timeout=args.timeout,
+            progress=not args.no_progress,
+        )
+    for outcome in outcomes:
+        if not outcome.ok:
+            name = origin.get(outcome.path, outcome.path)
+            line = str(outcome).replace(str(outcome.path), str(name), 1)
+            if not args.wrap and is_image_file(name):
+                line += " (an image file: use --wrap)"
+            errors.append(line)
+    for line in errors:
+        print(f"error: {line}", file=sys.stderr)
+    sent = sum(o.ok for o in outcomes)
+    failed = len(errors)
+    print(f"sent {sent}, failed {failed}")
+    return EXIT_OK if failed == 0 else EXIT_FAILED
+
+
+def cmd_echo(args: argparse.Namespace) -> int:
+    status, reason = echo_detail(args.host, args.port, args.aec, args.aet, tls=_tls_context(args), timeout=args.timeout)
+    where = f"{args.aec}@{args.host}:{args.port}"
+    if status is None:
+        print(f"C-ECHO {where} failed: {reason}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"C-ECHO {where}: status 0x{status:04X}")
+    return EXIT_OK if status == 0 else EXIT_FAILED
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Stand-alone entry (tests, `python -m worker.cli_scu`) until the main CLI registers us."""
+    parser = argparse.ArgumentParser(prog="cxr-worker")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,27 @@
+"""The worker's one error hierarchy: every error it raises on purpose derives from ``WorkerError``.
+
+The network layer maps the receive errors to DICOM statuses in one place (worker/net/status.py);
+the CLI maps ``SettingsError`` to exit status 2.
+"""
+
+from __future__ import annotations
+
+
+class WorkerError(Exception):
+    """Base of the errors this package raises on purpose."""
+
+
+class SettingsError(WorkerError, ValueError):
+    """The configuration is invalid; the message names the key."""
+
+
+class ReceiveError(WorkerError):
+    """A received instance was not stored; the sender is told so by its C-STORE status."""
+
+
+class Unreadable(ReceiveError):
+    """The data set cannot be parsed (or lacks its identifying UIDs): kept in rejected/, never scored."""
+
+
+class NotDurable(ReceiveError):
+    """The instance could not be made durable or recorded (disk, database): the sender should retry."""

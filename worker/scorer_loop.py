@@ -1,0 +1,311 @@
+"""The scorer thread: ready studies -> dicom_io + model (batched across studies) -> result, SR, outbox.
+
+Runs beside the network threads, never on them. Per claimed batch of studies:
+  1. eligible instances of every study are decoded (dicom_io, thread pool) and scored together;
+  2. study probability = max over its scored images, label by the checkpoint threshold;
+  3. the SR (worker/sr.py) is written atomically under sr/, with UIDs derived from
+     (study, model UID, revision), so a crash-and-retry rewrites the same SR instead of a new one;
+  4. one transaction for the whole batch (one fsync): per study -> done/no_eligible_images, result
+     row (one per study and model), outbox rows (one per destination), per-instance probability or
+     reason. A study is only recorded while this worker still holds its lease.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import pydicom
+from sqlalchemy import select, update
+
+from .store import db as dbm
+from .store.db import Database, Instance, OutboxItem, Result, Study
+from .scoring.runner import DecodeBatch, Scored, Scorer
+from .settings import Settings
+from .store.spool import Spool
+from .store.studies import ClaimedStudy, claim_ready, instances_of_many, next_due, release, renew
+
+log = logging.getLogger("cxr_worker.pipeline")
+
+#: Shortest idle sleep: a study due "now" is picked up on the next pass, without a busy loop.
+MIN_IDLE_WAIT = 0.005
+
+
+@dataclass
+class Ahead:
+    """A claimed batch whose images are being decoded."""
+
+    claimed: list[ClaimedStudy]
+    per_study: dict[int, list[Instance]]
+    decoding: DecodeBatch
+
+
+@dataclass
+class Concluded:
+    """A scored study's result row values and SR file, waiting for the batch's commit."""
+
+    study: ClaimedStudy
+    result: dict
+    scored: list[Scored]
+    reasons: dict[str, int]
+
+
+def derived_uid(*parts: str) -> str:
+    """A 2.25 UID from a SHA-256 of ``parts`` (same inputs, same UID; ISO/IEC 9834-8 UUID-style root).
+
+    (pydicom's generate_uid(prefix=None) ignores entropy_srcs and returns a random UID.)
+    """
+    digest = hashlib.sha256("\x1f".join(parts).encode("utf-8")).digest()
+    return f"2.25.{int.from_bytes(digest[:16], 'big')}"
+
+
+def sr_uids(study_uid: str, model_uid: str, revision: int) -> tuple[str, str]:
+    """Deterministic (series UID, instance UID) for a study's SR: retries yield the same SR."""
+    series = derived_uid("cxr-worker-sr-series", study_uid, model_uid)
+    instance = derived_uid("cxr-worker-sr-instance", study_uid, model_uid, str(revision))
+    return series, instance
+
+
+class ScorerLoop(threading.Thread):
+    """Claims and scores batches as a three-stage pipeline: while the model scores batch n, the
+    images of batch n+1 are already decoding (decode processes) and batch n-1 is being finished
+    (SRs, one commit) by a second thread. Decoding and inference release the GIL, SR building is
+    pure Python, so the stages overlap on both cores. At most one batch is in each stage.
+    """
+
+    def __init__(self, settings: Settings, db: Database, spool: Spool, scorer: Scorer, owner: str,
+                 stop: threading.Event, poll_seconds: float = 0.2,
+                 on_committed: Callable[[], None] | None = None) -> None:
+        super().__init__(name="scorer", daemon=True)
+        self.settings, self.db, self.spool, self.scorer = settings, db, spool, scorer
+        self.owner, self.stop_event, self.poll = owner, stop, min(poll_seconds, settings.studies.quiet_seconds or 0.2)
+        self.poll = max(self.poll, 0.05)
+        self.on_committed = on_committed  # called after a result with an SR is committed (wakes the outbox)
+        self.scored_studies = 0
+        self._finisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scorer-finish")
+        self._finishing: Future | None = None
+
+    def run(self) -> None:
+        last_reclaim = 0.0
+        ahead: Ahead | None = None  # claimed, its images decoding while the model scores the previous batch
+        while not self.stop_event.is_set():
+            try:
+                if time.monotonic() - last_reclaim > 5.0:
+                    dbm.reclaim_stale(self.db)
+                    last_reclaim = time.monotonic()
+                claimed = claim_ready(self.db, self.owner, self.settings.model.max_studies_per_batch,
+                                      self.settings.studies.lease_seconds, self.settings.studies.quiet_seconds)
+                following = self.begin(claimed) if claimed else None
+                if ahead is not None:
+                    current, ahead = ahead, None
+                    self.complete(current)
+                ahead = following
+                if ahead is None:
+                    self.stop_event.wait(self._idle_wait())
+            except Exception:  # noqa: BLE001 - log and keep the service alive
+                log.exception("scorer loop error; retrying in 1 s")
+                self.stop_event.wait(1.0)
+        try:
+            if ahead is not None:
+                self.complete(ahead)
+            self._wait_finishing()
+        except Exception:  # noqa: BLE001 - stopping anyway; the studies' leases are re-taken on restart
+            log.exception("finishing the last batch failed")
+        self._finisher.shutdown(wait=True)
+
+    def warm_up(self) -> None:
+        """Pay the one-off costs (highdicom loads its standard tables on the first SR, ~1 s; the
+        model's first forward pass) before the listener opens, not in the first studies' latency."""
+        from .sr.builder import build_pneumonia_sr
+
+        try:
+            self.scorer.start_decoders()
+            size = self.scorer.info.input_size
+            self.scorer.predict(np.zeros((1, 1, size, size), dtype=np.float32))
+            header = pydicom.Dataset()
+            header.update({"SOPClassUID": "1.2.840.10008.5.1.4.1.1.1.1", "SOPInstanceUID": "2.25.1",
+                           "StudyInstanceUID": "2.25.2", "SeriesInstanceUID": "2.25.3", "Rows": 1, "Columns": 1,
+                           "Modality": "DX", "PatientID": ""})
+            build_pneumonia_sr([header], 0.5, True, self.scorer.info)
+        except Exception:  # noqa: BLE001 - only a warm-up; the real work reports its own errors
+            log.debug("warm-up failed", exc_info=True)
+
+    def _idle_wait(self) -> float:
+        """Sleep until the next receiving study becomes due (quiet period over), at most ``poll``."""
+        due = next_due(self.db, self.settings.studies.quiet_seconds)
+        if due is None:
+            return self.poll
+        return min(self.poll, max(due - time.time(), MIN_IDLE_WAIT))
+
+    def _wait_finishing(self) -> None:
+        if self._finishing is not None:
+            self._finishing.result()  # _finish_all handles its own errors
+            self._finishing = None
+
+    # -- one batch of studies -------------------------------------------------------------------
+    def begin(self, claimed: list[ClaimedStudy]) -> Ahead:
+        """Look up the studies' instances and start decoding their eligible images."""
+        by_uid = instances_of_many(self.db, [c.study_uid for c in claimed])
+        per_study: dict[int, list[Instance]] = {c.id: by_uid[c.study_uid] for c in claimed}
+        items = [((c.id, inst.id), inst.path) for c in claimed for inst in per_study[c.id] if inst.eligible]
+        return Ahead(claimed, per_study, self.scorer.decode_async(items))
+
+    def complete(self, ahead: Ahead) -> None:
+        """Score the decoded images, then hand the batch to the finisher (SRs, one commit)."""
+        claimed = ahead.claimed
+        try:
+            scored = self.scorer.score_prepared(self.scorer.collect(ahead.decoding))
+        except Exception as exc:  # noqa: BLE001 - e.g. CUDA out of memory: give the studies back
+            log.exception("batch scoring failed; releasing %d studies", len(claimed))
+            release(self.db, self.owner, [c.id for c in claimed], f"scoring failed: {type(exc).__name__}: {exc}")
+            return
+        renew(self.db, self.owner, [c.id for c in claimed], self.settings.studies.lease_seconds)
+        by_study: dict[int, list[Scored]] = defaultdict(list)
+        for s in scored:
+            by_study[s.prepared.key[0]].append(s)
+        self._wait_finishing()
+        self._finishing = self._finisher.submit(self._finish_all, claimed, ahead.per_study, by_study)
+
+    def _finish_all(self, claimed: list[ClaimedStudy], per_study: dict[int, list[Instance]],
+                    by_study: dict[int, list[Scored]]) -> None:
+        """SR files for every study of the batch, then ONE transaction records them all."""
+        concluded: list[Concluded] = []
+        for study in claimed:
+            try:
+                concluded.append(self.conclude(study, per_study[study.id], by_study.get(study.id, [])))
+            except Exception as exc:  # noqa: BLE001
+                log.exception("study %s: finishing failed", study.study_uid)
+                release(self.db, self.owner, [study.id], f"{type(exc).__name__}: {exc}")
+        if not concluded:
+            return
+        try:
+            finals = self._commit(concluded)
+        except Exception as exc:  # noqa: BLE001 - e.g. the database went away: the studies go back
+            log.exception("recording %d results failed", len(concluded))
+            release(self.db, self.owner, [c.study.id for c in concluded], f"{type(exc).__name__}: {exc}")
+            return
+        for item in concluded:
+            final = finals.get(item.study.id)
+            if final is None:
+                log.warning("study %s: lease lost before the result was committed; result discarded",
+                            item.study.study_uid)
+                continue
+            self.scored_studies += 1
+            self._log_result(item, final)
+        if self.on_committed is not None and any(c.result["sr_path"] and c.study.id in finals for c in concluded):
+            self.on_committed()
+
+    def conclude(self, study: ClaimedStudy, instances: list[Instance], scored: list[Scored]) -> Concluded:
+        """The study's result (max probability over its scored images) and its SR file; no database."""
+        model = self.scorer.info
+        inst_by_id = {i.id: i for i in instances}
+        reasons = Counter(i.reason for i in instances if not i.eligible and i.reason)
+        ok = [s for s in scored if s.probability is not None]
+        for s in scored:
+            if s.probability is None:
+                reasons[s.prepared.error_reason or "decode_failed"] += 1
+        revision = study.revision + 1
+        result = dict(study_uid=study.study_uid, accession=study.accession, revision=revision,
+                      threshold=self.scorer.threshold, model_name=model.name, model_version=model.version,
+                      model_uid=model.uid, n_instances=len(instances), n_scored=len(ok),
+                      reasons=json.dumps(dict(reasons), sort_keys=True) if reasons else None,
+                      decode_s=sum(s.prepared.decode_s for s in scored),
+                      inference_s=sum(s.inference_s for s in ok), device=str(self.scorer.device),
+                      probability=None, label=None, positive=None, error=None, sr_path=None,
+                      sr_sop_instance_uid=None, sr_series_uid=None, best_instance_uid=None, sr_s=0.0)
+        if ok:
+            best = max(ok, key=lambda s: s.probability)
+            label, positive = self.scorer.label(best.probability)
+            result.update(status=dbm.STUDY_DONE, probability=best.probability, label=label, positive=positive,
+                          best_instance_uid=inst_by_id[best.prepared.key[1]].sop_instance_uid)
+            t0 = time.perf_counter()
+            try:
+                sr_file, series_uid, instance_uid = self._write_sr(study, [inst_by_id[s.prepared.key[1]] for s in ok],
+                                                                   best.probability, positive, revision)
+                result.update(sr_path=str(sr_file), sr_sop_instance_uid=instance_uid, sr_series_uid=series_uid)
+            except Exception as exc:  # noqa: BLE001 - recorded on the result; the study is 'failed'
+                log.exception("study %s: SR could not be built", study.study_uid)
+                result.update(status=dbm.STUDY_FAILED, error=f"sr_failed: {type(exc).__name__}: {exc}")
+            result["sr_s"] = time.perf_counter() - t0
+        else:
+            result.update(status=dbm.STUDY_NO_ELIGIBLE,
+                          error="no eligible image: " + ", ".join(f"{k}={v}" for k, v in sorted(reasons.items())))
+        result["total_s"] = time.time() - study.claimed_at
+        return Concluded(study, result, scored, dict(reasons))
+
+    def _log_result(self, item: Concluded, final_status: str) -> None:
+        result, study = item.result, item.study
+        prob = f"{result['probability']:.4f}" if result["probability"] is not None else "-"
+        log.info("study %s acc=%s status=%s prob=%s label=%s images=%d/%d rev=%d decode=%.3fs infer=%.3fs "
+                 "sr=%.3fs total=%.3fs%s", study.study_uid, study.accession or "-", final_status, prob,
+                 result["label"] or "-", result["n_scored"], result["n_instances"], result["revision"], result["decode_s"],
+                 result["inference_s"], result["sr_s"], result["total_s"],
+                 f" reasons={item.reasons}" if item.reasons else "")
+
+    def _write_sr(self, study: ClaimedStudy, sources: list[Instance], probability: float, positive: bool,
+                  revision: int):
+        from .sr.builder import encode_pneumonia_sr
+
+        headers = [pydicom.dcmread(inst.path, stop_before_pixels=True) for inst in sources]
+        for inst, header in zip(sources, headers):  # a data set without them was stored under the C-STORE's
+            header.SOPClassUID = header.get("SOPClassUID") or inst.sop_class_uid            # Affected SOP
+            header.SOPInstanceUID = header.get("SOPInstanceUID") or inst.sop_instance_uid   # Class/Instance
+        series_uid, instance_uid = sr_uids(study.study_uid, self.scorer.info.uid, revision)
+        data = encode_pneumonia_sr(headers, probability, positive, self.scorer.info,
+                                   manufacturer=self.settings.sr.manufacturer,
+                                   series_number=self.settings.sr.series_number, instance_number=revision,
+                                   sr_series_uid=series_uid, sr_instance_uid=instance_uid)
+        path = self.spool.write_bytes(self.spool.sr_path(study.study_uid, instance_uid), data)
+        return path, series_uid, instance_uid
+
+    def _commit(self, concluded: list[Concluded]) -> dict[int, str]:
+        """Record the batch in one transaction (one fsync for all of it); returns study id -> final
+        status for the studies this worker still held. A study whose lease was lost is left alone."""
+        now = time.time()
+        finals: dict[int, str] = {}
+        with self.db.session() as s, s.begin():
+            for item in concluded:
+                study, result = item.study, item.result
+                row = s.get(Study, study.id, with_for_update=True)
+                if row is None or row.status != dbm.STUDY_SCORING or row.lease_owner != self.owner:
+                    continue
+                late = row.n_instances != study.n_instances
+                final = dbm.STUDY_RECEIVING if late else result["status"]
+                s.execute(update(Study).where(Study.id == study.id)
+                          .values(status=final, revision=result["revision"], lease_owner=None, lease_expires=None,
+                                  error=result["error"], updated=now))
+                existing = s.scalar(select(Result).where(Result.study_uid == study.study_uid,
+                                                         Result.model_uid == result["model_uid"]))
+                if existing is None:
+                    existing = Result(created=now, **result)
+                    s.add(existing)
+                else:
+                    for key, value in result.items():
+                        setattr(existing, key, value)
+                    existing.created = now
+                s.flush()
+                if result["sr_path"]:
+                    for dest in self.settings.destinations:
+                        s.add(OutboxItem(result_id=existing.id, study_uid=study.study_uid,
+                                         sr_sop_instance_uid=result["sr_sop_instance_uid"],
+                                         sr_path=result["sr_path"], destination=dest.name, host=dest.host,
+                                         port=dest.port, ae_title=dest.ae_title, status=dbm.OUTBOX_PENDING,
+                                         attempts=0, next_attempt=now, created=now))
+                for sc in item.scored:
+                    values = ({"probability": sc.probability, "frame": sc.prepared.frame}
+                              if sc.probability is not None else
+                              {"eligible": False, "reason": sc.prepared.error_reason,
+                               "detail": (sc.prepared.error_message or "")[:2000]})
+                    s.execute(update(Instance).where(Instance.id == sc.prepared.key[1]).values(**values))
+                if late:
+                    log.info("study %s: instances arrived while scoring; it will be scored again", study.study_uid)
+                finals[study.id] = final
+        return finals
