@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.fast_recv:
         sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
         from worker.net._pynetdicom import recv as fastrecv
-        fastrecv.install()
+        fastrecv.patch()  # only this one of worker.net.install()'s changes
 
     args.out.mkdir(parents=True, exist_ok=True)
     incoming = args.out / ".incoming"

@@ -1,7 +1,7 @@
 """The worker's one error hierarchy: every error it raises on purpose derives from ``WorkerError``.
 
 The network layer maps the receive errors to DICOM statuses in one place (worker/net/status.py);
-the CLI maps ``SettingsError`` to exit status 2.
+the CLI maps ``SettingsError`` and ``UnsupportedDependency`` to exit status 2.
 """
 
 from __future__ import annotations
@@ -13,6 +13,10 @@ class WorkerError(Exception):
 
 class SettingsError(WorkerError, ValueError):
     """The configuration is invalid; the message names the key."""
+
+
+class UnsupportedDependency(WorkerError):
+    """An installed library is outside the versions the worker was tested with (checked at start-up)."""
 
 
 class ReceiveError(WorkerError):

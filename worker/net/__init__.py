@@ -5,5 +5,10 @@
 - ``associations``: the peer, opening associations, and keeping one per destination;
 - ``status``: the DICOM status codes, and receive errors mapped to them in one place;
 - ``tls``: DICOM TLS contexts;
-- ``_pynetdicom``: the private touches of pynetdicom's internals.
+- ``_pynetdicom``: the private touches of pynetdicom's internals, switched on process-wide by
+  ``install()`` (re-exported here), which checks pynetdicom's version first.
 """
+
+from ._pynetdicom import install
+
+__all__ = ["install"]

@@ -7,7 +7,7 @@ releasing an association for each cost more CPU than the C-STORE itself (two thr
 stopped, A-ASSOCIATE and A-RELEASE round trips). The pool keeps the association after a clean
 delivery and hands it out again while SRs keep coming:
 
-- idle, its reactor is slowed down but not parked (worker/reactor.reactor_idle), so the peer's
+- idle, its reactor is slowed down but not parked (worker/net/_pynetdicom/reactor.reactor_idle), so the peer's
   A-RELEASE-RQ is answered and an A-ABORT or a closed connection is noticed;
 - it is reused only when still established, nothing arrived from the peer since (an idle peer
   sends nothing: anything readable is a release, an abort or a close), and it proposed every

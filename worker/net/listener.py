@@ -6,78 +6,62 @@ The C-STORE handler hands the spooled file to worker/receiver.Receiver, which ma
 records it, and answers 0x0000 only when that returned. Its errors become statuses in
 worker/net/status.py (0xA700 when it could not be made durable, so the sender retries; 0xC000
 for an unreadable data set).
+
+The spooling is switched on process-wide by worker.net.install(), which the service calls before it
+builds the listener; constructing a Listener changes nothing in pynetdicom.
 """
 
 from __future__ import annotations
 
 import logging
-import socket
 import ssl
 import threading
 import time
 from pathlib import Path
 
-from pynetdicom import AE, _config, evt
+from pydicom.uid import (
+    JPEG2000,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
+from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification
-from pynetdicom.transport import ThreadedAssociationServer
+
 from ..errors import ReceiveError
 from ..receiver import Receiver
 from ..scoring.eligibility import SCORABLE_SOP_CLASSES
 from ..settings import Settings
 from . import status
-from ._pynetdicom import recv as fastrecv
-from ._pynetdicom import spool_file as incoming
-from .tls import describe_peer
+from ._pynetdicom import spool_file
+from ._pynetdicom.server import NoDelayServer, make_server
 
 log = logging.getLogger("cxr_worker.scp")
 
 TRANSFER_SYNTAXES = [
-    "1.2.840.10008.1.2.1",     # Explicit VR Little Endian
-    "1.2.840.10008.1.2",       # Implicit VR Little Endian
-    "1.2.840.10008.1.2.1.99",  # Deflated Explicit VR Little Endian
-    "1.2.840.10008.1.2.2",     # Explicit VR Big Endian (retired, still sent by old modalities)
-    "1.2.840.10008.1.2.4.50",  # JPEG Baseline (8-bit)
-    "1.2.840.10008.1.2.4.51",  # JPEG Extended (12-bit)
-    "1.2.840.10008.1.2.4.57",  # JPEG Lossless, Non-Hierarchical (Process 14)
-    "1.2.840.10008.1.2.4.70",  # JPEG Lossless, SV1
-    "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless
-    "1.2.840.10008.1.2.4.81",  # JPEG-LS Near-Lossless
-    "1.2.840.10008.1.2.4.90",  # JPEG 2000 Lossless
-    "1.2.840.10008.1.2.4.91",  # JPEG 2000
-    "1.2.840.10008.1.2.5",     # RLE Lossless
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,  # retired, still sent by old modalities
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    JPEG2000Lossless,
+    JPEG2000,
+    RLELossless,
 ]
-
-class NoDelayServer(ThreadedAssociationServer):
-    """pynetdicom's threaded server with TCP_NODELAY on accepted sockets.
-
-    Without it, Nagle + delayed ACK stall each small C-STORE response ~40-90 ms with DCMTK peers.
-    """
-
-    def get_request(self):
-        sock, address = self.socket.accept()
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
-            pass
-        if self.ssl_context:
-            # No handshake here: this is the accept thread, and a peer that connects and sends
-            # nothing would block every other connection. process_request_thread does it.
-            sock = self.ssl_context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
-        return sock, address
-
-    def process_request_thread(self, request, client_address):
-        if isinstance(request, ssl.SSLSocket):
-            try:
-                request.settimeout(self.ae.acse_timeout)
-                request.do_handshake()
-                request.settimeout(None)
-            except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError; timeouts too
-                log.warning("TLS handshake with %s:%s failed, connection closed: %s",
-                            client_address[0], client_address[1], exc)
-                self.shutdown_request(request)
-                return
-            log.debug("TLS from %s:%s: %s", client_address[0], client_address[1], describe_peer(request))
-        super().process_request_thread(request, client_address)
 
 
 def _handle_echo(event) -> int:
@@ -90,7 +74,7 @@ def _handle_store(event, receiver: Receiver) -> int:
     except AttributeError:
         log.error("C-STORE without a spooled data set (STORE_RECV_CHUNKED_DATASET off?)")
         return status.OUT_OF_RESOURCES
-    failed = incoming.failure(path)  # the data set could not even be spooled (disk full, I/O error)
+    failed = spool_file.failure(path)  # the data set could not even be spooled (disk full, I/O error)
     if failed:
         log.error("cannot spool received instance (%s); answering 0xA700", failed)
         return status.OUT_OF_RESOURCES
@@ -118,12 +102,6 @@ class Listener:
         self.settings = settings
         self.ssl_context = ssl_context
         net = settings.network
-        _config.STORE_RECV_CHUNKED_DATASET = True
-        # spool into incoming/ (same filesystem as the spool); a failed write: 0xA700, not an A-ABORT
-        incoming.install(settings.storage.writeback_bytes, receiver.spool.incoming)
-        fastrecv.install()  # whole PDUs per read instead of 4 KiB pieces
-        _config.LOG_REQUEST_IDENTIFIERS = False
-        _config.LOG_RESPONSE_IDENTIFIERS = False
         ae = AE(ae_title=net.ae_title)
         ae.maximum_associations = net.max_associations
         ae.maximum_pdu_size = net.max_pdu
@@ -143,9 +121,7 @@ class Listener:
 
     def start(self) -> int:
         net = self.settings.network
-        server = self.ae.make_server((net.bind_address, net.port), evt_handlers=self.handlers,
-                                     ssl_context=self.ssl_context, server_class=NoDelayServer)
-        self.ae._servers.append(server)
+        server = make_server(self.ae, (net.bind_address, net.port), self.handlers, self.ssl_context)
         self._thread = threading.Thread(target=server.serve_forever, name="scp-accept", daemon=True)
         self._thread.start()
         self.server = server

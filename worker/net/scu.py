@@ -2,12 +2,16 @@
 
 store_files() never raises for per-file or per-peer problems: every file gets a StoreOutcome that
 says what happened, so the caller can retry exactly the ones that failed.
+
+A file goes out as stored: its path is given to pynetdicom, which (with worker.net.install()) sends
+the encoded data set from the file, never decoded or re-encoded. Only a file the peer cannot take
+in its own transfer syntax (or one without complete file meta) is read with pydicom, decompressed
+when the peer refused its compressed syntax, and re-encoded by pynetdicom for an accepted one.
 """
 
 from __future__ import annotations
 
 import logging
-import socket
 import ssl
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -20,14 +24,10 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
 )
-from pynetdicom import AE, evt
-from pynetdicom.association import Association
-from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import Verification
 
 from ._pynetdicom.reactor import reactor_parked
-from .status import ACCEPTED as ACCEPTED_STATUSES
-from .status import SUCCESS
+from .status import ACCEPTED
 from .associations import (
     DEFAULT_CALLING_AET,
     MAX_CONTEXTS,
@@ -56,7 +56,7 @@ class StoreOutcome:
 
     @property
     def ok(self) -> bool:
-        return self.status in ACCEPTED_STATUSES
+        return self.status in ACCEPTED
 
     def __str__(self) -> str:
         if self.ok:
@@ -73,6 +73,7 @@ class _Item:
     sop_instance: str | None = None
     transfer_syntax: str | None = None
     error: str | None = None
+    meta: bool = False  # all three from the file meta: pynetdicom can send the file as stored
 
 
 def _read_header(path: Path) -> _Item:
@@ -86,6 +87,7 @@ def _read_header(path: Path) -> _Item:
     values = [str(meta.get(key) or "") for key in _META_KEYS]
     if all(values):
         item.sop_class, item.sop_instance, item.transfer_syntax = values
+        item.meta = True
         return item
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=True)
@@ -136,22 +138,24 @@ def _send_one(assoc, item: _Item) -> StoreOutcome:
     if not accepted:
         name = UID(item.sop_class).name
         return StoreOutcome(item.path, item.sop_instance, None, f"the peer accepted no presentation context for {name}")
-    try:
-        ds = pydicom.dcmread(item.path)
-    except Exception as exc:  # noqa: BLE001
-        return StoreOutcome(item.path, item.sop_instance, None, f"not a readable DICOM file: {exc}")
+    dataset: Path | Dataset = item.path  # the file as stored (module docstring)
+    if not (item.meta and item.transfer_syntax in accepted):
+        try:
+            dataset = pydicom.dcmread(item.path)
+        except Exception as exc:  # noqa: BLE001
+            return StoreOutcome(item.path, item.sop_instance, None, f"not a readable DICOM file: {exc}")
     try:
         if item.transfer_syntax not in accepted and UID(item.transfer_syntax).is_compressed:
             # The peer refused the stored (compressed) syntax but takes uncompressed data: decode,
             # keeping the SOP Instance UID (same instance, different encoding).
-            ds.decompress(generate_instance_uid=False)
-        rsp = assoc.send_c_store(ds)
+            dataset.decompress(generate_instance_uid=False)
+        rsp = assoc.send_c_store(dataset)
     except Exception as exc:  # noqa: BLE001 - report, never escape for one file
         return StoreOutcome(item.path, item.sop_instance, None, f"cannot send: {exc}")
     status = rsp.get("Status") if rsp is not None else None
     if status is None:
         return StoreOutcome(item.path, item.sop_instance, None, "no C-STORE response (timeout or association aborted)")
-    error = None if int(status) in ACCEPTED_STATUSES else str(rsp.get("ErrorComment", "") or "") or None
+    error = None if int(status) in ACCEPTED else str(rsp.get("ErrorComment", "") or "") or None
     return StoreOutcome(item.path, item.sop_instance, int(status), error)
 
 
@@ -205,7 +209,7 @@ def store_files(
 
     Files are sent in their stored transfer syntax (a compressed one falls back to uncompressed
     only when the peer refuses it). Returns one outcome per path, in order. With ``pool``
-    (worker/association_pool.py) the association is taken from it and left open for the next
+    (worker/net/associations.py) the association is taken from it and left open for the next
     call, so a stream of single files pays association setup and release once.
     """
     items = [_read_header(Path(p)) for p in paths]

@@ -10,6 +10,7 @@ from testkit.env import free_port
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
+from worker.net import install
 from worker.store.db import Database
 from worker.net.listener import Listener, Receiver
 from worker.settings import load_settings
@@ -22,6 +23,7 @@ def _listener(tmp_path):
                                       "CXR_WORKER__NETWORK__PORT": str(port),
                                       "CXR_WORKER__NETWORK__BIND_ADDRESS": '"127.0.0.1"'})
     spool = Spool(settings.storage.data_dir)
+    install(writeback_bytes=settings.storage.writeback_bytes, incoming_dir=spool.incoming)  # as the service does
     database = Database(settings.storage.url, settings.storage.sqlite_busy_timeout_ms)
     listener = Listener(settings, Receiver(settings, database, spool))
     return listener, listener.start(), database

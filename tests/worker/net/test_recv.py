@@ -1,4 +1,4 @@
-"""worker/fastrecv.py keeps pynetdicom's AssociationSocket.recv contract (real sockets, no mocks)."""
+"""worker/net/_pynetdicom/recv.py keeps pynetdicom's AssociationSocket.recv contract (real sockets, no mocks)."""
 
 from __future__ import annotations
 
@@ -51,10 +51,12 @@ def test_short_read_when_the_peer_closes_like_pynetdicom() -> None:
     assert results[0] == results[1] == b"x" * 5000
 
 
-def test_install_and_uninstall_swap_the_method() -> None:
-    fastrecv.install()
+def test_patch_and_unpatch_swap_the_method() -> None:
+    previous = AssociationSocket.recv
+    fastrecv.patch()
     try:
         assert AssociationSocket.recv is fastrecv._recv
+        fastrecv.unpatch()
+        assert AssociationSocket.recv is fastrecv._original_recv
     finally:
-        fastrecv.uninstall()
-    assert AssociationSocket.recv is fastrecv._original_recv
+        AssociationSocket.recv = previous  # as the process had it (install() may have run before)

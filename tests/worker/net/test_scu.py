@@ -5,19 +5,25 @@ from __future__ import annotations
 import contextlib
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pydicom
 import pytest
+from testkit.dicom_factory import make_dataset
 from testkit.env import REPO_ROOT, dcmtk
 from testkit.orthanc import OrthancServer, free_port
-from pydicom.uid import RLELossless
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless
+from pynetdicom.dsutils import encode
 
 from worker.cli import scu as cli_scu
+from worker.net import install
+from worker.net.associations import AssociationPool
 from worker.net.scu import StoreOutcome, echo, store_files
 from worker.cli.wrap import wrap_image_as_dicom
 
@@ -84,6 +90,58 @@ def rle_file(dicom_files: list[Path], tmp_path_factory: pytest.TempPathFactory) 
     path = tmp_path_factory.mktemp("rle") / "rle.dcm"
     ds.save_as(path, enforce_file_format=True)
     return path
+
+
+def data_set_bytes(path: Path) -> bytes:
+    """The encoded data set after the file meta: the bytes a C-STORE carries."""
+    data = path.read_bytes()
+    assert data[128:136] == b"DICM\x02\x00\x00\x00", path  # preamble, then (0002,0000)
+    (meta_length,) = struct.unpack_from("<I", data, 140)
+    return data[144 + meta_length:]
+
+
+@pytest.fixture
+def group_length_file(tmp_path: Path) -> Path:
+    """A small DX file whose data set starts with a (0008,0000) group length, as older modalities
+    write: pydicom drops retired group lengths when it encodes, so they arrive only as stored."""
+    ds = make_dataset(np.arange(32 * 24, dtype=np.uint16).reshape(32, 24) % 4096, bits_stored=12)
+    path = tmp_path / "group_length.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    data = path.read_bytes()
+    start = len(data) - len(data_set_bytes(path))
+    group = len(encode(ds.group_dataset(0x0008), False, True))
+    element = struct.pack("<HH2sHI", 0x0008, 0x0000, b"UL", 4, group)
+    path.write_bytes(data[:start] + element + data[start:])
+    assert pydicom.dcmread(path)[0x00080000].value == group
+    return path
+
+
+@pytest.mark.parametrize("link", ["one association", "kept association (outbox)"])
+def test_files_are_sent_as_stored_byte_for_byte(group_length_file, tmp_path, link):
+    install()  # the service and `cxr-worker send` do
+    pool = AssociationPool(60.0) if link != "one association" else None
+    outdir = tmp_path / "in"
+    try:
+        with storescp(outdir, "+B") as port:  # storescp --bit-preserving: writes the data set as received
+            [outcome] = store_files([group_length_file], "127.0.0.1", port, STORESCP_AET, pool=pool)
+            assert outcome.ok, outcome
+    finally:
+        if pool is not None:
+            pool.close()
+    [got] = outdir.glob("*.dcm")
+    assert data_set_bytes(got) == data_set_bytes(group_length_file)
+
+
+def test_a_file_the_peer_takes_only_in_another_syntax_is_converted(group_length_file, tmp_path):
+    install()
+    original = pydicom.dcmread(group_length_file)
+    assert original.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+    with storescp(tmp_path / "in", "+xi") as port:  # accepts Implicit VR Little Endian only
+        [outcome] = store_files([group_length_file], "127.0.0.1", port, STORESCP_AET)
+    assert outcome.ok, outcome
+    got = received(tmp_path / "in")[original.SOPInstanceUID]
+    assert got.file_meta.TransferSyntaxUID == ImplicitVRLittleEndian
+    assert got.PixelData == original.PixelData
 
 
 @pytest.fixture(scope="module")
@@ -208,13 +266,9 @@ def test_cli_send_wraps_and_reports(kaggle_jpegs, tmp_path, capsys):
 
 
 def test_cli_send_as_a_process(dicom_files, tmp_path):
-    """Through the real console script when worker.cli.main registers us, else `python -m worker.cli.scu`."""
-    cli = REPO_ROOT / "worker" / "cli.py"
+    """Through the installed console script (pip install -e), else `python -m worker`."""
     script = shutil.which("cxr-worker")
-    if script and cli.is_file() and "cli_scu" in cli.read_text():
-        command = [script]
-    else:
-        command = [sys.executable, "-m", "worker.cli.scu"]
+    command = [script] if script else [sys.executable, "-m", "worker"]
     with storescp(tmp_path / "in", "+xa") as port:
         run = subprocess.run(
             [*command, "send", *map(str, dicom_files), "--port", str(port), "--aec", STORESCP_AET],

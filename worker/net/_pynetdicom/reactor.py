@@ -15,7 +15,7 @@ and returns once the reactor is inside the wait, so from then until the end of t
 ``send_*()`` calls read the association's messages. While parked, ``dimse.get_msg`` also gives up
 as soon as the peer aborts or closes the connection, instead of waiting the whole DIMSE timeout.
 
-An association kept open between deliveries (worker/association_pool.py) is *not* parked while
+An association kept open between deliveries (worker/net/associations.py) is *not* parked while
 idle, so its reactor still answers the peer's A-RELEASE-RQ and notices an A-ABORT or a closed
 connection; pynetdicom's network idle timeout is off meanwhile (the pool releases idle associations
 itself). ``reactor_idle`` slows its two threads down: each polls every 1 ms, ~55 ms of CPU

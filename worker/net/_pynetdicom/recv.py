@@ -3,9 +3,10 @@
 pynetdicom 3.0 ``AssociationSocket.recv(n)`` reads at most 4096 bytes per ``socket.recv`` call and
 appends each piece to a growing bytearray: a 10 MB image is ~2,500 calls and as many copies,
 a third of a bare pynetdicom receiver's CPU (py-spy, benchmarks/bare_scp.py, JPEG Lossless films).
-``install()`` replaces it with a loop that reads straight into one preallocated buffer, as many
-bytes as the kernel has, with the same contract: returns the ``n`` bytes asked for, or what was
-read before the peer closed the connection (a short result means "connection broken").
+``patch()`` (called by ``install()``) replaces it with a loop that reads straight into one
+preallocated buffer, as many bytes as the kernel has, with the same contract: returns the ``n``
+bytes asked for, or what was read before the peer closed the connection (a short result means
+"connection broken").
 """
 
 from __future__ import annotations
@@ -37,11 +38,11 @@ def _recv(self: AssociationSocket, nr_bytes: int) -> bytearray:
     return buffer
 
 
-def install() -> None:
+def patch() -> None:
     """Use the fast read for every pynetdicom association of this process (idempotent)."""
     AssociationSocket.recv = _recv  # type: ignore[method-assign]
 
 
-def uninstall() -> None:
+def unpatch() -> None:
     """Back to pynetdicom's own read (tests, benchmarks)."""
     AssociationSocket.recv = _original_recv  # type: ignore[method-assign]

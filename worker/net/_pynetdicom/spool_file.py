@@ -28,8 +28,8 @@ import uuid
 _failures: dict[str, str] = {}
 _lock = threading.Lock()
 _SYNC_FILE_RANGE_WRITE = 2  # <linux/fs.h>: start writeback of dirty pages in the range, do not wait
-_writeback_bytes = 0        # set by install(); 0 = no early writeback
-_directory: str | None = None  # set by install(): where data sets are spooled (None: the temp dir)
+_writeback_bytes = 0        # set by patch(); 0 = no early writeback
+_directory: str | None = None  # set by patch(): where data sets are spooled (None: the temp dir)
 
 
 def _load_sync_file_range():
@@ -118,8 +118,8 @@ def failure(path) -> str | None:
         return _failures.pop(str(path), None)
 
 
-def install(writeback_bytes: int = 0, directory: str | os.PathLike | None = None) -> None:
-    """Make pynetdicom spool received data sets through IncomingFile (idempotent).
+def patch(writeback_bytes: int = 0, directory: str | os.PathLike | None = None) -> None:
+    """Make pynetdicom spool received data sets through IncomingFile (idempotent; see install()).
 
     ``writeback_bytes`` > 0: start the kernel's writeback every that many received bytes.
     ``directory``: where the data sets are spooled (the spool's incoming/, on the same filesystem as
