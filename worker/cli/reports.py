@@ -10,8 +10,7 @@ from typing import TextIO
 
 from sqlalchemy import func, select
 
-from ..store import db as dbm
-from ..store.db import Database, Instance, OutboxItem, Result, Study
+from ..store.db import Database, Instance, OutboxItem, OutboxState, Result, Study, StudyState
 
 RESULT_COLUMNS = ["study_uid", "accession", "status", "revision", "probability", "label", "threshold",
                   "model_name", "model_version", "model_uid", "n_instances", "n_scored", "reasons", "error",
@@ -26,10 +25,10 @@ def result_rows(db: Database, limit: int | None = None) -> list[dict]:
             query = query.limit(limit)
         results = s.scalars(query).all()
         sent = dict(s.execute(select(OutboxItem.sr_sop_instance_uid, func.count())
-                              .where(OutboxItem.status == dbm.OUTBOX_SENT)
+                              .where(OutboxItem.status == OutboxState.SENT)
                               .group_by(OutboxItem.sr_sop_instance_uid)).all())
         waiting = dict(s.execute(select(OutboxItem.sr_sop_instance_uid, func.count())
-                                 .where(OutboxItem.status != dbm.OUTBOX_SENT)
+                                 .where(OutboxItem.status != OutboxState.SENT)
                                  .group_by(OutboxItem.sr_sop_instance_uid)).all())
     rows = []
     for r in results:
@@ -79,15 +78,15 @@ def status_report(db: Database) -> dict:
             .order_by(Study.updated.desc()).limit(5)).all()]
         delivery = [dict(sr=u, destination=d, attempts=a, error=e) for u, d, a, e in s.execute(
             select(OutboxItem.sr_sop_instance_uid, OutboxItem.destination, OutboxItem.attempts,
-                   OutboxItem.last_error).where(OutboxItem.status != dbm.OUTBOX_SENT,
+                   OutboxItem.last_error).where(OutboxItem.status != OutboxState.SENT,
                                                 OutboxItem.last_error.is_not(None))
             .order_by(OutboxItem.next_attempt).limit(5)).all()]
     return {
         "database": db.engine.url.render_as_string(hide_password=True),
-        "studies": {state: studies.get(state, 0) for state in dbm.STUDY_STATES},
+        "studies": {state.value: studies.get(state, 0) for state in StudyState},
         "instances": instances,
         "skipped_instances": skipped,
-        "outbox": {state: outbox.get(state, 0) for state in dbm.OUTBOX_STATES},
+        "outbox": {state.value: outbox.get(state, 0) for state in OutboxState},
         "models": models,
         "last_errors": errors,
         "delivery_errors": delivery,

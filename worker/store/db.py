@@ -1,14 +1,13 @@
 """The worker's database: every arrow of a study's journey is a committed state here.
 
-SQLAlchemy 2 ORM; any URL. SQLite (the default) runs in WAL mode with a busy timeout so the
-network threads, the scorer and the outbox sender can write concurrently; PostgreSQL
+SQLAlchemy 2; any URL. SQLite (the default) runs in WAL mode with a busy timeout so the network
+threads, the scorer and the outbox sender can write concurrently; PostgreSQL
 (``postgresql+psycopg://``) lets several workers share one queue (claims use
 ``FOR UPDATE SKIP LOCKED`` plus a conditional UPDATE, so exactly one worker wins a study).
 
-States
-    studies.status : receiving -> ready -> scoring -> done | no_eligible_images | failed
-                     (a late new instance sends done/no_eligible_images back to receiving)
-    outbox.status  : pending -> sending -> sent   (a failed try goes back to pending with backoff)
+Every writing transaction is ``Database.write()``; the states are the two StrEnums below (their
+values are what the ``status`` columns hold). Which transitions exist, and the only code that
+makes them: store/studies.py for studies, store/outbox.py for outbox rows.
 """
 
 from __future__ import annotations
@@ -16,27 +15,44 @@ from __future__ import annotations
 import os
 import socket
 import threading
-import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from enum import StrEnum
 from pathlib import Path
 
-from sqlalchemy import (Boolean, Float, ForeignKey, Integer, String, Text, UniqueConstraint, create_engine,
-                        event, select, update)
+from sqlalchemy import (Boolean, Connection, Float, ForeignKey, Integer, LargeBinary, String, Text,
+                        UniqueConstraint, create_engine, event, inspect, text)
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
-STUDY_RECEIVING = "receiving"
-STUDY_READY = "ready"
-STUDY_SCORING = "scoring"
-STUDY_DONE = "done"
-STUDY_NO_ELIGIBLE = "no_eligible_images"
-STUDY_FAILED = "failed"
-STUDY_STATES = (STUDY_RECEIVING, STUDY_READY, STUDY_SCORING, STUDY_DONE, STUDY_NO_ELIGIBLE, STUDY_FAILED)
 
-OUTBOX_PENDING = "pending"
-OUTBOX_SENDING = "sending"
-OUTBOX_SENT = "sent"
-OUTBOX_STATES = (OUTBOX_PENDING, OUTBOX_SENDING, OUTBOX_SENT)
+class StudyState(StrEnum):
+    """``studies.status`` (and ``results.status``, which holds the verdict: done, no_eligible_images, failed)."""
+
+    RECEIVING = "receiving"
+    READY = "ready"
+    SCORING = "scoring"
+    DONE = "done"
+    NO_ELIGIBLE = "no_eligible_images"
+    FAILED = "failed"
+
+
+class OutboxState(StrEnum):
+    """``outbox.status``."""
+
+    PENDING = "pending"
+    SENDING = "sending"
+    SENT = "sent"
+
+
+#: Longest error/detail text kept in a column (an exception's message can be any length).
+TEXT_LIMIT = 2000
+
+
+def clip(text: str) -> str:
+    """``text`` cut to the length an error/detail column keeps."""
+    return text[:TEXT_LIMIT]
 
 
 class Base(DeclarativeBase):
@@ -48,7 +64,7 @@ class Study(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     study_uid: Mapped[str] = mapped_column(String(64), unique=True, index=True)
     accession: Mapped[str | None] = mapped_column(String(64))
-    status: Mapped[str] = mapped_column(String(24), index=True, default=STUDY_RECEIVING)
+    status: Mapped[str] = mapped_column(String(24), index=True, default=StudyState.RECEIVING)
     n_instances: Mapped[int] = mapped_column(Integer, default=0)      # grows with every new instance
     scored_instances: Mapped[int] = mapped_column(Integer, default=0)  # n_instances when last claimed
     revision: Mapped[int] = mapped_column(Integer, default=0)         # completed scorings (SR revision)
@@ -81,6 +97,9 @@ class Instance(Base):
     detail: Mapped[str | None] = mapped_column(Text)
     probability: Mapped[float | None] = mapped_column(Float)
     frame: Mapped[int | None] = mapped_column(Integer)
+    # What the SR reads from this image, kept at receive time (worker.sr.pack_source, a few hundred
+    # bytes); NULL for rows stored before the column existed: the SR then reads the file.
+    sr_attributes: Mapped[bytes | None] = mapped_column(LargeBinary)
 
 
 class Result(Base):
@@ -130,7 +149,7 @@ class OutboxItem(Base):
     host: Mapped[str] = mapped_column(String(255))
     port: Mapped[int] = mapped_column(Integer)
     ae_title: Mapped[str] = mapped_column(String(16))
-    status: Mapped[str] = mapped_column(String(16), index=True, default=OUTBOX_PENDING)
+    status: Mapped[str] = mapped_column(String(16), index=True, default=OutboxState.PENDING)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt: Mapped[float] = mapped_column(Float, index=True)
     lease_owner: Mapped[str | None] = mapped_column(String(128))
@@ -144,28 +163,32 @@ class OutboxItem(Base):
 class _WriterTurns:
     """Turn-taking among this process's threads for SQLite's one write lock.
 
-    Every transaction here is BEGIN IMMEDIATE. While another connection holds the lock, SQLite's
-    busy handler sleeps 1, 2, 5, 10, 15, 20, 25 ... ms between retries, so a C-STORE queued behind
-    a scorer commit (one fsync, a few ms) lost 8-20 ms. Our threads queue on a Python lock instead,
-    handed over the moment the holder's COMMIT/ROLLBACK returns. Waiting is bounded by the busy
-    timeout, after which SQLite's own busy handling decides (as before); other processes (the CLI)
-    are arbitrated by SQLite as before.
+    Why: a write transaction begins IMMEDIATE (it takes SQLite's write lock up front). While another
+    connection holds that lock, SQLite's busy handler sleeps 1, 2, 5, 10, 15, 20, 25 ... ms between
+    retries, so a C-STORE queued behind a scorer commit (one fsync, a few ms) lost 8-20 ms. Our
+    threads queue on a Python lock instead, handed over the moment the holder's COMMIT/ROLLBACK
+    returns. Waiting is bounded by the busy timeout, after which SQLite's own busy handling decides;
+    other processes (the CLI) are arbitrated by SQLite. The turn is a context manager around the
+    transaction (``Database.write``), so it ends exactly when the transaction does, with no hook
+    into SQLAlchemy's dialect; reads take no turn (a WAL snapshot waits for no writer).
     """
 
     def __init__(self, timeout_s: float) -> None:
         self._lock = threading.Lock()
-        self._holder: object | None = None  # the DBAPI connection whose transaction holds the turn
         self._timeout = timeout_s
 
-    def take(self, dbapi_conn: object) -> None:
-        if self._lock.acquire(timeout=self._timeout):
-            self._holder = dbapi_conn
+    @contextmanager
+    def turn(self) -> Iterator[None]:
+        taken = self._lock.acquire(timeout=self._timeout)
+        try:
+            yield
+        finally:
+            if taken:
+                self._lock.release()
 
-    def give_back(self, dbapi_conn: object) -> None:
-        raw = getattr(dbapi_conn, "dbapi_connection", dbapi_conn)  # the pool passes its proxy
-        if self._holder is not None and self._holder is raw:
-            self._holder = None
-            self._lock.release()
+
+#: Execution option of the connections ``Database.write`` opens: SQLite begins them IMMEDIATE.
+_WRITE = "cxr_write"
 
 
 def make_engine(url: str, busy_timeout_ms: int = 30000) -> Engine:
@@ -188,45 +211,60 @@ def make_engine(url: str, busy_timeout_ms: int = 30000) -> Engine:
             cur.close()
             dbapi_conn.isolation_level = None  # we emit BEGIN ourselves (below)
 
-        turns = _WriterTurns(busy_timeout_ms / 1000)
-        dialect = engine.dialect
-        for name in ("do_commit", "do_rollback", "do_close"):  # the turn ends when the transaction does
-            def ending(dbapi_conn, _real=getattr(dialect, name)):
-                try:
-                    _real(dbapi_conn)
-                finally:
-                    turns.give_back(dbapi_conn)
-            setattr(dialect, name, ending)
-
         @event.listens_for(engine, "begin")
         def _sqlite_begin(conn):  # pragma: no cover - trivial
-            # IMMEDIATE: take the write lock up front, so read-then-write transactions wait
-            # (busy_timeout) instead of failing with SQLITE_BUSY when another writer committed.
-            raw = conn.connection.dbapi_connection
-            turns.take(raw)
-            try:
-                conn.exec_driver_sql("BEGIN IMMEDIATE")
-            except BaseException:
-                turns.give_back(raw)
-                raise
+            # A write takes the write lock up front (IMMEDIATE), so a read-then-write transaction waits
+            # (busy_timeout) instead of failing with SQLITE_BUSY when another writer committed meanwhile.
+            # A read is a deferred BEGIN: a WAL snapshot, which waits for no writer.
+            conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get(_WRITE) else "BEGIN")
     else:
         engine = create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10)
     return engine
 
 
 class Database:
-    """Engine + session factory; creates the tables on start."""
+    """Engine + session factory; creates the tables on start.
+
+    ``write()`` is the one way to change the database; ``session()`` and ``engine.connect()`` are for
+    reading (on SQLite they begin a deferred transaction, where a write after a read can fail with
+    SQLITE_BUSY instead of waiting for the writer before it).
+    """
 
     def __init__(self, url: str, busy_timeout_ms: int = 30000, create: bool = True) -> None:
         self.url = url
         self.engine = make_engine(url, busy_timeout_ms)
+        self._writer = self.engine.execution_options(**{_WRITE: True})
+        self._turn = (_WriterTurns(busy_timeout_ms / 1000).turn if self.engine.dialect.name == "sqlite"
+                      else nullcontext)  # PostgreSQL locks rows, not the database: no turns
         if create:
-            Base.metadata.create_all(self.engine)
+            Base.metadata.create_all(self._writer)
+            self._add_new_columns()
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    def _add_new_columns(self) -> None:
+        """Add to existing tables the (nullable) columns added to the schema since they were created:
+        create_all creates missing tables only. Idempotent; IF NOT EXISTS lets PostgreSQL workers
+        starting together race safely (on SQLite the write transaction serialises them)."""
+        guard = " IF NOT EXISTS" if self.is_postgres else ""
+        with self.write() as conn:
+            for table in Base.metadata.sorted_tables:
+                present = {column["name"] for column in inspect(conn).get_columns(table.name)}
+                for column in table.columns:
+                    if column.name not in present:
+                        conn.execute(text(f"ALTER TABLE {table.name} ADD COLUMN{guard} {column.name} "
+                                          f"{column.type.compile(conn.dialect)}"))
 
     @property
     def is_postgres(self) -> bool:
         return self.engine.dialect.name == "postgresql"
+
+    @contextmanager
+    def write(self) -> Iterator[Connection]:
+        """One write transaction (SQLAlchemy Core): committed on leaving the block, rolled back on an
+        exception. On SQLite this process's writers take turns (``_WriterTurns``), and the turn is
+        handed on only after the COMMIT or ROLLBACK."""
+        with self._turn(), self._writer.begin() as conn:
+            yield conn
 
     def session(self) -> Session:
         return self.sessions()
@@ -257,28 +295,3 @@ def owner_is_dead_here(owner: str | None) -> bool:
     except PermissionError:
         return False
     return False
-
-
-def reclaim_stale(db: Database, now: float | None = None) -> int:
-    """Put studies/outbox items whose claimer died (lease expired or dead local pid) back in the queue."""
-    now = time.time() if now is None else now
-    count = 0
-    with db.session() as s, s.begin():
-        rows = s.execute(select(Study.id, Study.lease_owner, Study.lease_expires)
-                         .where(Study.status == STUDY_SCORING)).all()
-        for sid, owner, expires in rows:
-            if (expires or 0) < now or owner_is_dead_here(owner):
-                count += s.execute(update(Study).where(Study.id == sid, Study.status == STUDY_SCORING,
-                                                       Study.lease_owner == owner)
-                                   .values(status=STUDY_READY, lease_owner=None, lease_expires=None,
-                                           updated=now)).rowcount
-        rows = s.execute(select(OutboxItem.id, OutboxItem.lease_owner, OutboxItem.lease_expires)
-                         .where(OutboxItem.status == OUTBOX_SENDING)).all()
-        for oid, owner, expires in rows:
-            if (expires or 0) < now or owner_is_dead_here(owner):
-                count += s.execute(update(OutboxItem).where(OutboxItem.id == oid,
-                                                            OutboxItem.status == OUTBOX_SENDING,
-                                                            OutboxItem.lease_owner == owner)
-                                   .values(status=OUTBOX_PENDING, lease_owner=None, lease_expires=None)
-                                   ).rowcount
-    return count

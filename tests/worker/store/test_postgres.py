@@ -10,9 +10,9 @@ from __future__ import annotations
 import threading
 import time
 
-from worker.store import db as dbm
-from worker.store.db import Database, Study
-from worker.store.studies import claim_ready
+from worker.store.db import Database, Study, StudyState
+from worker.store.studies import (ClaimedStudy, claim_ready, conclude, promote_quiet, reclaim_stale, record_arrival,
+                                  release)
 
 STUDIES = 60
 CLAIMERS = 4
@@ -24,7 +24,7 @@ def test_workers_on_one_postgres_never_take_the_same_study(postgres_url):
     now = time.time()
     with setup.session() as s, s.begin():
         for i in range(STUDIES):
-            s.add(Study(study_uid=f"9.9.{i}", status=dbm.STUDY_READY, n_instances=1, first_received=now,
+            s.add(Study(study_uid=f"9.9.{i}", status=StudyState.READY, n_instances=1, first_received=now,
                         last_received=now - STUDIES + i, updated=now, attempts=0, revision=0, scored_instances=0))
     taken: dict[str, list[str]] = {f"worker{k}": [] for k in range(CLAIMERS)}
     start = threading.Barrier(CLAIMERS)
@@ -51,7 +51,67 @@ def test_workers_on_one_postgres_never_take_the_same_study(postgres_url):
     assert sum(1 for uids in taken.values() if uids) >= 2, taken               # really concurrent
     with setup.session() as s:
         owners = dict(s.query(Study.study_uid, Study.lease_owner).all())
-        assert {s.query(Study.status).distinct().scalar()} == {dbm.STUDY_SCORING}
+        assert {s.query(Study.status).distinct().scalar()} == {StudyState.SCORING}
     for name, uids in taken.items():
         assert all(owners[uid] == name for uid in uids)
     setup.dispose()
+
+
+def test_writers_do_not_take_turns_on_postgres(postgres_url):
+    """PostgreSQL locks rows, not the database: two write transactions are open at once (on SQLite
+    the second would wait for the first's turn and the barrier would time out)."""
+    db = Database(postgres_url)
+    both_inside = threading.Barrier(2, timeout=10)
+    errors: list[BaseException] = []
+
+    def writer(uid: str) -> None:
+        try:
+            with db.write() as conn:
+                record_arrival(conn, uid, None, time.time(), True)
+                both_inside.wait()
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(f"8.8.{i}",)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    try:
+        assert not errors
+        with db.session() as s:
+            assert s.query(Study).filter(Study.study_uid.like("8.8.%")).count() == 2
+    finally:
+        db.dispose()
+
+
+def test_a_study_travels_the_lifecycle_on_postgres(postgres_url):
+    """Each transition's SQL on PostgreSQL (row locks, CASE): arrival, quiet, claim, conclude with a
+    late arrival, claim again, release, reclaim of an expired lease, conclude."""
+    db = Database(postgres_url)
+    owner, uid = "host:1:pg", "7.7.1"
+    try:
+        with db.write() as conn:
+            assert record_arrival(conn, uid, "ACC", time.time() - 60, True) is None
+        assert promote_quiet(db, 5.0) >= 1
+        [study] = [c for c in claim_ready(db, owner, 100, 60) if c.study_uid == uid]
+        with db.write() as conn:
+            assert record_arrival(conn, uid, "ACC", time.time(), True) is None   # arrives while scoring
+        with db.write() as conn:
+            assert conclude(conn, owner, study, StudyState.DONE, 1, None, time.time()) == StudyState.RECEIVING
+        assert promote_quiet(db, 0.0) >= 1
+        [study] = [c for c in claim_ready(db, owner, 100, 60) if c.study_uid == uid]
+        release(db, owner, [study.id], "boom")
+        with db.session() as s:
+            assert (s.query(Study.status, Study.error).filter_by(study_uid=uid).one()) == ("ready", "boom")
+        [study] = [c for c in claim_ready(db, owner, 100, -1) if c.study_uid == uid]   # its lease expired
+        assert reclaim_stale(db) >= 1
+        [study] = [c for c in claim_ready(db, owner, 100, 60) if c.study_uid == uid]
+        assert isinstance(study, ClaimedStudy) and study.n_instances == 2
+        with db.write() as conn:
+            assert conclude(conn, owner, study, StudyState.DONE, 2, None, time.time()) == StudyState.DONE
+        with db.session() as s:
+            row = s.query(Study).filter_by(study_uid=uid).one()
+        assert (row.status, row.revision, row.attempts, row.lease_owner) == ("done", 2, 4, None)
+    finally:
+        db.dispose()
