@@ -32,9 +32,15 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 from testkit.dicom_factory import DX_FOR_PRESENTATION_STORAGE, make_dataset  # noqa: E402
 
-from trainer.checkpoint import ModelInfo, new_model_uid  # noqa: E402
-from worker import sr_template  # noqa: E402
-from worker.sr.builder import build_pneumonia_sr, encode_pneumonia_sr, sr_file_bytes  # noqa: E402
+from trainer.model_info import ModelInfo, new_model_uid  # noqa: E402
+from worker.sr import (  # noqa: E402
+    PneumoniaReport,
+    build_pneumonia_sr,
+    clear_template_cache,
+    encode_pneumonia_sr,
+    sr_file_bytes,
+    template_cache_info,
+)
 
 FULL_REPEATS, QUICK_REPEATS = 200, 30
 IMAGES_PER_CASE = (1, 2, 3)
@@ -79,26 +85,26 @@ def main() -> None:
     repeats = args.repeats or (QUICK_REPEATS if args.quick else FULL_REPEATS)
     model = ModelInfo(arch="simplecnn", name="cxr-pneumonia", version="1.0.0", threshold=0.42, uid=new_model_uid())
 
-    def arguments(index: int) -> dict:
-        return dict(instance_number=index + 1, sr_series_uid=generate_uid(), sr_instance_uid=generate_uid())
+    def report(sources: list[pydicom.Dataset], index: int) -> PneumoniaReport:
+        """A new probability, SR UIDs and instance number per SR, as in the worker."""
+        return PneumoniaReport(sources, (index % 97) / 97, True, model, instance_number=index + 1,
+                               sr_series_uid=generate_uid(), sr_instance_uid=generate_uid())
 
     print(f"{'images':>6} {'reference ms':>13} {'fast ms':>8} {'ratio':>6}   (median CPU time of {repeats} SRs each)")
     for count in IMAGES_PER_CASE:
         sources = dx_headers(count)
-        probability = (lambda index: (index % 97) / 97)  # noqa: E731 - a new value per SR
 
         def reference(index: int) -> bytes:
-            sr = build_pneumonia_sr(sources, probability(index), True, model, **arguments(index))
-            return sr_file_bytes(sr)
+            return sr_file_bytes(build_pneumonia_sr(report(sources, index)))
 
         def fast(index: int) -> bytes:
-            return encode_pneumonia_sr(sources, probability(index), True, model, **arguments(index))
+            return encode_pneumonia_sr(report(sources, index))
 
-        sr_template.clear()
+        clear_template_cache()
         fast(0), reference(0)  # the template, and highdicom's one-off table loading
-        before = sr_template.cache_info()["template"]
+        before = template_cache_info()["template"]
         reference_ms, fast_ms = median_ms(reference, repeats), median_ms(fast, repeats)
-        assert sr_template.cache_info()["template"] - before == repeats, "fast path fell back to the reference"
+        assert template_cache_info()["template"] - before == repeats, "fast path fell back to the reference"
         print(f"{count:>6} {reference_ms:>13.2f} {fast_ms:>8.2f} {reference_ms / fast_ms:>5.0f}x")
 
 

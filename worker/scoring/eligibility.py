@@ -2,30 +2,36 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import pydicom
 from pydicom.dataset import Dataset
+from pydicom.tag import BaseTag, Tag
+from pydicom.uid import (
+    ComputedRadiographyImageStorage,
+    DigitalXRayImageStorageForPresentation,
+    DigitalXRayImageStorageForProcessing,
+    MultiFrameGrayscaleByteSecondaryCaptureImageStorage,
+    MultiFrameGrayscaleWordSecondaryCaptureImageStorage,
+    SecondaryCaptureImageStorage,
+)
 
-CR = "1.2.840.10008.5.1.4.1.1.1"
-DX_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
-DX_PROCESSING = "1.2.840.10008.5.1.4.1.1.1.1.1"
-SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
-SC_MF_GRAY_BYTE = "1.2.840.10008.5.1.4.1.1.7.2"
-SC_MF_GRAY_WORD = "1.2.840.10008.5.1.4.1.1.7.3"
-
-SCORABLE_SOP_CLASSES = {
-    CR: "Computed Radiography Image Storage",
-    DX_PRESENTATION: "Digital X-Ray Image Storage - For Presentation",
-    DX_PROCESSING: "Digital X-Ray Image Storage - For Processing",
-    SECONDARY_CAPTURE: "Secondary Capture Image Storage",
-    SC_MF_GRAY_BYTE: "Multi-frame Grayscale Byte Secondary Capture Image Storage",
-    SC_MF_GRAY_WORD: "Multi-frame Grayscale Word Secondary Capture Image Storage",
-}
+#: The SOP classes the listener accepts and the scorer scores, with their names.
+SCORABLE_SOP_CLASSES = {uid: uid.name for uid in (
+    ComputedRadiographyImageStorage,
+    DigitalXRayImageStorageForPresentation,
+    DigitalXRayImageStorageForProcessing,
+    SecondaryCaptureImageStorage,
+    MultiFrameGrayscaleByteSecondaryCaptureImageStorage,
+    MultiFrameGrayscaleWordSecondaryCaptureImageStorage,
+)}
 
 HEADER_TAGS = ["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID", "Modality",
                "BodyPartExamined", "ViewPosition", "AccessionNumber"]
+#: As tags, once: dcmread converts each keyword of specific_tags on every call (~40 us a file).
+_HEADER_TAGS = tuple(Tag(keyword) for keyword in HEADER_TAGS)
 
 
 @dataclass
@@ -39,6 +45,7 @@ class Header:
     view_position: str | None
     accession: str | None
     transfer_syntax: str | None
+    dataset: Dataset | None = None  # the parsed header: HEADER_TAGS and read_header's `also`
 
 
 def _text(ds: Dataset, keyword: str) -> str | None:
@@ -48,9 +55,13 @@ def _text(ds: Dataset, keyword: str) -> str | None:
     return str(value).strip().rstrip("\x00") or None
 
 
-def read_header(path: str | Path) -> Header:
-    """The few attributes the worker needs, without reading pixel data (raises on unreadable files)."""
-    ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=HEADER_TAGS)
+def read_header(path: str | Path, also: Sequence[BaseTag] = ()) -> Header:
+    """The few attributes the worker needs, without reading pixel data (raises on unreadable files).
+
+    `also`: tags of further attributes to read in the same parse (the receiver passes those the SR
+    will need, worker.sr.SOURCE_TAGS); they are in the returned Header's `dataset`.
+    """
+    ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=[*_HEADER_TAGS, *also])
     meta = getattr(ds, "file_meta", None)
     sop_instance = _text(ds, "SOPInstanceUID") or (str(meta.MediaStorageSOPInstanceUID) if meta else "")
     sop_class = _text(ds, "SOPClassUID") or (str(meta.MediaStorageSOPClassUID) if meta else "")
@@ -64,6 +75,7 @@ def read_header(path: str | Path) -> Header:
         view_position=_text(ds, "ViewPosition"),
         accession=_text(ds, "AccessionNumber"),
         transfer_syntax=str(meta.TransferSyntaxUID) if meta is not None and "TransferSyntaxUID" in meta else None,
+        dataset=ds,
     )
 
 

@@ -1,10 +1,32 @@
 """The result as DICOM: a Comprehensive 3D SR (TID 1500) built, encoded and read back.
 
-Public face: ``build_pneumonia_sr`` (a pydicom data set, built by highdicom), ``encode_pneumonia_sr``
-(Part 10 bytes, through the per-shape byte template), ``read_pneumonia_sr`` (the values back).
+Public face (callers import from here only):
+  ``PneumoniaReport``       what one SR says and where it goes, checked once (report.py)
+  ``build_pneumonia_sr``    the SR as a pydicom data set, built by highdicom (builder.py)
+  ``encode_pneumonia_sr``   its Part 10 bytes through the per-shape byte template (template.py)
+  ``read_pneumonia_sr``     the values back (reader.py)
+  ``PNEUMONIA``, ``CERTAINTY_OF_FINDING``, ...: the codes and texts the SR is written with
+  ``SOURCE_TAGS``, ``pack_source``, ``source_dataset``: what the SR reads from a source image, kept
+                            at receive time so the SR needs no second parse of the file (sources.py)
+The template builds on the builder, never the reverse; every reliance on highdicom's internals is
+in _highdicom.py, whose version gate runs on the first import of this package.
 """
 
-from .builder import build_pneumonia_sr, encode_pneumonia_sr, sr_file_bytes
+from .builder import (
+    CERTAINTY_OF_FINDING,
+    PNEUMONIA,
+    PROCESSING_EQUIPMENT,
+    SR_SERIES_DESCRIPTION,
+    build_pneumonia_sr,
+    sr_file_bytes,
+)
 from .reader import read_pneumonia_sr
+from .report import PneumoniaReport
+from .sources import SOURCE_TAGS, pack_source, source_dataset, unpack_source
+from .template import clear_template_cache, encode_pneumonia_sr, template_cache_info
 
-__all__ = ["build_pneumonia_sr", "encode_pneumonia_sr", "read_pneumonia_sr", "sr_file_bytes"]
+__all__ = [
+    "CERTAINTY_OF_FINDING", "PNEUMONIA", "PROCESSING_EQUIPMENT", "SR_SERIES_DESCRIPTION", "PneumoniaReport",
+    "SOURCE_TAGS", "build_pneumonia_sr", "clear_template_cache", "encode_pneumonia_sr",
+    "pack_source", "read_pneumonia_sr", "source_dataset", "sr_file_bytes", "template_cache_info", "unpack_source",
+]

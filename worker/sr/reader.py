@@ -1,6 +1,6 @@
-"""Reading the pneumonia SR back: what worker/sr.py's build_pneumonia_sr wrote, as a plain dict.
+"""Reading the pneumonia SR back: what build_pneumonia_sr wrote, as a plain dict.
 
-Kept apart from the writer (worker/sr.py) because the worker itself only writes SRs; reading them
+Kept apart from the writer (worker/sr/builder.py) because the worker itself only writes SRs; reading them
 back is for tests, tools and checks on what a PACS holds. It goes through highdicom's TID 1500
 parser, so it also reads SRs written by other TID 1500 producers that use the same codes.
 """

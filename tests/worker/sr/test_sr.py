@@ -6,29 +6,45 @@ import copy
 import difflib
 import io
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pydicom
 import pytest
 from testkit.env import require_tool
-from testkit.dicom_factory import CR_IMAGE_STORAGE, DX_FOR_PRESENTATION_STORAGE, make_dataset
+from testkit.dicom_factory import (
+    CR_IMAGE_STORAGE,
+    DX_FOR_PRESENTATION_STORAGE,
+    encode_with_tool,
+    make_dataset,
+    synthetic_radiograph,
+)
 from pydicom.uid import generate_uid
 
-from trainer.checkpoint import ModelInfo, new_model_uid
-from worker.sr import template as sr_template
+from trainer.model_info import ModelInfo, new_model_uid
 from worker.cli.wrap import DX_FOR_PRESENTATION, wrap_image_as_dicom
-from worker.sr.builder import (
+from worker.sr import (
     CERTAINTY_OF_FINDING,
     PNEUMONIA,
     PROCESSING_EQUIPMENT,
     SR_SERIES_DESCRIPTION,
+    PneumoniaReport,
     build_pneumonia_sr,
+    clear_template_cache,
     encode_pneumonia_sr,
+    read_pneumonia_sr,
+    SOURCE_TAGS,
+    pack_source,
+    source_dataset,
     sr_file_bytes,
+    template_cache_info,
+    unpack_source,
 )
-from worker.sr.reader import read_pneumonia_sr
+from worker.errors import UnsupportedDependency
+from worker.scoring.eligibility import SCORABLE_SOP_CLASSES, read_header
 
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
 
@@ -39,13 +55,16 @@ def model() -> ModelInfo:
 
 
 @pytest.fixture(scope="module")
-def wrapped(kaggle_jpegs: dict[str, list[Path]], tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    """Two real Kaggle films of one patient, wrapped as DX images of one study, written to disk."""
+def wrapped(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """Two synthetic 8-bit chest films (testkit.dicom_factory) of one patient, wrapped as DX images of
+    one study the way `send --wrap` wraps a film, written to disk."""
     out = tmp_path_factory.mktemp("wrapped")
     study_uid = pydicom.uid.generate_uid()
     paths = []
-    for index, jpeg in enumerate(kaggle_jpegs["PNEUMONIA"][:2]):
-        ds = wrap_image_as_dicom(jpeg, patient_id="person-test", study_uid=study_uid)
+    for index in range(2):
+        film = out / f"film{index}.png"
+        cv2.imwrite(str(film), synthetic_radiograph(256, 200, bits_stored=8, seed=index).astype(np.uint8))
+        ds = wrap_image_as_dicom(film, patient_id="person-test", study_uid=study_uid)
         path = out / f"dx{index}.dcm"
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
@@ -59,7 +78,7 @@ def sources(wrapped: list[Path]) -> list[pydicom.Dataset]:
 
 @pytest.fixture(scope="module")
 def sr_file(sources: list[pydicom.Dataset], model: ModelInfo, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    sr = build_pneumonia_sr(sources, 0.8731, True, model)
+    sr = build_pneumonia_sr(PneumoniaReport(sources, 0.8731, True, model))
     path = tmp_path_factory.mktemp("sr") / "sr.dcm"
     sr.save_as(path, enforce_file_format=True)
     return path
@@ -79,7 +98,7 @@ def dciodvfy(path: Path) -> tuple[list[str], list[str]]:
 
 @pytest.mark.parametrize("probability, positive", [(0.8731, True), (0.0213, False), (0.0, False), (1.0, True)])
 def test_read_back_through_highdicom(sources, model, probability, positive, tmp_path):
-    sr = build_pneumonia_sr(sources, probability, positive, model)
+    sr = build_pneumonia_sr(PneumoniaReport(sources, probability, positive, model))
     path = tmp_path / "sr.dcm"
     sr.save_as(path, enforce_file_format=True)
     result = read_pneumonia_sr(pydicom.dcmread(path))
@@ -132,8 +151,10 @@ def test_only_standard_coding_schemes(sr_file):
 
 def test_given_uids_make_the_sr_reproducible(sources, model):
     kwargs = dict(sr_series_uid="1.2.826.0.1.3680043.10.1.1", sr_instance_uid="1.2.826.0.1.3680043.10.1.2")
-    first = build_pneumonia_sr(sources, 0.5, True, model, series_number=9902, instance_number=3, **kwargs)
-    second = build_pneumonia_sr(sources, 0.5, True, model, series_number=9902, instance_number=3, **kwargs)
+    first = build_pneumonia_sr(PneumoniaReport(sources, 0.5, True, model, series_number=9902, instance_number=3,
+                                               **kwargs))
+    second = build_pneumonia_sr(PneumoniaReport(sources, 0.5, True, model, series_number=9902, instance_number=3,
+                                                **kwargs))
     assert first.SeriesInstanceUID == second.SeriesInstanceUID == kwargs["sr_series_uid"]
     assert first.SOPInstanceUID == second.SOPInstanceUID == kwargs["sr_instance_uid"]
     assert (first.SeriesNumber, first.InstanceNumber) == (9902, 3)
@@ -144,7 +165,7 @@ def test_sources_without_geometry_or_type2_attributes(sources, model):
     bare = pydicom.Dataset()
     for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "Rows", "Columns", "Modality", "PatientID"):
         setattr(bare, keyword, sources[0].get(keyword))
-    result = read_pneumonia_sr(build_pneumonia_sr([bare], 0.3, False, model))
+    result = read_pneumonia_sr(build_pneumonia_sr(PneumoniaReport([bare], 0.3, False, model)))
     assert result["referenced_sop_instance_uids"] == [sources[0].SOPInstanceUID]
 
 
@@ -184,28 +205,28 @@ def test_fast_path_gives_the_same_bytes_as_highdicom_unabridged(sources, model, 
         chosen = [bare]
     kwargs = dict(sr_series_uid="1.2.826.0.1.3680043.10.1.1", sr_instance_uid="1.2.826.0.1.3680043.10.1.2",
                   instance_number=2)
-    fast = build_pneumonia_sr(chosen, 0.8731, True, model, **kwargs)
-    full = build_pneumonia_sr(chosen, 0.8731, True, model, reference=True, **kwargs)
+    fast = build_pneumonia_sr(PneumoniaReport(chosen, 0.8731, True, model, **kwargs))
+    full = build_pneumonia_sr(PneumoniaReport(chosen, 0.8731, True, model, **kwargs), reference=True)
     assert str(fast.content) == str(full.content)  # .content (highdicom's parsed tree) too
     assert _bytes_with_fixed_times(fast) == _bytes_with_fixed_times(full)
 
 
 def test_invalid_inputs_are_rejected(sources, model):
     with pytest.raises(ValueError, match="at least one"):
-        build_pneumonia_sr([], 0.5, True, model)
+        build_pneumonia_sr(PneumoniaReport([], 0.5, True, model))
     for probability in (-0.01, 1.01, float("nan")):
         with pytest.raises(ValueError, match="probability"):
-            build_pneumonia_sr(sources, probability, True, model)
+            build_pneumonia_sr(PneumoniaReport(sources, probability, True, model))
     other = copy.deepcopy(sources[1])
     other.StudyInstanceUID = pydicom.uid.generate_uid()
     with pytest.raises(ValueError, match="one study"):
-        build_pneumonia_sr([sources[0], other], 0.5, True, model)
+        build_pneumonia_sr(PneumoniaReport([sources[0], other], 0.5, True, model))
     with pytest.raises(ValueError, match="not a valid DICOM UID"):
-        build_pneumonia_sr(sources, 0.5, True, model, sr_instance_uid="not-a-uid")
+        build_pneumonia_sr(PneumoniaReport(sources, 0.5, True, model, sr_instance_uid="not-a-uid"))
     no_uid = copy.deepcopy(sources[0])
     del no_uid.SOPInstanceUID
     with pytest.raises(ValueError, match="SOPInstanceUID"):
-        build_pneumonia_sr([no_uid], 0.5, True, model)
+        build_pneumonia_sr(PneumoniaReport([no_uid], 0.5, True, model))
 
 
 def test_sr_passes_dciodvfy(sr_file):
@@ -350,9 +371,9 @@ def assert_same_sr(fast: bytes, reference: bytes) -> None:
 
 @pytest.fixture()
 def fresh_templates():
-    sr_template.clear()
+    clear_template_cache()
     yield
-    sr_template.clear()
+    clear_template_cache()
 
 
 @pytest.mark.parametrize("positive", [True, False], ids=["positive", "negative"])
@@ -364,10 +385,11 @@ def test_encode_gives_the_reference_bytes(model, name, positive, fresh_templates
     for seed in (1, 2, 3, 4):
         sources = make_study(shape, seed)
         probability, arguments = PROBABILITIES[(seed + positive) % len(PROBABILITIES)], sr_arguments(seed)
-        fast = encode_pneumonia_sr(sources, probability, positive, model, **arguments)
-        reference = sr_file_bytes(build_pneumonia_sr(sources, probability, positive, model, **arguments))
+        fast = encode_pneumonia_sr(PneumoniaReport(sources, probability, positive, model, **arguments))
+        reference = sr_file_bytes(build_pneumonia_sr(PneumoniaReport(sources, probability, positive, model,
+                                                                     **arguments)))
         assert_same_sr(fast, reference)
-    info = sr_template.cache_info()
+    info = template_cache_info()
     assert (info["template"], info["reference"]) == ((3, 1) if shape.templated else (0, 4)), info
 
 
@@ -378,24 +400,25 @@ def test_encode_keeps_settings_apart(model, fresh_templates):
                                                        (other_model, "cxr-worker", "1.0"),
                                                        (model, "cxr-worker", "2.0"), (model, "Site AI", "1.0")]):
         sources, arguments = make_study(SHAPES["dx-one"], seed + 1), sr_arguments(seed + 1)
-        fast = encode_pneumonia_sr(sources, 0.6, True, m, manufacturer=manufacturer, software_version=version,
-                                   **arguments)
-        reference = build_pneumonia_sr(sources, 0.6, True, m, manufacturer=manufacturer, software_version=version,
-                                       **arguments)
+        report = PneumoniaReport(sources, 0.6, True, m, manufacturer=manufacturer, software_version=version,
+                                 **arguments)
+        fast = encode_pneumonia_sr(report)
+        reference = build_pneumonia_sr(report)
         assert_same_sr(fast, sr_file_bytes(reference))
-    assert sr_template.cache_info()["template"] == 1  # only the repeated ("Site AI", model, "1.0")
+    assert template_cache_info()["template"] == 1  # only the repeated ("Site AI", model, "1.0")
 
 
 def test_shapes_never_share_a_template(model, fresh_templates):
     """All shapes through one cache, twice: each study must get its own shape's document. (bad-dates
     has dx-one's shape: its odd dates are values, so it may already use that template in round 1.)"""
     for seed in (5, 6):
-        rendered = sr_template.cache_info()["template"]
+        rendered = template_cache_info()["template"]
         for shape in SHAPES.values():
             sources, arguments = make_study(shape, seed), sr_arguments(seed)
-            fast = encode_pneumonia_sr(sources, 0.7, True, model, **arguments)
-            assert_same_sr(fast, sr_file_bytes(build_pneumonia_sr(sources, 0.7, True, model, **arguments)))
-    assert sr_template.cache_info()["template"] - rendered == sum(shape.templated for shape in SHAPES.values())
+            fast = encode_pneumonia_sr(PneumoniaReport(sources, 0.7, True, model, **arguments))
+            reference = build_pneumonia_sr(PneumoniaReport(sources, 0.7, True, model, **arguments))
+            assert_same_sr(fast, sr_file_bytes(reference))
+    assert template_cache_info()["template"] - rendered == sum(shape.templated for shape in SHAPES.values())
 
 
 def test_encode_leaves_the_sources_as_they_were(model, fresh_templates):
@@ -405,9 +428,9 @@ def test_encode_leaves_the_sources_as_they_were(model, fresh_templates):
         sources = make_study(SHAPES["bad-dates"], seed)
         bare = make_study(SHAPES["dx-no-orientation"], seed)
         before = [str(ds) for ds in sources + bare]
-        encode_pneumonia_sr(sources, 0.5, True, model, **sr_arguments(seed))
-        encode_pneumonia_sr(bare, 0.5, True, model, **sr_arguments(seed))
-        build_pneumonia_sr(bare, 0.5, True, model)
+        encode_pneumonia_sr(PneumoniaReport(sources, 0.5, True, model, **sr_arguments(seed)))
+        encode_pneumonia_sr(PneumoniaReport(bare, 0.5, True, model, **sr_arguments(seed)))
+        build_pneumonia_sr(PneumoniaReport(bare, 0.5, True, model))
         assert [str(ds) for ds in sources + bare] == before
         assert (sources[0].PatientBirthDate, bare[0].Modality) == ("05.04.1923", "DX")
 
@@ -417,10 +440,10 @@ def test_template_sr_reads_back_and_passes_dciodvfy(model, name, fresh_templates
     """A rendered SR reads back through highdicom, and dciodvfy finds no error (bad-dates included:
     non-conformant source dates, the Acquisition DateTime highdicom copies among them, are left empty)."""
     shape = SHAPES[name]
-    encode_pneumonia_sr(make_study(shape, 1), 0.25, True, model, **sr_arguments(1))  # builds the template
+    encode_pneumonia_sr(PneumoniaReport(make_study(shape, 1), 0.25, True, model, **sr_arguments(1)))  # the template
     sources, arguments = make_study(shape, 2), sr_arguments(2)
-    data = encode_pneumonia_sr(sources, 0.8731, True, model, **arguments)
-    assert sr_template.cache_info()["template"] == 1
+    data = encode_pneumonia_sr(PneumoniaReport(sources, 0.8731, True, model, **arguments))
+    assert template_cache_info()["template"] == 1
     result = read_pneumonia_sr(pydicom.dcmread(io.BytesIO(data)))
     assert (result["presence"], result["positive"]) == ("present", True)
     assert result["probability"] == pytest.approx(0.8731, abs=1e-9)
@@ -438,18 +461,18 @@ def test_template_sr_reads_back_and_passes_dciodvfy(model, name, fresh_templates
 
 def test_encode_rejects_what_build_rejects(model, fresh_templates):
     sources = make_study(SHAPES["dx-two-monochrome1"], 1)
-    encode_pneumonia_sr(sources, 0.5, True, model, **sr_arguments(1))  # the shape now has a template
+    encode_pneumonia_sr(PneumoniaReport(sources, 0.5, True, model, **sr_arguments(1)))  # the shape now has a template
     with pytest.raises(ValueError, match="at least one"):
-        encode_pneumonia_sr([], 0.5, True, model)
+        encode_pneumonia_sr(PneumoniaReport([], 0.5, True, model))
     for probability in (-0.01, 1.01, float("nan")):
         with pytest.raises(ValueError, match="probability"):
-            encode_pneumonia_sr(sources, probability, True, model)
+            encode_pneumonia_sr(PneumoniaReport(sources, probability, True, model))
     other = copy.deepcopy(sources[1])
     other.StudyInstanceUID = generate_uid()
     with pytest.raises(ValueError, match="one study"):
-        encode_pneumonia_sr([sources[0], other], 0.5, True, model)
+        encode_pneumonia_sr(PneumoniaReport([sources[0], other], 0.5, True, model))
     with pytest.raises(ValueError, match="not a valid DICOM UID"):
-        encode_pneumonia_sr(sources, 0.5, True, model, sr_instance_uid="not-a-uid")
+        encode_pneumonia_sr(PneumoniaReport(sources, 0.5, True, model, sr_instance_uid="not-a-uid"))
 
 
 def test_patient_sex_outside_the_defined_terms_still_gets_an_sr(model, fresh_templates):
@@ -459,8 +482,206 @@ def test_patient_sex_outside_the_defined_terms_still_gets_an_sr(model, fresh_tem
         odd = make_study(SHAPES["dx-two-monochrome1"], seed)
         odd[0].PatientSex = "U"
         arguments = sr_arguments(seed)
-        fast = encode_pneumonia_sr(odd, 0.5, True, model, **arguments)
-        reference = build_pneumonia_sr(odd, 0.5, True, model, **arguments)
+        fast = encode_pneumonia_sr(PneumoniaReport(odd, 0.5, True, model, **arguments))
+        reference = build_pneumonia_sr(PneumoniaReport(odd, 0.5, True, model, **arguments))
         assert reference.PatientSex in (None, "")
         assert_same_sr(fast, sr_file_bytes(reference))
         assert odd[0].PatientSex == "U"  # the caller's header is left alone
+
+
+# --- The package's dependencies: no torch, a checked highdicom ---------------------------------------
+def test_import_worker_sr_loads_no_torch():
+    """The SR needs the model's metadata only (trainer.model_info), not torch (seconds to import)."""
+    code = "import worker.sr, sys; assert 'torch' not in sys.modules and 'torchvision' not in sys.modules"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parents[3])
+    assert run.returncode == 0, run.stderr
+
+
+def test_highdicom_outside_the_checked_minor_version_is_refused():
+    from worker.sr._highdicom import TESTED_MINOR, check_version
+
+    tested = ".".join(map(str, TESTED_MINOR))
+    check_version(f"{tested}.0")
+    check_version(f"{tested}.7rc1")
+    for version in (f"{TESTED_MINOR[0]}.{TESTED_MINOR[1] + 1}.0", f"{TESTED_MINOR[0]}.{TESTED_MINOR[1] - 1}.3",
+                    f"{TESTED_MINOR[0] + 1}.{TESTED_MINOR[1]}.0", "unknown"):
+        with pytest.raises(UnsupportedDependency) as raised:
+            check_version(version)
+        assert f"highdicom {version} is installed" in str(raised.value) and f"{tested}.x" in str(raised.value)
+
+
+def test_report_checks_name_their_argument(sources, model):
+    for kwargs, argument in [(dict(series_number=0), "series_number"), (dict(instance_number=0), "instance_number"),
+                             (dict(sr_series_uid="2.25.1", sr_instance_uid="2.25.1"), "sr_instance_uid")]:
+        with pytest.raises(ValueError, match=f'"{argument}"'):
+            PneumoniaReport(sources, 0.5, True, model, **kwargs)
+    with pytest.raises(TypeError, match='"model"'):
+        PneumoniaReport(sources, 0.5, True, {"uid": model.uid})
+    report = PneumoniaReport(sources, 0.5, 1, model)
+    assert report.positive is True and len({report.sr_series_uid, report.sr_instance_uid}) == 2
+
+
+# --- What the SR reads from its sources, kept at receive time ----------------------------------------
+class RecordingDataset(pydicom.Dataset):
+    """A source whose every attribute lookup (present or not) is noted in ``asked``; copies share it."""
+
+    def __init__(self, source: pydicom.Dataset, asked: set) -> None:
+        super().__init__()
+        for element in source:
+            self.add(element)
+        self.asked = asked
+
+    def _note(self, key) -> None:
+        try:
+            self.asked.add(pydicom.tag.Tag(key))
+        except (ValueError, TypeError, OverflowError):
+            pass
+
+    def __getattr__(self, name):
+        if pydicom.datadict.tag_for_keyword(name) is not None:
+            self._note(name)
+        return super().__getattr__(name)
+
+    def __getitem__(self, key):
+        if not isinstance(key, slice):
+            self._note(key)
+        return super().__getitem__(key)
+
+    def __contains__(self, name) -> bool:
+        self._note(name)
+        return super().__contains__(name)
+
+    def get(self, key, default=None):
+        self._note(key)
+        return super().get(key, default)
+
+    def get_item(self, key, *args, **kwargs):
+        self._note(key)
+        return super().get_item(key, *args, **kwargs)
+
+    def __iter__(self):  # reading every element: note them all
+        self.asked.update(self.keys())
+        return super().__iter__()
+
+
+#: A study of every SOP class the worker scores (SHAPES covers CR and DX For Presentation).
+SCORABLE_SHAPES = {f"sop-{sop}": Shape(((sop, "MONOCHROME2", "a"),) * 2) for sop in SCORABLE_SOP_CLASSES}
+
+
+def test_the_sr_reads_nothing_outside_source_tags(model, fresh_templates):
+    """Whatever build_pneumonia_sr, the template and highdicom look up on a source (patient/study
+    modules, image library, equipment) is among the attributes the receiver keeps."""
+    asked: set = set()
+    for shape in (*SHAPES.values(), *SCORABLE_SHAPES.values()):
+        for seed in (1, 2):  # the reference builds the template, the template renders
+            recording = [RecordingDataset(ds, asked) for ds in make_study(shape, seed)]
+            encode_pneumonia_sr(PneumoniaReport(recording, 0.5, True, model, **sr_arguments(seed)))
+            build_pneumonia_sr(PneumoniaReport(recording, 0.5, True, model), reference=True)
+    assert template_cache_info()["template"] > 0
+    assert asked, "nothing recorded"
+    outside = sorted(pydicom.datadict.keyword_for_tag(tag) or str(tag) for tag in asked - set(SOURCE_TAGS))
+    assert outside == []
+
+
+#: Transfer syntaxes other than the shape's own that the kept attributes are packed in (the file's
+#: own encoding), made by DCMTK (testkit.dicom_factory.encode_with_tool).
+SYNTAXES = {"implicit-le": "dcmtk-implicit", "explicit-be": "dcmtk-big-endian", "deflated": "dcmtk-deflated"}
+
+
+def write_study(shape: Shape, seed: int, folder: Path, syntax: str | None = None) -> list[Path]:
+    """make_study's images as files, with attributes the SR does not read (private, pixel module...)."""
+    paths = []
+    for index, ds in enumerate(make_study(shape, seed)):
+        ds.add_new(0x00090010, "LO", "ACME 1.1")  # a private block
+        ds.add_new(0x00091001, "LO", f"private {seed}")
+        ds.ImageComments, ds.DerivationDescription = f"comment {seed}", "none"
+        ds.WindowCenter, ds.WindowWidth = 2048.0, 4096.0
+        path = folder / f"{seed}-{index}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        if syntax is not None:
+            require_tool("dcmconv")
+            path = encode_with_tool(SYNTAXES[syntax], path, folder / f"{seed}-{index}-{syntax}.dcm")
+        paths.append(path)
+    return paths
+
+
+def kept_sources(paths: list[Path]) -> list[pydicom.Dataset]:
+    """The sources as the scorer gets them: the receiver's one parse, packed, unpacked."""
+    return [source_dataset(pack_source(read_header(p, SOURCE_TAGS).dataset), p) for p in paths]
+
+
+@pytest.mark.parametrize("name", list(SHAPES))
+def test_sr_from_kept_attributes_equals_sr_from_the_file(model, name, fresh_templates, tmp_path):
+    shape = SHAPES[name]
+    for seed in (1, 2, 3):
+        paths = write_study(shape, seed, tmp_path)
+        from_file = [source_dataset(None, p) for p in paths]  # rows stored before the column: the file
+        assert all("ImageComments" in ds for ds in from_file)
+        kept = kept_sources(paths)
+        assert not any("ImageComments" in ds or 0x00091001 in ds for ds in kept)
+        arguments = sr_arguments(seed)
+        reference = sr_file_bytes(build_pneumonia_sr(PneumoniaReport(from_file, 0.3, False, model, **arguments)))
+        assert_same_sr(sr_file_bytes(build_pneumonia_sr(PneumoniaReport(kept, 0.3, False, model, **arguments))),
+                       reference)
+        assert_same_sr(encode_pneumonia_sr(PneumoniaReport(kept, 0.3, False, model, **arguments)), reference)
+    assert template_cache_info()["template"] == (2 if shape.templated else 0)
+
+
+@pytest.mark.parametrize("syntax", list(SYNTAXES))
+def test_kept_attributes_keep_the_file_encoding(model, syntax, tmp_path):
+    paths = write_study(SHAPES["implicit-vr-extras"], 1, tmp_path, syntax)
+    headers = [read_header(p, SOURCE_TAGS).dataset for p in paths]
+    assert {ds.original_encoding for ds in headers} == {{"implicit-le": (True, True), "explicit-be": (False, False),
+                                                         "deflated": (False, True)}[syntax]}
+    packed = [pack_source(ds) for ds in headers]
+    assert all(len(data) < 2000 for data in packed), [len(data) for data in packed]
+    kept = [unpack_source(data) for data in packed]
+    for header, ds in zip(headers, kept):
+        assert ds.original_encoding == header.original_encoding
+        assert set(ds.keys()) == set(header.keys()) & set(SOURCE_TAGS)
+        assert str(ds.PatientName) == str(header.PatientName) and ds.OtherPatientIDsSequence[0].PatientID
+    arguments = sr_arguments(1)
+    from_file = [source_dataset(None, p) for p in paths]
+    assert_same_sr(sr_file_bytes(build_pneumonia_sr(PneumoniaReport(kept, 0.9, True, model, **arguments))),
+                   sr_file_bytes(build_pneumonia_sr(PneumoniaReport(from_file, 0.9, True, model, **arguments))))
+    with pytest.raises(ValueError):
+        unpack_source(b"?" + packed[0][1:])
+    with pytest.raises(ValueError):
+        pack_source(pydicom.Dataset())  # not read from a file: no encoding to keep
+
+
+def test_the_receiver_keeps_what_the_sr_reads(model, tmp_path):
+    """Receiver.store parses the header once and stores the SR's attributes with the row; the SR
+    from the row equals the SR from the file, and a row without them (stored before) reads the file."""
+    from sqlalchemy import select, update
+
+    from worker.receiver import Received, Receiver
+    from worker.settings import load_settings
+    from worker.store.db import Database, Instance
+    from worker.store.spool import Spool
+
+    settings = load_settings(environ={"CXR_WORKER__STORAGE__DATA_DIR": f'"{tmp_path / "data"}"'})
+    db = Database(settings.storage.url)
+    try:
+        receiver = Receiver(settings, db, Spool(settings.storage.data_dir))
+        for path in write_study(SHAPES["three-cr-dx-two-series"], 1, tmp_path):
+            assert receiver.store(path, "MODALITY") is Received.STORED
+        with db.session() as s:
+            rows = s.scalars(select(Instance).order_by(Instance.id)).all()
+        assert len(rows) == 3 and all(row.sr_attributes for row in rows)
+        arguments = sr_arguments(1)
+        from_rows = [source_dataset(row.sr_attributes, row.path) for row in rows]
+        from_files = [pydicom.dcmread(row.path, stop_before_pixels=True) for row in rows]
+        reference = sr_file_bytes(build_pneumonia_sr(PneumoniaReport(from_files, 0.6, True, model, **arguments)))
+        assert_same_sr(sr_file_bytes(build_pneumonia_sr(PneumoniaReport(from_rows, 0.6, True, model, **arguments))),
+                       reference)
+        with db.write() as conn:
+            conn.execute(update(Instance).values(sr_attributes=None))
+        with db.session() as s:
+            old_rows = s.scalars(select(Instance).order_by(Instance.id)).all()
+        from_old_rows = [source_dataset(row.sr_attributes, row.path) for row in old_rows]
+        assert_same_sr(sr_file_bytes(build_pneumonia_sr(PneumoniaReport(from_old_rows, 0.6, True, model,
+                                                                        **arguments))), reference)
+    finally:
+        db.dispose()

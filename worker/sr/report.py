@@ -1,0 +1,110 @@
+"""What one pneumonia SR says and where it goes: the arguments of build_pneumonia_sr and
+encode_pneumonia_sr, written (and checked) once.
+
+The finding (probability, decision), its evidence (the source images of one study), the observer
+(the model) and the document's own identity (series and instance UIDs and numbers, the producing
+equipment). Checked at construction, each check naming its argument as highdicom's constructors do,
+so both SR paths start from the same validated values.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib import metadata
+
+import highdicom as hd
+import pydicom
+
+from trainer.model_info import ModelInfo
+
+
+def _package_version() -> str:
+    try:
+        return metadata.version("cxr-worker")
+    except metadata.PackageNotFoundError:  # running from a bare checkout
+        return "0.0.0"
+
+
+PACKAGE_VERSION = _package_version()
+DEFAULT_SERIES_NUMBER = 9901
+TRACKING_UID_ROOT = "2.25."
+_REQUIRED_SOURCE_KEYWORDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "Rows",
+                             "Columns")
+_UID_PATTERN = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+")
+
+
+@dataclass(frozen=True)
+class PneumoniaReport:
+    """The content and identity of one pneumonia SR (TID 1500, one measurement group).
+
+    `sources` are the study's scored images (headers suffice), `probability` the model's output in
+    [0, 1] (stored as Certainty of Finding in %), `positive` the thresholded decision, `model` the
+    observer device and algorithm. Pass `sr_series_uid`/`sr_instance_uid` (derived from the study)
+    so that a retry produces the same SR instead of a duplicate; left None, new UIDs are made here.
+    """
+
+    sources: Sequence[pydicom.Dataset]
+    probability: float
+    positive: bool
+    model: ModelInfo
+    manufacturer: str = "cxr-worker"
+    software_version: str = PACKAGE_VERSION
+    series_number: int = DEFAULT_SERIES_NUMBER
+    instance_number: int = 1
+    sr_series_uid: str | None = None
+    sr_instance_uid: str | None = None
+
+    def __post_init__(self) -> None:
+        assign = object.__setattr__  # frozen: the checked values replace the given ones once, here
+        assign(self, "sources", _checked_sources(self.sources))
+        probability = float(self.probability)
+        if not 0.0 <= probability <= 1.0:  # also rejects NaN
+            raise ValueError(f'Argument "probability" must lie in [0, 1], got {probability}.')
+        assign(self, "probability", probability)
+        assign(self, "positive", bool(self.positive))
+        if not isinstance(self.model, ModelInfo):
+            raise TypeError('Argument "model" must be a trainer.model_info.ModelInfo, '
+                            f"got {type(self.model).__name__}.")
+        for name in ("series_number", "instance_number"):
+            if getattr(self, name) < 1:
+                raise ValueError(f'Argument "{name}" must be positive, got {getattr(self, name)}.')
+        series_uid = _checked_uid(self.sr_series_uid, "sr_series_uid") or hd.UID()
+        instance_uid = _checked_uid(self.sr_instance_uid, "sr_instance_uid") or hd.UID()
+        if series_uid == instance_uid:
+            raise ValueError('Arguments "sr_series_uid" and "sr_instance_uid" must differ.')
+        assign(self, "sr_series_uid", series_uid)
+        assign(self, "sr_instance_uid", instance_uid)
+
+    @property
+    def tracking_uid(self) -> str:
+        """The measurement group's Tracking UID: derived from the SR's UID, so a retried SR carries the
+        same measurement group identity."""
+        return pydicom.uid.generate_uid(prefix=TRACKING_UID_ROOT, entropy_srcs=[self.sr_instance_uid, "pneumonia"])
+
+
+def _checked_sources(sources: Sequence[pydicom.Dataset]) -> tuple[pydicom.Dataset, ...]:
+    sources = tuple(sources)
+    if not sources:
+        raise ValueError('Argument "sources" must hold at least one source image.')
+    for index, ds in enumerate(sources):
+        missing = [kw for kw in _REQUIRED_SOURCE_KEYWORDS if not ds.get(kw)]
+        if missing:
+            raise ValueError(f'Argument "sources": image #{index} lacks {", ".join(missing)}.')
+    studies = {str(ds.StudyInstanceUID) for ds in sources}
+    if len(studies) != 1:
+        raise ValueError(f'Argument "sources": all images must belong to one study, got {len(studies)} '
+                         "Study Instance UIDs.")
+    instance_uids = [str(ds.SOPInstanceUID) for ds in sources]
+    if len(set(instance_uids)) != len(instance_uids):
+        raise ValueError('Argument "sources" repeats a SOP Instance UID.')
+    return sources
+
+
+def _checked_uid(value: str | None, name: str) -> str | None:
+    if value is None:
+        return None
+    if len(value) > 64 or not _UID_PATTERN.fullmatch(value):
+        raise ValueError(f'Argument "{name}" {value!r} is not a valid DICOM UID.')
+    return str(value)
