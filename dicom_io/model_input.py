@@ -34,9 +34,18 @@ def resize_for_model(gray: np.ndarray, size: int = INPUT_SIZE) -> np.ndarray:
     return cv2.resize(gray, (size, size), interpolation=cv2.INTER_LINEAR)
 
 
+def normalize_values(values):
+    """Grey levels 0..255 as floats -> the model's input, in [-1, 1] by its mean and std.
+
+    The one copy of the formula. Operators only, so it takes a numpy array (normalize) or a torch
+    tensor (the trainer's batches, on any device) without this package importing torch.
+    """
+    return (values / 255.0 - NORM_MEAN) / NORM_STD
+
+
 def normalize(image_u8: np.ndarray) -> np.ndarray:
     """uint8 (..., H, W) -> float32 in [-1, 1] by the model's mean and std."""
-    return (image_u8.astype(np.float32) / 255.0 - NORM_MEAN) / NORM_STD
+    return normalize_values(image_u8.astype(np.float32))
 
 
 def to_model_input(gray: np.ndarray) -> np.ndarray:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,23 +12,15 @@ from sklearn.model_selection import StratifiedGroupKFold
 from tqdm import tqdm
 
 from dicom_io.images import is_image_file, read_image_file
+from dicom_io.kaggle import patient_from_name
 from dicom_io.model_input import resize_for_model
 
 CLASS_NAMES = ("NORMAL", "PNEUMONIA")
-_PATIENT_PATTERNS = (
-    re.compile(r"^(person\d+)_", re.IGNORECASE),            # person123_bacteria_456.jpeg
-    re.compile(r"^((?:NORMAL2-)?IM-\d+)-", re.IGNORECASE),  # IM-0115-0001.jpeg, NORMAL2-IM-1234-0001.jpeg
-)
 
 
 def patient_id(path: str | Path) -> str:
-    """The patient a Kaggle file belongs to, from its name (falls back to the file stem)."""
-    name = Path(path).name
-    for pattern in _PATIENT_PATTERNS:
-        match = pattern.match(name)
-        if match:
-            return match.group(1).lower()
-    return Path(path).stem.lower()
+    """The patient a Kaggle file belongs to (dicom_io.kaggle), lower-cased: the split's group key."""
+    return patient_from_name(path).lower()
 
 
 @dataclass

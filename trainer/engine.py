@@ -12,7 +12,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dicom_io.model_input import NORM_MEAN, NORM_STD
+from dicom_io.model_input import normalize_values
+
+from .models import cpu_supports_bf16
 
 
 @dataclass
@@ -36,14 +38,6 @@ class Runtime:
         if self.amp_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
-
-
-def cpu_supports_bf16() -> bool:
-    """bf16 autocast only pays off on CPUs with native bf16 (AVX512-BF16 / AMX)."""
-    try:
-        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
 
 
 def setup_runtime(amp: str = "auto") -> Runtime:
@@ -74,8 +68,8 @@ def setup_runtime(amp: str = "auto") -> Runtime:
 
 
 def to_input(batch_u8: torch.Tensor) -> torch.Tensor:
-    """uint8 (N, 1, H, W) on any device -> normalised float (same formula as dicom_io.normalize)."""
-    return (batch_u8.float() / 255.0 - NORM_MEAN) / NORM_STD
+    """uint8 (N, 1, H, W) on any device -> normalised float32, by dicom_io's one formula."""
+    return normalize_values(batch_u8.float())
 
 
 def iterate_batches(n: int, batch_size: int) -> Iterator[slice]:

@@ -61,7 +61,7 @@ def _save(fig: plt.Figure, path: Path) -> None:
 
 def plot_all(out_dir: str | Path, labels: np.ndarray, probs: np.ndarray, threshold: float,
              history: Sequence[dict[str, Any]] | None = None, title: str = "validation",
-             class_names: Sequence[str] = ("NORMAL", "PNEUMONIA")) -> list[Path]:
+             *, class_names: Sequence[str]) -> list[Path]:
     """Write ROC, PR, confusion matrix, calibration (and loss curves if ``history``) as PNGs."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,5 @@
-"""The model zoo: the seed's SimpleCNN and a 1-channel ResNet18. Both output one logit."""
+"""The model zoo: the seed's SimpleCNN and a 1-channel ResNet18 (both output one logit), and where
+they run fast (cpu_supports_bf16: the trainer's and the worker's "auto" precision ask it)."""
 
 from __future__ import annotations
 
@@ -38,6 +39,14 @@ def resnet18_1ch() -> nn.Module:
     model.conv1 = nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3, bias=False)
     nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
     return model
+
+
+def cpu_supports_bf16() -> bool:
+    """bf16 autocast only pays off on CPUs with native bf16 (AVX512-BF16 / AMX)."""
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def build_model(arch: str, input_size: int = 224) -> nn.Module:

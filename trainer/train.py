@@ -36,7 +36,8 @@ log = logging.getLogger("cxr_train")
 
 @dataclass
 class TrainSettings:
-    """One training run. Defaults live in config/train.toml (the CLI fills every field from it)."""
+    """One training run, every field filled by the CLI: defaults from config/train.toml, the per-run
+    flags (--limit, --name, --model-version, --no-progress) from trainer/cli.py."""
 
     data_root: str
     output: str
@@ -53,10 +54,10 @@ class TrainSettings:
     cache_dir: str
     min_sensitivity: float
     augment: AugmentSettings
-    limit: int = 0  # use at most this many training files (0 = all), for smoke tests
-    model_name: str = ""
-    model_version: str = "1.0.0"
-    progress: bool = True
+    limit: int  # use at most this many training files (0 = all), for smoke tests
+    model_name: str
+    model_version: str
+    progress: bool
 
 
 def _balanced_limit(labels: np.ndarray, limit: int, seed: int) -> np.ndarray:

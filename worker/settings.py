@@ -1,24 +1,25 @@
 """Typed worker settings, built from the merged TOML dict (config/worker.toml + site file + env).
 
 Every value is validated when the dataclass is constructed, so a bad configuration stops the
-worker at start-up with a message naming the key, never half-way through a study.
+worker at start-up with a message naming the key, never half-way through a study. The defaults
+live only in config/worker.toml: the dataclasses have none, and the packaged file defines every
+key (a missing one is a packaging error, reported as such). The one rule kept here is
+``model.path = ""``, the shipped model (``DEFAULT_MODEL``).
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
 
 import cxr_config
 
+from .errors import SettingsError
+
 DEFAULT_MODEL = Path(__file__).resolve().parent / "models" / "default.safetensors"
 _AE_RE = re.compile(r"^[\x20-\x7e]{1,16}$")
-
-
-class SettingsError(ValueError):
-    """The configuration is invalid; the message names the key."""
 
 
 def _check_ae(key: str, value: Any) -> str:
@@ -69,11 +70,14 @@ def _check_file(key: str, value: Any, *, required: bool = False) -> str:
 
 @dataclass(frozen=True)
 class Destination:
+    """One ``[[destinations]]`` table. Its tls_* keys are optional, so their defaults live here: a
+    list entry has no packaged table to take them from."""
+
     name: str
     host: str
     port: int
     ae_title: str
-    tls: bool = False                # DICOM TLS to this destination (worker/tls.py client_context)
+    tls: bool = False                # DICOM TLS to this destination (worker/net/tls.py client_context)
     tls_ca_certificates: str = ""    # CA file that signed its certificate ("" = system CAs)
     tls_certificate: str = ""        # our client certificate, when it requires one ...
     tls_private_key: str = ""        # ... and its (unencrypted) private key
@@ -98,14 +102,14 @@ class Destination:
 
 @dataclass(frozen=True)
 class TLSSettings:
-    """[tls]: DICOM TLS on the listener (files checked here, loaded by worker/tls.server_context)."""
+    """[tls]: DICOM TLS on the listener (files checked here, loaded by worker/net/tls.server_context)."""
 
-    enabled: bool = False
-    certificate: str = ""
-    private_key: str = ""
-    ca_certificates: str = ""
-    require_client_certificate: bool = False
-    minimum_version: str = "TLSv1.2"
+    enabled: bool
+    certificate: str
+    private_key: str
+    ca_certificates: str
+    require_client_certificate: bool
+    minimum_version: str
 
     def __post_init__(self) -> None:
         _check_bool("tls.enabled", self.enabled)
@@ -124,16 +128,16 @@ class TLSSettings:
 
 @dataclass(frozen=True)
 class NetworkSettings:
-    ae_title: str = "CXR_WORKER"
-    bind_address: str = "0.0.0.0"
-    port: int = 11112
-    max_associations: int = 16
-    max_pdu: int = 131072
-    require_called_aet: bool = True
-    allowed_calling_aets: list[str] = field(default_factory=list)
-    acse_timeout: float = 30.0
-    dimse_timeout: float = 60.0
-    network_timeout: float = 120.0
+    ae_title: str
+    bind_address: str
+    port: int
+    max_associations: int
+    max_pdu: int
+    require_called_aet: bool
+    allowed_calling_aets: list[str]
+    acse_timeout: float
+    dimse_timeout: float
+    network_timeout: float
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ae_title", _check_ae("network.ae_title", self.ae_title))
@@ -151,13 +155,19 @@ class NetworkSettings:
         for key in ("acse_timeout", "dimse_timeout", "network_timeout"):
             _check_num(f"network.{key}", getattr(self, key), minimum=0.1)
 
+    @property
+    def local_address(self) -> str:
+        """Where a client on this machine reaches the listener (`echo`/`send` by default): the bind
+        address, or loopback when the listener binds every interface."""
+        return "127.0.0.1" if self.bind_address in ("", "0.0.0.0", "::") else self.bind_address
+
 
 @dataclass(frozen=True)
 class StorageSettings:
-    data_dir: Path = Path("./var/cxr-worker")
-    database_url: str = ""
-    sqlite_busy_timeout_ms: int = 30000
-    writeback_bytes: int = 1048576
+    data_dir: Path
+    database_url: str
+    sqlite_busy_timeout_ms: int
+    writeback_bytes: int
 
     def __post_init__(self) -> None:
         if not str(self.data_dir):
@@ -175,11 +185,11 @@ class StorageSettings:
 
 @dataclass(frozen=True)
 class StudySettings:
-    quiet_seconds: float = 3.0
-    lease_seconds: float = 300.0
-    allowed_body_parts: list[str] = field(default_factory=lambda: ["CHEST"])
-    excluded_view_positions: list[str] = field(default_factory=lambda: ["LL", "RL", "LATERAL", "LAT"])
-    rescore_late_arrivals: bool = True
+    quiet_seconds: float
+    lease_seconds: float
+    allowed_body_parts: list[str]
+    excluded_view_positions: list[str]
+    rescore_late_arrivals: bool
 
     def __post_init__(self) -> None:
         _check_num("studies.quiet_seconds", self.quiet_seconds, minimum=0)
@@ -194,14 +204,14 @@ class StudySettings:
 
 @dataclass(frozen=True)
 class ModelSettings:
-    path: Path = DEFAULT_MODEL
-    device: str = "auto"
-    precision: str = "auto"
-    batch_size: int = 16
-    max_studies_per_batch: int = 8
-    decode_threads: int = 2
-    decode_processes: bool = True
-    torch_threads: int = 1
+    path: Path
+    device: str
+    precision: str
+    batch_size: int
+    max_studies_per_batch: int
+    decode_threads: int
+    decode_processes: bool
+    torch_threads: int
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "path", Path(self.path).expanduser() if str(self.path) else DEFAULT_MODEL)
@@ -216,8 +226,8 @@ class ModelSettings:
 
 @dataclass(frozen=True)
 class SRSettings:
-    manufacturer: str = "cxr-worker"
-    series_number: int = 9901
+    manufacturer: str
+    series_number: int
 
     def __post_init__(self) -> None:
         if not isinstance(self.manufacturer, str) or not self.manufacturer:
@@ -227,11 +237,11 @@ class SRSettings:
 
 @dataclass(frozen=True)
 class OutboxSettings:
-    retry_base_seconds: float = 2.0
-    retry_max_seconds: float = 300.0
-    timeout: float = 30.0
-    poll_seconds: float = 0.5
-    idle_release_seconds: float = 2.0  # keep a destination's association open this long for the next SR
+    retry_base_seconds: float
+    retry_max_seconds: float
+    timeout: float
+    poll_seconds: float
+    idle_release_seconds: float
 
     def __post_init__(self) -> None:
         _check_num("outbox.retry_base_seconds", self.retry_base_seconds, minimum=0.01)
@@ -245,6 +255,33 @@ class OutboxSettings:
         return min(self.retry_max_seconds, self.retry_base_seconds * 2 ** max(0, min(attempts - 1, 30)))
 
 
+_PACKAGED = "config/worker.toml must define every key (the merged configuration starts from it)"
+
+
+def _value(raw: Mapping[str, Any], key: str) -> Any:
+    if key not in raw:
+        raise SettingsError(f"{key}: no value; {_PACKAGED}")
+    return raw[key]
+
+
+def _section(raw: Mapping[str, Any], name: str, keys: set[str]) -> Mapping[str, Any]:
+    """The table ``[name]``, checked to hold exactly ``keys``."""
+    table = _value(raw, name)
+    if not isinstance(table, Mapping):
+        raise SettingsError(f"{name}: expected a table, got {table!r}")
+    missing, unknown = sorted(keys - table.keys()), sorted(table.keys() - keys)
+    if missing:
+        raise SettingsError(f"{name}.{missing[0]}: no value; {_PACKAGED}")
+    if unknown:
+        raise SettingsError(f"{name}.{unknown[0]}: unknown configuration key")
+    return table
+
+
+#: The TOML tables read into one dataclass each ([logging] and destinations are read by Settings).
+SECTIONS: dict[str, type] = {"network": NetworkSettings, "storage": StorageSettings, "studies": StudySettings,
+                             "model": ModelSettings, "sr": SRSettings, "outbox": OutboxSettings, "tls": TLSSettings}
+
+
 @dataclass(frozen=True)
 class Settings:
     network: NetworkSettings
@@ -254,8 +291,8 @@ class Settings:
     sr: SRSettings
     outbox: OutboxSettings
     destinations: list[Destination]
-    log_level: str = "INFO"
-    tls: TLSSettings = field(default_factory=TLSSettings)
+    log_level: str                   # [logging] level
+    tls: TLSSettings
 
     def __post_init__(self) -> None:
         names = [d.name for d in self.destinations]
@@ -265,21 +302,15 @@ class Settings:
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> "Settings":
+        """The merged configuration (packaged TOML + site file + environment) -> validated Settings."""
         try:
-            dests = raw.get("destinations", [])
+            dests = _value(raw, "destinations")
             if not isinstance(dests, list) or not all(isinstance(d, Mapping) for d in dests):
                 raise SettingsError("destinations: expected a list of tables {name, host, port, ae_title}")
-            return cls(
-                network=NetworkSettings(**raw.get("network", {})),
-                storage=StorageSettings(**raw.get("storage", {})),
-                studies=StudySettings(**raw.get("studies", {})),
-                model=ModelSettings(**raw.get("model", {})),
-                sr=SRSettings(**raw.get("sr", {})),
-                outbox=OutboxSettings(**raw.get("outbox", {})),
-                destinations=[Destination(**d) for d in dests],
-                log_level=str(raw.get("logging", {}).get("level", "INFO")).upper(),
-                tls=TLSSettings(**raw.get("tls", {})),
-            )
+            sections = {name: section_type(**_section(raw, name, {f.name for f in fields(section_type)}))
+                        for name, section_type in SECTIONS.items()}
+            level = _section(raw, "logging", {"level"})["level"]
+            return cls(**sections, destinations=[Destination(**d) for d in dests], log_level=str(level).upper())
         except TypeError as exc:  # unknown / missing keys in a destination table
             raise SettingsError(f"configuration: {exc}") from exc
 

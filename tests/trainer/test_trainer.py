@@ -25,6 +25,21 @@ def test_patient_id_parses_kaggle_names() -> None:
     assert patient_id("NORMAL2-IM-1234-0001.jpeg") == "normal2-im-1234"
 
 
+def test_the_trainers_torch_input_is_dicom_ios_numpy_input_exactly() -> None:
+    """One normalisation: the trainer's batches (torch) and serving (numpy) give identical floats."""
+    from dicom_io.model_input import normalize
+    from trainer.engine import to_input
+
+    rng = np.random.default_rng(7)
+    images = rng.integers(0, 256, size=(8, 224, 224), dtype=np.uint8)
+    images[0].reshape(-1)[:256] = np.arange(256, dtype=np.uint8)  # every grey level at least once
+    torch_path = to_input(torch.from_numpy(images).unsqueeze(1)).squeeze(1).numpy()
+    numpy_path = normalize(images)
+    assert torch_path.dtype == numpy_path.dtype == np.float32
+    assert np.array_equal(torch_path, numpy_path)
+    assert numpy_path.min() == -1.0 and numpy_path.max() == 1.0
+
+
 def test_grouped_split_puts_no_patient_on_both_sides(kaggle_root: Path) -> None:
     files = scan_split(kaggle_root / "train")
     train_idx, val_idx = grouped_split(files, 0.2, seed=42)

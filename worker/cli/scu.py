@@ -1,6 +1,6 @@
 """`cxr-worker send` and `cxr-worker echo`: the DICOM client side of the command line.
 
-The CLI owner calls register(subparsers); each subcommand sets func=handler(args) -> exit code.
+worker/cli/main.py calls register(subparsers); each subcommand sets func=handler(args) -> exit code.
 """
 
 from __future__ import annotations
@@ -13,22 +13,26 @@ from pathlib import Path
 
 from dicom_io.images import is_image_file
 
-from ..net.scu import DEFAULT_CALLING_AET, echo_detail, store_files
+from ..net import install as install_pynetdicom
+from ..net.scu import echo_detail, store_files
+from ..settings import load_settings
 from .wrap import wrap_image_as_dicom
 
-DEFAULT_HOST = "127.0.0.1"
-DEFAULT_PORT = 11112
-DEFAULT_CALLED_AET = "CXR_WORKER"
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 
 
 def _add_peer_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--host", default=DEFAULT_HOST, help=f"peer host (default {DEFAULT_HOST})")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"peer DICOM port (default {DEFAULT_PORT})")
-    parser.add_argument("--aec", default=DEFAULT_CALLED_AET, help=f"called AE title (default {DEFAULT_CALLED_AET})")
-    parser.add_argument("--aet", default=DEFAULT_CALLING_AET, help=f"our (calling) AE title (default {DEFAULT_CALLING_AET})")
+    """The peer defaults to this machine's worker, as configured (config/worker.toml, --config, then
+    CXR_WORKER__NETWORK__* like `serve`): see resolve_peer."""
+    parser.add_argument("--config", metavar="FILE", help="site TOML file the peer defaults come from "
+                                                         "(env CXR_WORKER__SECTION__KEY overrides it)")
+    parser.add_argument("--host", help="peer host (default: network.bind_address, 127.0.0.1 when it is 0.0.0.0)")
+    parser.add_argument("--port", type=int, help="peer DICOM port (default: network.port)")
+    parser.add_argument("--aec", help="called AE title (default: network.ae_title)")
+    parser.add_argument("--aet", help="our (calling) AE title (default: network.ae_title, as the worker's own "
+                                      "deliveries)")
     parser.add_argument("--timeout", type=float, default=30.0, help="network timeout in seconds (default 30)")
     tls = parser.add_argument_group("DICOM TLS (any --tls-* option implies --tls)")
     tls.add_argument("--tls", action="store_true", help="use TLS; the peer's certificate is verified")
@@ -37,8 +41,20 @@ def _add_peer_arguments(parser: argparse.ArgumentParser) -> None:
     tls.add_argument("--tls-key", default="", metavar="FILE", help="its private key (PEM, unencrypted)")
 
 
+def resolve_peer(args: argparse.Namespace) -> None:
+    """Fill --host/--port/--aec/--aet not given from [network]; the configuration is read (and
+    validated) only when one of them is missing."""
+    if None not in (args.host, args.port, args.aec, args.aet):
+        return
+    net = load_settings(args.config).network
+    args.host = net.local_address if args.host is None else args.host
+    args.port = net.port if args.port is None else args.port
+    args.aec = net.ae_title if args.aec is None else args.aec
+    args.aet = net.ae_title if args.aet is None else args.aet
+
+
 def _tls_context(args: argparse.Namespace):
-    """The client SSLContext for --tls/--tls-* (worker/tls.py), or None; SettingsError for bad files."""
+    """The client SSLContext for --tls/--tls-* (worker/net/tls.py), or None; SettingsError for bad files."""
     if not (args.tls or args.tls_ca or args.tls_cert or args.tls_key):
         return None
     from ..net.tls import client_context
@@ -103,6 +119,8 @@ def _wrap_all(files: Sequence[Path], tmpdir: Path) -> tuple[list[Path], dict[Pat
 
 
 def cmd_send(args: argparse.Namespace) -> int:
+    install_pynetdicom()  # files go out as stored; an untested pynetdicom version stops here (exit 2)
+    resolve_peer(args)
     files, errors = expand_paths(args.paths, args.recursive)
     if not files and not errors:
         print("send: no files to send", file=sys.stderr)
@@ -132,6 +150,7 @@ def cmd_send(args: argparse.Namespace) -> int:
 
 
 def cmd_echo(args: argparse.Namespace) -> int:
+    resolve_peer(args)
     status, reason = echo_detail(args.host, args.port, args.aec, args.aet, tls=_tls_context(args), timeout=args.timeout)
     where = f"{args.aec}@{args.host}:{args.port}"
     if status is None:
@@ -142,7 +161,7 @@ def cmd_echo(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Stand-alone entry (tests, `python -m worker.cli_scu`) until the main CLI registers us."""
+    """`python -m worker.cli.scu`: send and echo alone (without the worker's other commands)."""
     parser = argparse.ArgumentParser(prog="cxr-worker")
     register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)

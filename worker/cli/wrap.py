@@ -6,30 +6,24 @@ worker itself, accept (dciodvfy reports no errors).
 
 from __future__ import annotations
 
-import re
 from datetime import datetime
 from pathlib import Path
 
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
-from pydicom.uid import UID, ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
+from pydicom.uid import (ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, DigitalXRayImageStorageForPresentation,
+                         generate_uid)
 
 from dicom_io.images import read_image_file
+from dicom_io.kaggle import patient_from_name
 
-DX_FOR_PRESENTATION = UID("1.2.840.10008.5.1.4.1.1.1.1")
+#: The SOP class of a wrapped film.
+DX_FOR_PRESENTATION = DigitalXRayImageStorageForPresentation
 #: The wrapped images have no calibration; their Imager Pixel Spacing is a nominal value that
 #: spreads the image's larger side over a typical paediatric chest field.
 NOMINAL_FIELD_MM = 300.0
-_KAGGLE_PATIENT = re.compile(r"^(person\d+|IM-\d+|NORMAL2-IM-\d+)", re.IGNORECASE)
 _CHEST = ("816094009", "SCT", "Chest")  # CID 4009 DX Anatomy Imaged (pydicom codes.SCT.Chest)
 _AP_VIEW = ("399348003", "SCT", "antero-posterior")  # CID 4010 DX View
-
-
-def patient_id_from_filename(path: Path) -> str:
-    """Kaggle names carry the patient: person123_bacteria_45.jpeg -> person123, IM-0115-0001 -> IM-0115."""
-    stem = Path(path).stem
-    match = _KAGGLE_PATIENT.match(stem)
-    return (match.group(1) if match else stem)[:64]
 
 
 def wrap_image_as_dicom(
@@ -42,14 +36,15 @@ def wrap_image_as_dicom(
     """Wrap a JPEG/PNG chest film as a DX For Presentation image (MONOCHROME2, 8 bit, AP chest).
 
     For demos and tests: the Kaggle films become real DICOM that any SCP and our own worker accept.
-    Each file is its own study unless `study_uid` is given; the patient ID comes from the file name.
+    Each file is its own study unless `study_uid` is given; the patient ID comes from the file name
+    (dicom_io.kaggle: person123_bacteria_45.jpeg -> person123).
     Raises dicom_io.errors.DicomInputError for unreadable images.
     """
     path = Path(path)
     pixels = read_image_file(path)
     rows, columns = pixels.shape
     now = datetime.now()
-    pid = patient_id or patient_id_from_filename(path)
+    pid = patient_id or patient_from_name(path)[:64]  # LO: at most 64 characters
     sop_instance_uid = generate_uid()
 
     meta = FileMetaDataset()

@@ -66,3 +66,29 @@ def test_bad_configuration_is_rejected(tmp_path):
     env = dict(os.environ, CXR_WORKER__MODEL__PRECISION="fp8", CXR_WORKER__STORAGE__DATA_DIR=str(tmp_path))
     out = run_cli("status", env=env)
     assert out.returncode == 2 and "model.precision" in out.stderr
+
+
+def test_classify_takes_model_settings_from_the_environment_and_flags_over_them(monkeypatch):
+    from worker.cli.main import build_parser, classify_scorer
+
+    monkeypatch.setenv("CXR_WORKER__MODEL__BATCH_SIZE", "3")
+    monkeypatch.setenv("CXR_WORKER__MODEL__PRECISION", "bf16")
+    monkeypatch.setenv("CXR_WORKER__MODEL__DEVICE", "cpu")
+    monkeypatch.setenv("CXR_WORKER__MODEL__DECODE_THREADS", "1")
+    for flags, expected in (([], (3, "bf16")), (["--batch-size", "5", "--precision", "fp32"], (5, "fp32"))):
+        scorer = classify_scorer(build_parser().parse_args(["classify", *flags, "x.dcm"]))
+        try:
+            assert (scorer.batch_size, scorer.precision, scorer.decode_threads) == (*expected, 1)
+            assert str(scorer.device) == "cpu"
+        finally:
+            scorer.close()
+
+
+def test_classify_reports_a_bad_model_setting_by_its_key(tmp_path):
+    import os
+    missing = tmp_path / "gone.safetensors"
+    out = run_cli("classify", "x.dcm", env=dict(os.environ, CXR_WORKER__MODEL__PATH=str(missing)))
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert f"model checkpoint not found: {missing} (model.path)" in out.stderr
+    out = run_cli("classify", "x.dcm", env=dict(os.environ, CXR_WORKER__MODEL__BATCH_SIZE="0"))
+    assert out.returncode == 2 and "model.batch_size" in out.stderr
