@@ -20,14 +20,11 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from sqlalchemy import update
-
 from .net.associations import AssociationPool
 from .net.tls import destination_context
 from .settings import Settings
-from .store import db as dbm
 from .store.db import Database, OutboxItem
-from .store.outbox import BATCH, claim_due, mark_sent
+from .store.outbox import BATCH, Attempt, claim_due, mark_sent, settle
 
 log = logging.getLogger("cxr_worker.outbox")
 
@@ -108,26 +105,22 @@ class OutboxLoop(threading.Thread):
         now = time.time()
         rest = [(item, outcome) for item, outcome in zip(group, outcomes) if item.id not in done]
         if rest:  # the accepted ones are committed already: no transaction at all in the usual case
-            with self.db.session() as s, s.begin():
-                for item, outcome in rest:
-                    s.execute(update(OutboxItem).where(OutboxItem.id == item.id, OutboxItem.lease_owner == self.owner)
-                              .values(**self._after(item, outcome, error, now, name)))
+            settle(self.db, self.owner, [self._after(item, outcome, error, now, name) for item, outcome in rest], now)
         for item, outcome in zip(group, outcomes):
             if outcome is not None and outcome.ok:
                 self.sent += 1
                 log.info("SR %s of study %s delivered to %s (%.3f s)", item.sr_sop_instance_uid,
                          item.study_uid, name, elapsed)
 
-    def _after(self, item: OutboxItem, outcome, error: str | None, now: float, name: str) -> dict:
-        """Column values for an SR not recorded as it was answered: sent, or pending with backoff."""
-        values: dict = dict(lease_owner=None, lease_expires=None, attempts=OutboxItem.attempts + 1,
-                            last_status=getattr(outcome, "status", None))
+    def _after(self, item: OutboxItem, outcome, error: str | None, now: float, name: str) -> Attempt:
+        """How a try not recorded as it was answered ended: sent, or due again after the backoff."""
+        rsp_status = getattr(outcome, "status", None)
         if outcome is not None and outcome.ok:  # accepted, but its commit failed above
-            return values | dict(status=dbm.OUTBOX_SENT, sent=now, last_error=None)
+            return Attempt(item.id, rsp_status)
         attempts = item.attempts + 1
         delay = self.settings.outbox.backoff(attempts)
         why = (getattr(outcome, "error", None) or error or
                (f"status 0x{outcome.status:04X}" if outcome and outcome.status is not None else "failed"))
         log.warning("SR %s -> %s (%s@%s:%s) not delivered (try %d): %s; next try in %.1f s",
                     item.sr_sop_instance_uid, name, item.ae_title, item.host, item.port, attempts, why, delay)
-        return values | dict(status=dbm.OUTBOX_PENDING, next_attempt=now + delay, last_error=str(why)[:2000])
+        return Attempt(item.id, rsp_status, retry_at=now + delay, error=str(why))

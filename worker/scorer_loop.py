@@ -24,14 +24,14 @@ from dataclasses import dataclass
 
 import numpy as np
 import pydicom
-from sqlalchemy import select, update
+from sqlalchemy import insert, select, update
 
-from .store import db as dbm
-from .store.db import Database, Instance, OutboxItem, Result, Study
+from .store import outbox, studies
+from .store.db import Database, Instance, Result, StudyState, clip
 from .scoring.runner import DecodeBatch, Scored, Scorer
 from .settings import Settings
 from .store.spool import Spool
-from .store.studies import ClaimedStudy, claim_ready, instances_of_many, next_due, release, renew
+from .store.studies import ClaimedStudy, claim_ready, instances_of_many, next_due, reclaim_stale, release, renew
 
 log = logging.getLogger("cxr_worker.pipeline")
 
@@ -99,7 +99,7 @@ class ScorerLoop(threading.Thread):
         while not self.stop_event.is_set():
             try:
                 if time.monotonic() - last_reclaim > 5.0:
-                    dbm.reclaim_stale(self.db)
+                    reclaim_stale(self.db)
                     last_reclaim = time.monotonic()
                 claimed = claim_ready(self.db, self.owner, self.settings.model.max_studies_per_batch,
                                       self.settings.studies.lease_seconds, self.settings.studies.quiet_seconds)
@@ -124,7 +124,7 @@ class ScorerLoop(threading.Thread):
     def warm_up(self) -> None:
         """Pay the one-off costs (highdicom loads its standard tables on the first SR, ~1 s; the
         model's first forward pass) before the listener opens, not in the first studies' latency."""
-        from .sr.builder import build_pneumonia_sr
+        from .sr import PneumoniaReport, build_pneumonia_sr
 
         try:
             self.scorer.start_decoders()
@@ -134,7 +134,7 @@ class ScorerLoop(threading.Thread):
             header.update({"SOPClassUID": "1.2.840.10008.5.1.4.1.1.1.1", "SOPInstanceUID": "2.25.1",
                            "StudyInstanceUID": "2.25.2", "SeriesInstanceUID": "2.25.3", "Rows": 1, "Columns": 1,
                            "Modality": "DX", "PatientID": ""})
-            build_pneumonia_sr([header], 0.5, True, self.scorer.info)
+            build_pneumonia_sr(PneumoniaReport([header], 0.5, True, self.scorer.info))
         except Exception:  # noqa: BLE001 - only a warm-up; the real work reports its own errors
             log.debug("warm-up failed", exc_info=True)
 
@@ -224,7 +224,7 @@ class ScorerLoop(threading.Thread):
         if ok:
             best = max(ok, key=lambda s: s.probability)
             label, positive = self.scorer.label(best.probability)
-            result.update(status=dbm.STUDY_DONE, probability=best.probability, label=label, positive=positive,
+            result.update(status=StudyState.DONE, probability=best.probability, label=label, positive=positive,
                           best_instance_uid=inst_by_id[best.prepared.key[1]].sop_instance_uid)
             t0 = time.perf_counter()
             try:
@@ -233,10 +233,10 @@ class ScorerLoop(threading.Thread):
                 result.update(sr_path=str(sr_file), sr_sop_instance_uid=instance_uid, sr_series_uid=series_uid)
             except Exception as exc:  # noqa: BLE001 - recorded on the result; the study is 'failed'
                 log.exception("study %s: SR could not be built", study.study_uid)
-                result.update(status=dbm.STUDY_FAILED, error=f"sr_failed: {type(exc).__name__}: {exc}")
+                result.update(status=StudyState.FAILED, error=f"sr_failed: {type(exc).__name__}: {exc}")
             result["sr_s"] = time.perf_counter() - t0
         else:
-            result.update(status=dbm.STUDY_NO_ELIGIBLE,
+            result.update(status=StudyState.NO_ELIGIBLE,
                           error="no eligible image: " + ", ".join(f"{k}={v}" for k, v in sorted(reasons.items())))
         result["total_s"] = time.time() - study.claimed_at
         return Concluded(study, result, scored, dict(reasons))
@@ -252,60 +252,49 @@ class ScorerLoop(threading.Thread):
 
     def _write_sr(self, study: ClaimedStudy, sources: list[Instance], probability: float, positive: bool,
                   revision: int):
-        from .sr.builder import encode_pneumonia_sr
+        from .sr import PneumoniaReport, encode_pneumonia_sr, source_dataset
 
-        headers = [pydicom.dcmread(inst.path, stop_before_pixels=True) for inst in sources]
+        # what the receiver kept of each header (rows from before that: the file's header, parsed again)
+        headers = [source_dataset(inst.sr_attributes, inst.path) for inst in sources]
         for inst, header in zip(sources, headers):  # a data set without them was stored under the C-STORE's
             header.SOPClassUID = header.get("SOPClassUID") or inst.sop_class_uid            # Affected SOP
             header.SOPInstanceUID = header.get("SOPInstanceUID") or inst.sop_instance_uid   # Class/Instance
         series_uid, instance_uid = sr_uids(study.study_uid, self.scorer.info.uid, revision)
-        data = encode_pneumonia_sr(headers, probability, positive, self.scorer.info,
-                                   manufacturer=self.settings.sr.manufacturer,
-                                   series_number=self.settings.sr.series_number, instance_number=revision,
-                                   sr_series_uid=series_uid, sr_instance_uid=instance_uid)
+        data = encode_pneumonia_sr(PneumoniaReport(
+            headers, probability, positive, self.scorer.info, manufacturer=self.settings.sr.manufacturer,
+            series_number=self.settings.sr.series_number, instance_number=revision, sr_series_uid=series_uid,
+            sr_instance_uid=instance_uid))
         path = self.spool.write_bytes(self.spool.sr_path(study.study_uid, instance_uid), data)
         return path, series_uid, instance_uid
 
-    def _commit(self, concluded: list[Concluded]) -> dict[int, str]:
+    def _commit(self, concluded: list[Concluded]) -> dict[int, StudyState]:
         """Record the batch in one transaction (one fsync for all of it); returns study id -> final
-        status for the studies this worker still held. A study whose lease was lost is left alone."""
+        state for the studies this worker still held. A study whose lease was lost is left alone."""
         now = time.time()
-        finals: dict[int, str] = {}
-        with self.db.session() as s, s.begin():
+        finals: dict[int, StudyState] = {}
+        with self.db.write() as conn:
             for item in concluded:
                 study, result = item.study, item.result
-                row = s.get(Study, study.id, with_for_update=True)
-                if row is None or row.status != dbm.STUDY_SCORING or row.lease_owner != self.owner:
+                final = studies.conclude(conn, self.owner, study, result["status"], result["revision"],
+                                         result["error"], now)
+                if final is None:
                     continue
-                late = row.n_instances != study.n_instances
-                final = dbm.STUDY_RECEIVING if late else result["status"]
-                s.execute(update(Study).where(Study.id == study.id)
-                          .values(status=final, revision=result["revision"], lease_owner=None, lease_expires=None,
-                                  error=result["error"], updated=now))
-                existing = s.scalar(select(Result).where(Result.study_uid == study.study_uid,
-                                                         Result.model_uid == result["model_uid"]))
-                if existing is None:
-                    existing = Result(created=now, **result)
-                    s.add(existing)
+                result_id = conn.scalar(select(Result.id).where(Result.study_uid == study.study_uid,
+                                                                Result.model_uid == result["model_uid"]))
+                if result_id is None:
+                    result_id = conn.execute(insert(Result).values(created=now, **result)).inserted_primary_key[0]
                 else:
-                    for key, value in result.items():
-                        setattr(existing, key, value)
-                    existing.created = now
-                s.flush()
+                    conn.execute(update(Result).where(Result.id == result_id).values(created=now, **result))
                 if result["sr_path"]:
-                    for dest in self.settings.destinations:
-                        s.add(OutboxItem(result_id=existing.id, study_uid=study.study_uid,
-                                         sr_sop_instance_uid=result["sr_sop_instance_uid"],
-                                         sr_path=result["sr_path"], destination=dest.name, host=dest.host,
-                                         port=dest.port, ae_title=dest.ae_title, status=dbm.OUTBOX_PENDING,
-                                         attempts=0, next_attempt=now, created=now))
+                    outbox.enqueue(conn, result_id, study.study_uid, result["sr_sop_instance_uid"], result["sr_path"],
+                                   self.settings.destinations, now)
                 for sc in item.scored:
                     values = ({"probability": sc.probability, "frame": sc.prepared.frame}
                               if sc.probability is not None else
                               {"eligible": False, "reason": sc.prepared.error_reason,
-                               "detail": (sc.prepared.error_message or "")[:2000]})
-                    s.execute(update(Instance).where(Instance.id == sc.prepared.key[1]).values(**values))
-                if late:
+                               "detail": clip(sc.prepared.error_message or "")})
+                    conn.execute(update(Instance).where(Instance.id == sc.prepared.key[1]).values(**values))
+                if final == StudyState.RECEIVING:
                     log.info("study %s: instances arrived while scoring; it will be scored again", study.study_uid)
                 finals[study.id] = final
         return finals

@@ -20,10 +20,12 @@ from .store.db import Database
 from .outbox_loop import OutboxLoop
 from .scorer_loop import ScorerLoop
 from .scoring.runner import Scorer
+from .net import install as install_pynetdicom
 from .net.listener import Listener
 from .receiver import Receiver
 from .settings import Settings
 from .store.spool import Spool
+from .store.studies import reclaim_stale
 from .net.tls import server_context
 
 log = logging.getLogger("cxr_worker.service")
@@ -38,11 +40,14 @@ class Service:
         # TLS files are loaded first: a bad certificate stops start-up (SettingsError, exit 2).
         self.ssl_context = server_context(settings.tls) if settings.tls.enabled else None
         self.spool = Spool(settings.storage.data_dir)
+        # pynetdicom set up for this process, before the slow steps: an untested pynetdicom version
+        # stops start-up here (UnsupportedDependency, exit 2).
+        install_pynetdicom(writeback_bytes=settings.storage.writeback_bytes, incoming_dir=self.spool.incoming)
         removed = self.spool.clean_incoming()
         if removed:
             log.info("removed %d partial receptions left by a previous run", removed)
         self.db = Database(settings.storage.url, settings.storage.sqlite_busy_timeout_ms)
-        reclaimed = dbm.reclaim_stale(self.db)
+        reclaimed = reclaim_stale(self.db)
         if reclaimed:
             log.info("re-queued %d studies/deliveries claimed by a worker that is gone", reclaimed)
         m = settings.model

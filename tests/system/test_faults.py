@@ -375,9 +375,8 @@ def test_outbox_commits_each_accepted_sr_before_the_batch_ends(tmp_path, monkeyp
     committed only after the association, so a crash re-sent every SR of the batch)."""
     import threading as _threading
 
-    from worker.store import db as dbm
     from worker.net import scu
-    from worker.store.db import Database, OutboxItem, Result, Study
+    from worker.store.db import Database, OutboxItem, OutboxState, Result, Study, StudyState
     from worker.outbox_loop import OutboxLoop, claim_due
     from worker.net.scu import StoreOutcome
     from worker.settings import load_settings
@@ -387,17 +386,17 @@ def test_outbox_commits_each_accepted_sr_before_the_batch_ends(tmp_path, monkeyp
     try:
         now = time.time()
         with db.session() as s, s.begin():
-            s.add(Study(study_uid="1.0", status=dbm.STUDY_DONE, n_instances=1, first_received=now,
+            s.add(Study(study_uid="1.0", status=StudyState.DONE, n_instances=1, first_received=now,
                         last_received=now, updated=now))
             s.flush()
-            result = Result(study_uid="1.0", status=dbm.STUDY_DONE, threshold=0.5, model_name="m", model_version="1",
+            result = Result(study_uid="1.0", status=StudyState.DONE, threshold=0.5, model_name="m", model_version="1",
                             model_uid="3.1", n_instances=1, n_scored=1, created=now)
             s.add(result)
             s.flush()
             for i in range(3):
                 s.add(OutboxItem(result_id=result.id, study_uid="1.0", sr_sop_instance_uid=f"2.{i}",
                                  sr_path=str(tmp_path / f"sr{i}.dcm"), destination="d", host="127.0.0.1", port=1,
-                                 ae_title="D", status=dbm.OUTBOX_PENDING, attempts=0, next_attempt=now, created=now))
+                                 ae_title="D", status=OutboxState.PENDING, attempts=0, next_attempt=now, created=now))
         loop = OutboxLoop(settings, db, "owner-1", _threading.Event())
         items = claim_due(db, "owner-1", 60)
 

@@ -38,7 +38,7 @@ def test_orthanc_push_to_worker_and_sr_back(kaggle_jpegs, tmp_path):
             assert sr.Modality == "SR" and sr.StudyInstanceUID == study_uid and sr.AccessionNumber == "ORTH1"
             rows = [r for r in worker.results() if r["study_uid"] == study_uid]
             assert len(rows) == 1 and rows[0]["n_scored"] == 2 and sr.SOPInstanceUID == rows[0]["sr_sop_instance_uid"]
-            from worker.sr.reader import read_pneumonia_sr
+            from worker.sr import read_pneumonia_sr
             assert read_pneumonia_sr(sr)["probability"] == pytest.approx(rows[0]["probability"], abs=1e-4)
             # Orthanc pushing the same study again changes nothing: still one SR in the PACS.
             pacs.store_to_modality("cxrworker", ids)

@@ -14,8 +14,6 @@ client certificates from that CA and from a rogue CA) with the `cryptography` pa
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import os
 import socket
 import stat
@@ -29,6 +27,7 @@ import pytest
 from pydicom.uid import generate_uid
 
 from testkit.env import REPO_ROOT, dcmtk, free_port
+from testkit.pki import make_pki
 from testkit.worker_process import StoreSCP, WorkerProcess, storescu, wrap_jpeg
 
 pytestmark = pytest.mark.dcmtk
@@ -38,69 +37,9 @@ ALLOWED_AET = "MODALITY1"
 
 # --- a throwaway PKI --------------------------------------------------------------------------
 
-def _make_pki(directory: Path) -> dict[str, Path]:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import rsa
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-    now = datetime.datetime.now(datetime.timezone.utc)
-    files: dict[str, Path] = {}
-
-    def name(cn: str) -> x509.Name:
-        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-    def write(stem: str, key, cert) -> None:
-        key_path, cert_path = directory / f"{stem}.key", directory / f"{stem}.crt"
-        key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                               serialization.NoEncryption()))
-        key_path.chmod(0o600)
-        cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        files[f"{stem}.key"], files[f"{stem}.crt"] = key_path, cert_path
-
-    def builder(subject: x509.Name, issuer: x509.Name, public_key) -> x509.CertificateBuilder:
-        return (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer).public_key(public_key)
-                .serial_number(x509.random_serial_number())
-                .not_valid_before(now - datetime.timedelta(minutes=5))
-                .not_valid_after(now + datetime.timedelta(days=1)))
-
-    def ca(stem: str, cn: str):
-        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        cert = (builder(name(cn), name(cn), key.public_key())
-                .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-                .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                                             content_commitment=False, key_encipherment=False,
-                                             data_encipherment=False, key_agreement=False,
-                                             encipher_only=False, decipher_only=False), critical=True)
-                .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-                .sign(key, hashes.SHA256()))
-        write(stem, key, cert)
-        return key, cert
-
-    def leaf(stem: str, cn: str, issuer, server: bool) -> None:
-        ca_key, ca_cert = issuer
-        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
-        b = (builder(name(cn), ca_cert.subject, key.public_key())
-             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-             .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False))
-        if server:
-            b = b.add_extension(x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
-        write(stem, key, b.sign(ca_key, hashes.SHA256()))
-
-    root = ca("ca", "cxr-worker test CA")
-    leaf("server", "cxr-worker test server", root, server=True)
-    leaf("client", "cxr-worker test client", root, server=False)
-    rogue = ca("rogue-ca", "someone else's CA")
-    leaf("rogue-client", "rogue client", rogue, server=False)
-    return files
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory) -> dict[str, Path]:
-    return _make_pki(tmp_path_factory.mktemp("pki"))
+    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 def tls_env(pki: dict[str, Path], *, require_client_certificate: bool) -> dict[str, str]:
@@ -284,30 +223,6 @@ def test_no_patient_data_in_info_log_also_for_bad_instances(worker, kaggle_jpegs
         assert uid in log
     leaked = [form for form in PHI_FORMS if form in log]
     assert not leaked, f"patient data in the INFO log: {leaked}\n{log[-4000:]}"
-
-
-def test_log_formatting_hides_values_below_debug():
-    """The two guards behind the test above, for the paths it cannot provoke on demand: a traceback
-    keeps its frames but not its messages, and pydicom's quoted values are hidden."""
-    import logging
-
-    from worker.cli.main import NoPatientDataFormatter, QuotedValueFilter
-
-    try:
-        try:
-            raise KeyError(PHI_ID)
-        except KeyError as exc:
-            raise ValueError(f"Unable to convert '{PHI_BIRTH}' to 'DA' object") from exc
-    except ValueError:
-        record = logging.LogRecord("x", logging.ERROR, __file__, 1, "SR could not be built", None, sys.exc_info())
-    text = NoPatientDataFormatter("%(message)s").format(record)
-    assert "SR could not be built" in text and "ValueError" in text and "KeyError" in text
-    assert "test_log_formatting_hides_values_below_debug" in text  # frames kept
-    assert PHI_BIRTH not in text and PHI_ID not in text
-    record = logging.LogRecord("pydicom", logging.WARNING, __file__, 1, "Invalid value for VR %s: %r.",
-                               ("DA", "05.04.1923"), None)
-    assert QuotedValueFilter().filter(record)
-    assert record.getMessage() == "Invalid value for VR DA: <value hidden>."
 
 
 def _send_raw(port: int, path: Path) -> int | None:

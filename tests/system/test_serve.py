@@ -79,7 +79,7 @@ def test_study_via_storescu_scored_once_sr_delivered_duplicate_ignored(worker, d
     assert len(received) == 1
     sr = received[0]
     assert sr.Modality == "SR" and sr.StudyInstanceUID == study_uid
-    from worker.sr.reader import read_pneumonia_sr
+    from worker.sr import read_pneumonia_sr
     assert read_pneumonia_sr(sr)["probability"] == pytest.approx(row["probability"], abs=1e-4)
 
     # The same instances again: no new row, no new SR, answered Success.

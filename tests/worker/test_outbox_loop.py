@@ -1,7 +1,7 @@
 """The outbox keeps one association per destination open while SRs keep coming (real peers, no mocks).
 
 worker/outbox.OutboxLoop runs in this process on its own SQLite database and delivers real SR files
-(worker/sr.build_pneumonia_sr) to DCMTK storescp (`-v`: its log counts associations; `+uf`: every
+(worker.sr.build_pneumonia_sr) to DCMTK storescp (`-v`: its log counts associations; `+uf`: every
 delivery is its own file, so a second delivery of one SR would show) or, where the peer must
 misbehave on cue (abort on a C-STORE, release an idle association), to a pynetdicom Storage SCP on
 a real socket. Proven here: 20 SRs one after another over ONE association, released after
@@ -33,17 +33,25 @@ from pynetdicom.sop_class import Comprehensive3DSRStorage
 from trainer.checkpoint import ModelInfo, new_model_uid
 from worker.store import db as dbm
 from worker.net.associations import AssociationPool
-from worker.store.db import Database, OutboxItem, Result, Study
+from worker.store.db import Database, OutboxItem, OutboxState, Result, Study, StudyState
 from worker.outbox_loop import OutboxLoop, claim_due
 from worker.net.scu import store_files
-from worker.settings import OutboxSettings, SettingsError, load_settings
-from worker.sr.builder import build_pneumonia_sr
+from worker.settings import load_settings
+from worker.sr import PneumoniaReport, build_pneumonia_sr
 
 IDLE_S = 1.5          # outbox.idle_release_seconds in these tests
 TIMEOUT_S = 5.0       # outbox.timeout: a lost C-STORE-RSP would cost this long
 LONG_BACKOFF_S = 60.0  # retry_base_seconds where a counted failure must be visible as a long wait
 SEND_WAIT_S = 20.0    # generous bound for one delivery on a busy 2-core machine
 DEST_AET = "DEST"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def pynetdicom_installed():
+    """The outbox always runs after the service's worker.net.install() (files sent as stored)."""
+    from worker.net import install
+
+    install()
 
 
 # --- SR files ------------------------------------------------------------------------------------
@@ -53,7 +61,7 @@ def sr_template() -> pydicom.Dataset:
     source = make_dataset(synthetic_radiograph(64, 64))
     source.StudyInstanceUID = generate_uid()
     model = ModelInfo(arch="resnet18", name="cxr-outbox-test", version="1", threshold=0.5, uid=new_model_uid())
-    return build_pneumonia_sr([source], 0.87, True, model)
+    return build_pneumonia_sr(PneumoniaReport([source], 0.87, True, model))
 
 
 @pytest.fixture
@@ -81,10 +89,10 @@ def uid_of(path: Path) -> str:
 
 def _add_scored_study(session, study_uid: str, model_uid: str, now: float) -> Result:
     """A done study and its result row, which outbox rows refer to (flushed: the result has its id)."""
-    session.add(Study(study_uid=study_uid, status=dbm.STUDY_DONE, n_instances=1, first_received=now,
+    session.add(Study(study_uid=study_uid, status=StudyState.DONE, n_instances=1, first_received=now,
                       last_received=now, updated=now))
     session.flush()
-    result = Result(study_uid=study_uid, status=dbm.STUDY_DONE, threshold=0.5, model_name="m",
+    result = Result(study_uid=study_uid, status=StudyState.DONE, threshold=0.5, model_name="m",
                     model_version="1", model_uid=model_uid, n_instances=1, n_scored=1, created=now)
     session.add(result)
     session.flush()
@@ -235,7 +243,7 @@ class Outbox:
             for path, uid in zip(paths, uids):
                 s.add(OutboxItem(result_id=self.result_id, study_uid="1.2.3", sr_sop_instance_uid=uid,
                                  sr_path=str(path), destination=d.name, host=d.host, port=d.port,
-                                 ae_title=d.ae_title, status=dbm.OUTBOX_PENDING, attempts=0, next_attempt=now,
+                                 ae_title=d.ae_title, status=OutboxState.PENDING, attempts=0, next_attempt=now,
                                  created=now))
         self.wake.set()
         return uids
@@ -255,7 +263,7 @@ class Outbox:
                              f"{[(r.status, r.attempts, r.last_error) for r in self.rows().values()]}")
 
     def wait_sent(self, uids: list[str], timeout: float = SEND_WAIT_S) -> dict[str, OutboxItem]:
-        return self.wait(lambda rows: all(rows[u].status == dbm.OUTBOX_SENT for u in uids), f"{uids} sent", timeout)
+        return self.wait(lambda rows: all(rows[u].status == OutboxState.SENT for u in uids), f"{uids} sent", timeout)
 
     def __enter__(self) -> "Outbox":
         self.loop.start()
@@ -359,7 +367,7 @@ def test_peer_aborts_kept_association_under_first_store_retried_once_at_once(mak
         peer.abort_next = 2  # kept and fresh association both die: one retry only, then backoff
         third = outbox.add(srs[2:])
         row = outbox.wait(lambda rows: rows[third[0]].attempts == 1, "the failed try recorded")[third[0]]
-        assert row.status == dbm.OUTBOX_PENDING and row.last_error
+        assert row.status == OutboxState.PENDING and row.last_error
         assert row.next_attempt - time.time() > LONG_BACKOFF_S / 2  # normal backoff applies
         time.sleep(0.5)
         assert peer.requests[third[0]] == 2 and peer.stored[third[0]] == 0
@@ -387,7 +395,7 @@ def test_destination_down_backoff_then_each_sr_delivered_once(make_srs, tmp_path
     with Outbox(tmp_path, dest.destination(), retry_base_seconds=0.5, retry_max_seconds=1.0) as outbox:
         uids = outbox.add(srs)
         rows = outbox.wait(lambda rows: all(r.attempts >= 2 for r in rows.values()), "two failed tries each")
-        assert all(r.status in (dbm.OUTBOX_PENDING, dbm.OUTBOX_SENDING) and "cannot connect" in (r.last_error or "")
+        assert all(r.status in (OutboxState.PENDING, OutboxState.SENDING) and "cannot connect" in (r.last_error or "")
                    for r in rows.values())
         with dest:
             rows = outbox.wait_sent(uids)
@@ -398,9 +406,9 @@ def test_destination_down_backoff_then_each_sr_delivered_once(make_srs, tmp_path
 
 
 def test_tls_destination_reuses_one_association(make_srs, tmp_path):
-    from test_security import _make_pki
+    from testkit.pki import make_pki
 
-    pki = _make_pki(tmp_path)
+    pki = make_pki(tmp_path)
     options = ("+tls", str(pki["server.key"]), str(pki["server.crt"]), "+cf", str(pki["ca.crt"]))
     with VerboseStoreSCP(tmp_path / "in", options=options) as dest:
         tls = dict(tls=True, tls_ca_certificates=str(pki["ca.crt"]), tls_certificate=str(pki["client.crt"]),
@@ -440,12 +448,6 @@ def test_idle_release_zero_means_one_association_per_delivery(make_srs, tmp_path
         assert dest.associations == 3
 
 
-def test_idle_release_setting_validated():
-    assert OutboxSettings().idle_release_seconds == 2.0
-    with pytest.raises(SettingsError, match="idle_release_seconds"):
-        OutboxSettings(idle_release_seconds=-1)
-
-
 def test_kept_association_outlives_the_network_timeout_while_idle(make_srs, tmp_path):
     """outbox.timeout bounds network waits, not idleness: pynetdicom's idle timeout is off while kept."""
     timeout, idle = 1.5, 4.0
@@ -474,10 +476,10 @@ def _claimers_take_disjoint_rows(url: str, rows: int = 60, claimers: int = 4, re
             for i in range(rows):
                 s.add(OutboxItem(result_id=result.id, study_uid="9.9", sr_sop_instance_uid=f"9.9.{i}",
                                  sr_path=f"/nowhere/{i}.dcm", destination="d", host="h", port=1, ae_title="D",
-                                 status=dbm.OUTBOX_PENDING, attempts=0, next_attempt=now - rows + i, created=now))
+                                 status=OutboxState.PENDING, attempts=0, next_attempt=now - rows + i, created=now))
             s.add(OutboxItem(result_id=result.id, study_uid="9.9", sr_sop_instance_uid="9.9.later",
                              sr_path="/nowhere/later.dcm", destination="d", host="h", port=1, ae_title="D",
-                             status=dbm.OUTBOX_PENDING, attempts=0, next_attempt=now + 3600, created=now))
+                             status=OutboxState.PENDING, attempts=0, next_attempt=now + 3600, created=now))
         taken: dict[str, list[str]] = {f"w{k}": [] for k in range(claimers)}
         barrier = threading.Barrier(claimers)
 
@@ -487,7 +489,7 @@ def _claimers_take_disjoint_rows(url: str, rows: int = 60, claimers: int = 4, re
             try:
                 barrier.wait()
                 while items := claim_due(db, owner, 60, limit=3):
-                    assert all(i.status == dbm.OUTBOX_SENDING and i.lease_owner == owner for i in items)
+                    assert all(i.status == OutboxState.SENDING and i.lease_owner == owner for i in items)
                     assert [i.next_attempt for i in items] == sorted(i.next_attempt for i in items)
                     taken[owner] += [i.sr_sop_instance_uid for i in items]
             finally:
@@ -502,7 +504,7 @@ def _claimers_take_disjoint_rows(url: str, rows: int = 60, claimers: int = 4, re
         assert sorted(every) == sorted(f"9.9.{i}" for i in range(rows))  # each exactly once, none not due
         with setup.session() as s:
             states = Counter(r.status for r in s.query(OutboxItem).all())
-        assert states == Counter({dbm.OUTBOX_SENDING: rows, dbm.OUTBOX_PENDING: 1})
+        assert states == Counter({OutboxState.SENDING: rows, OutboxState.PENDING: 1})
     finally:
         setup.dispose()
 

@@ -3,7 +3,7 @@
 Files -> dicom_io (decode, display image, the one model-input function) -> batches -> model ->
 sigmoid -> probability. CUDA when present (fp16/bf16 autocast), CPU otherwise (bf16 autocast where
 the CPU has native bf16 and it agrees with fp32 within 0.01, else fp32). Decoding runs on a few
-threads, or processes (`serve`: decoders hold the GIL, see worker/prepare.py), ahead of the model.
+threads, or processes (`serve`: decoders hold the GIL, see worker/scoring/prepare.py), ahead of the model.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from trainer.checkpoint import ModelInfo, load_checkpoint
-from trainer.engine import cpu_supports_bf16
+from trainer.models import cpu_supports_bf16
 
 from .prepare import Prepared, child_init, prepare, prepare_item, ready
 from ..settings import DEFAULT_MODEL
