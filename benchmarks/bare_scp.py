@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-pdu", type=int, default=131072)
     ap.add_argument("--no-nodelay", action="store_true", help="leave Nagle on (to show its cost)")
     ap.add_argument("--fast-recv", action="store_true",
-                    help="use the worker's socket read (worker/fastrecv.py) instead of pynetdicom's, to show its effect")
+                    help="use the worker's socket read (worker/net/_pynetdicom/recv.py) instead of pynetdicom's, to show its effect")
     args = ap.parse_args(argv)
     if args.fast_recv:
         sys.path.insert(0, str(Path(__file__).resolve().parents[1]))

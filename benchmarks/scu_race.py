@@ -13,7 +13,7 @@ threads hold the GIL, which in the worker they do (scorer, decode pool, SCP asso
     python benchmarks/scu_race.py                    # 40 associations x 8 files, 3 busy threads
     python benchmarks/scu_race.py --without-guard    # same, without the worker's fix
 
-The fix (worker/reactor.py, used by worker/scu.store_files) parks the reactor for the whole batch by
+The fix (worker/net/_pynetdicom/reactor.py, used by worker/scu.store_files) parks the reactor for the whole batch by
 replacing its checkpoint with an Event whose set() is ignored until the batch is over, so the reactor
 never competes with send_c_store() for the response.
 """
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--files", type=int, default=8, help="files per association")
     ap.add_argument("--busy-threads", type=int, default=3, help="pure-Python threads competing for the GIL")
     ap.add_argument("--timeout", type=float, default=3.0, help="DIMSE timeout for the sends (worker: 30)")
-    ap.add_argument("--without-guard", action="store_true", help="disable worker/reactor.py's fix")
+    ap.add_argument("--without-guard", action="store_true", help="disable worker/net/_pynetdicom/reactor.py's fix")
     args = ap.parse_args(argv)
 
     from bench_ingest import Proc, free_port, wait_port

@@ -74,14 +74,14 @@ def label(thread: str, inclusive: Counter) -> str:
 
 
 STAGES = (  # (label, frame substring) - first match wins, checked from the leaf up
-    ("receive: durable + SQLite (worker/scp.py Receiver.store)", "Receiver.store (worker/scp.py"),
-    ("decode + model input (worker/scoring.py prepare)", "prepare (worker/scoring.py"),
-    ("inference (worker/scoring.py Scorer.predict)", "Scorer.predict (worker/scoring.py"),
-    ("SR build + write (worker/pipeline.py _write_sr)", "ScorerLoop._write_sr (worker/pipeline.py"),
-    ("result commit (worker/pipeline.py _commit)", "ScorerLoop._commit (worker/pipeline.py"),
+    ("receive: durable + SQLite (worker/receiver.py Receiver.store)", "Receiver.store (worker/receiver.py"),
+    ("decode + model input (worker/scoring/prepare.py prepare)", "prepare (worker/scoring/prepare.py"),
+    ("inference (worker/scoring/runner.py ModelRunner.predict)", "ModelRunner.predict (worker/scoring/runner.py"),
+    ("SR build + write (worker/scorer_loop.py _write_sr)", "ScorerLoop._write_sr (worker/scorer_loop.py"),
+    ("result commit (worker/scorer_loop.py _commit)", "ScorerLoop._commit (worker/scorer_loop.py"),
     ("queue polling (promote_quiet/claim_ready/reclaim)", "studies.py"),
-    ("outbox: SR C-STORE (worker/outbox.py deliver)", "OutboxLoop.deliver (worker/outbox.py"),
-    ("outbox: claim (worker/outbox.py claim_due)", "claim_due (worker/outbox.py"),
+    ("outbox: SR C-STORE (worker/outbox_loop.py deliver)", "OutboxLoop.deliver (worker/outbox_loop.py"),
+    ("outbox: claim (worker/store/outbox.py claim_due)", "claim_due (worker/store/outbox.py"),
     ("pynetdicom network threads (DUL, reactor)", "pynetdicom/"),
 )
 

@@ -1,10 +1,12 @@
 """The scorer thread: ready studies -> dicom_io + model (batched across studies) -> result, SR, outbox.
 
 Runs beside the network threads, never on them. Per claimed batch of studies:
-  1. eligible instances of every study are decoded (dicom_io, thread pool) and scored together;
+  1. eligible instances of every study are decoded (dicom_io, in the runner's decode processes) and
+     scored together (worker/scoring/runner.ModelRunner);
   2. study probability = max over its scored images, label by the checkpoint threshold;
-  3. the SR (worker/sr.py) is written atomically under sr/, with UIDs derived from
-     (study, model UID, revision), so a crash-and-retry rewrites the same SR instead of a new one;
+  3. the SR (worker.sr, from the source attributes kept at receive time) is written atomically under
+     sr/, with UIDs derived from (study, model UID, revision) (worker.sr.sr_uids), so a
+     crash-and-retry rewrites the same SR instead of a new one;
   4. one transaction for the whole batch (one fsync): per study -> done/no_eligible_images, result
      row (one per study and model), outbox rows (one per destination), per-instance probability or
      reason. A study is only recorded while this worker still holds its lease.
@@ -12,7 +14,6 @@ Runs beside the network threads, never on them. Per claimed batch of studies:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import threading
@@ -28,7 +29,7 @@ from sqlalchemy import insert, select, update
 
 from .store import outbox, studies
 from .store.db import Database, Instance, Result, StudyState, clip
-from .scoring.runner import DecodeBatch, Scored, Scorer
+from .scoring.runner import DecodeBatch, Scored, ModelRunner
 from .settings import Settings
 from .store.spool import Spool
 from .store.studies import ClaimedStudy, claim_ready, instances_of_many, next_due, reclaim_stale, release, renew
@@ -58,22 +59,6 @@ class Concluded:
     reasons: dict[str, int]
 
 
-def derived_uid(*parts: str) -> str:
-    """A 2.25 UID from a SHA-256 of ``parts`` (same inputs, same UID; ISO/IEC 9834-8 UUID-style root).
-
-    (pydicom's generate_uid(prefix=None) ignores entropy_srcs and returns a random UID.)
-    """
-    digest = hashlib.sha256("\x1f".join(parts).encode("utf-8")).digest()
-    return f"2.25.{int.from_bytes(digest[:16], 'big')}"
-
-
-def sr_uids(study_uid: str, model_uid: str, revision: int) -> tuple[str, str]:
-    """Deterministic (series UID, instance UID) for a study's SR: retries yield the same SR."""
-    series = derived_uid("cxr-worker-sr-series", study_uid, model_uid)
-    instance = derived_uid("cxr-worker-sr-instance", study_uid, model_uid, str(revision))
-    return series, instance
-
-
 class ScorerLoop(threading.Thread):
     """Claims and scores batches as a three-stage pipeline: while the model scores batch n, the
     images of batch n+1 are already decoding (decode processes) and batch n-1 is being finished
@@ -81,11 +66,11 @@ class ScorerLoop(threading.Thread):
     pure Python, so the stages overlap on both cores. At most one batch is in each stage.
     """
 
-    def __init__(self, settings: Settings, db: Database, spool: Spool, scorer: Scorer, owner: str,
+    def __init__(self, settings: Settings, db: Database, spool: Spool, runner: ModelRunner, owner: str,
                  stop: threading.Event, poll_seconds: float = 0.2,
                  on_committed: Callable[[], None] | None = None) -> None:
         super().__init__(name="scorer", daemon=True)
-        self.settings, self.db, self.spool, self.scorer = settings, db, spool, scorer
+        self.settings, self.db, self.spool, self.runner = settings, db, spool, runner
         self.owner, self.stop_event, self.poll = owner, stop, min(poll_seconds, settings.studies.quiet_seconds or 0.2)
         self.poll = max(self.poll, 0.05)
         self.on_committed = on_committed  # called after a result with an SR is committed (wakes the outbox)
@@ -127,14 +112,14 @@ class ScorerLoop(threading.Thread):
         from .sr import PneumoniaReport, build_pneumonia_sr
 
         try:
-            self.scorer.start_decoders()
-            size = self.scorer.info.input_size
-            self.scorer.predict(np.zeros((1, 1, size, size), dtype=np.float32))
+            self.runner.start_decoders()
+            size = self.runner.info.input_size
+            self.runner.predict(np.zeros((1, 1, size, size), dtype=np.float32))
             header = pydicom.Dataset()
             header.update({"SOPClassUID": "1.2.840.10008.5.1.4.1.1.1.1", "SOPInstanceUID": "2.25.1",
                            "StudyInstanceUID": "2.25.2", "SeriesInstanceUID": "2.25.3", "Rows": 1, "Columns": 1,
                            "Modality": "DX", "PatientID": ""})
-            build_pneumonia_sr(PneumoniaReport([header], 0.5, True, self.scorer.info))
+            build_pneumonia_sr(PneumoniaReport([header], 0.5, True, self.runner.info))
         except Exception:  # noqa: BLE001 - only a warm-up; the real work reports its own errors
             log.debug("warm-up failed", exc_info=True)
 
@@ -156,13 +141,13 @@ class ScorerLoop(threading.Thread):
         by_uid = instances_of_many(self.db, [c.study_uid for c in claimed])
         per_study: dict[int, list[Instance]] = {c.id: by_uid[c.study_uid] for c in claimed}
         items = [((c.id, inst.id), inst.path) for c in claimed for inst in per_study[c.id] if inst.eligible]
-        return Ahead(claimed, per_study, self.scorer.decode_async(items))
+        return Ahead(claimed, per_study, self.runner.decode_async(items))
 
     def complete(self, ahead: Ahead) -> None:
         """Score the decoded images, then hand the batch to the finisher (SRs, one commit)."""
         claimed = ahead.claimed
         try:
-            scored = self.scorer.score_prepared(self.scorer.collect(ahead.decoding))
+            scored = self.runner.score_prepared(self.runner.collect(ahead.decoding))
         except Exception as exc:  # noqa: BLE001 - e.g. CUDA out of memory: give the studies back
             log.exception("batch scoring failed; releasing %d studies", len(claimed))
             release(self.db, self.owner, [c.id for c in claimed], f"scoring failed: {type(exc).__name__}: {exc}")
@@ -205,7 +190,7 @@ class ScorerLoop(threading.Thread):
 
     def conclude(self, study: ClaimedStudy, instances: list[Instance], scored: list[Scored]) -> Concluded:
         """The study's result (max probability over its scored images) and its SR file; no database."""
-        model = self.scorer.info
+        model = self.runner.info
         inst_by_id = {i.id: i for i in instances}
         reasons = Counter(i.reason for i in instances if not i.eligible and i.reason)
         ok = [s for s in scored if s.probability is not None]
@@ -214,16 +199,16 @@ class ScorerLoop(threading.Thread):
                 reasons[s.prepared.error_reason or "decode_failed"] += 1
         revision = study.revision + 1
         result = dict(study_uid=study.study_uid, accession=study.accession, revision=revision,
-                      threshold=self.scorer.threshold, model_name=model.name, model_version=model.version,
+                      threshold=self.runner.threshold, model_name=model.name, model_version=model.version,
                       model_uid=model.uid, n_instances=len(instances), n_scored=len(ok),
                       reasons=json.dumps(dict(reasons), sort_keys=True) if reasons else None,
                       decode_s=sum(s.prepared.decode_s for s in scored),
-                      inference_s=sum(s.inference_s for s in ok), device=str(self.scorer.device),
+                      inference_s=sum(s.inference_s for s in ok), device=str(self.runner.device),
                       probability=None, label=None, positive=None, error=None, sr_path=None,
                       sr_sop_instance_uid=None, sr_series_uid=None, best_instance_uid=None, sr_s=0.0)
         if ok:
             best = max(ok, key=lambda s: s.probability)
-            label, positive = self.scorer.label(best.probability)
+            label, positive = self.runner.label(best.probability)
             result.update(status=StudyState.DONE, probability=best.probability, label=label, positive=positive,
                           best_instance_uid=inst_by_id[best.prepared.key[1]].sop_instance_uid)
             t0 = time.perf_counter()
@@ -252,16 +237,16 @@ class ScorerLoop(threading.Thread):
 
     def _write_sr(self, study: ClaimedStudy, sources: list[Instance], probability: float, positive: bool,
                   revision: int):
-        from .sr import PneumoniaReport, encode_pneumonia_sr, source_dataset
+        from .sr import PneumoniaReport, encode_pneumonia_sr, source_dataset, sr_uids
 
         # what the receiver kept of each header (rows from before that: the file's header, parsed again)
         headers = [source_dataset(inst.sr_attributes, inst.path) for inst in sources]
         for inst, header in zip(sources, headers):  # a data set without them was stored under the C-STORE's
             header.SOPClassUID = header.get("SOPClassUID") or inst.sop_class_uid            # Affected SOP
             header.SOPInstanceUID = header.get("SOPInstanceUID") or inst.sop_instance_uid   # Class/Instance
-        series_uid, instance_uid = sr_uids(study.study_uid, self.scorer.info.uid, revision)
+        series_uid, instance_uid = sr_uids(study.study_uid, self.runner.info.uid, revision)
         data = encode_pneumonia_sr(PneumoniaReport(
-            headers, probability, positive, self.scorer.info, manufacturer=self.settings.sr.manufacturer,
+            headers, probability, positive, self.runner.info, manufacturer=self.settings.sr.manufacturer,
             series_number=self.settings.sr.series_number, instance_number=revision, sr_series_uid=series_uid,
             sr_instance_uid=instance_uid))
         path = self.spool.write_bytes(self.spool.sr_path(study.study_uid, instance_uid), data)

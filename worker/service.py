@@ -19,7 +19,7 @@ from .store import db as dbm
 from .store.db import Database
 from .outbox_loop import OutboxLoop
 from .scorer_loop import ScorerLoop
-from .scoring.runner import Scorer
+from .scoring.runner import ModelRunner
 from .net import install as install_pynetdicom
 from .net.listener import Listener
 from .receiver import Receiver
@@ -51,12 +51,12 @@ class Service:
         if reclaimed:
             log.info("re-queued %d studies/deliveries claimed by a worker that is gone", reclaimed)
         m = settings.model
-        self.scorer = Scorer(m.path, m.device, m.precision, m.batch_size, m.decode_threads, m.decode_processes,
+        self.runner = ModelRunner(m.path, m.device, m.precision, m.batch_size, m.decode_threads, m.decode_processes,
                              m.torch_threads)
         self.receiver = Receiver(settings, self.db, self.spool)
         self.listener = Listener(settings, self.receiver, self.ssl_context)
         self.sr_ready = threading.Event()  # scorer -> outbox: an SR was committed, send it now
-        self.scorer_loop = ScorerLoop(settings, self.db, self.spool, self.scorer, self.owner, self.stop_event,
+        self.scorer_loop = ScorerLoop(settings, self.db, self.spool, self.runner, self.owner, self.stop_event,
                                       on_committed=self.sr_ready.set)
         self.outbox_loop = OutboxLoop(settings, self.db, self.owner, self.stop_event, wake=self.sr_ready)
         self.port: int | None = None
@@ -78,7 +78,7 @@ class Service:
             if thread.is_alive():
                 log.warning("%s thread still busy after %.0f s; its claim will be re-taken on restart",
                             thread.name, grace)
-        self.scorer.close()
+        self.runner.close()
         self.db.dispose()
         log.info("stopped (received %d, duplicates %d, rejected %d, studies scored %d, SRs delivered %d)",
                  self.receiver.received, self.receiver.duplicates, self.receiver.rejected,

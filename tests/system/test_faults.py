@@ -347,7 +347,7 @@ def test_disk_full_answers_failure_listener_survives_then_recovers(fault_corpus,
             os.close(fd)
         try:
             for _ in range(2):
-                # 0xA700 Out of Resources (before worker/incoming.py: an A-ABORT and no status at all)
+                # 0xA700 Out of Resources (before worker/net/_pynetdicom/spool_file.py: an A-ABORT and no status at all)
                 assert _store_status(worker.port, files1[0]) == 0xA700
                 assert worker.echo()
         finally:

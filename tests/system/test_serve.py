@@ -12,7 +12,7 @@ import pytest
 from pydicom.uid import generate_uid
 
 from testkit.dicom_factory import encode_with_tool
-from testkit.worker_process import StoreSCP, WorkerProcess, dcmtk, shared_scorer, storescu, wrap_jpeg
+from testkit.worker_process import StoreSCP, WorkerProcess, dcmtk, shared_runner, storescu, wrap_jpeg
 
 pytestmark = pytest.mark.dcmtk
 
@@ -69,7 +69,7 @@ def test_study_via_storescu_scored_once_sr_delivered_duplicate_ignored(worker, d
     assert row["model_uid"] and row["total_s"] > 0
 
     # Study probability = max over images, as classify scores each file.
-    probs = [s.probability for s in shared_scorer().score([(f, f) for f in files])]
+    probs = [s.probability for s in shared_runner().score([(f, f) for f in files])]
     assert row["probability"] == pytest.approx(max(probs), abs=1e-5)
 
     # The SR file exists under sr/ and reached the destination, in the same study.

@@ -27,11 +27,11 @@ START_TIMEOUT_S = 60.0
 
 
 @lru_cache(maxsize=1)
-def shared_scorer():
-    """The shipped model loaded once in the test process (worker/scoring.Scorer, as the server uses)."""
-    from worker.scoring.runner import Scorer
+def shared_runner():
+    """The shipped model loaded once in the test process (worker/scoring.ModelRunner, as the server uses)."""
+    from worker.scoring.runner import ModelRunner
 
-    return Scorer(device="cpu", decode_threads=1)
+    return ModelRunner(device="cpu", decode_threads=1)
 
 
 def wrap_jpeg(jpeg: Path, out: Path, *, study_uid: str | None = None, patient_name: str | None = None,

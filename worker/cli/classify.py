@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Iterator, TextIO
 
-from ..scoring.runner import Scored, Scorer
+from ..scoring.runner import Scored, ModelRunner
 
 CHUNK = 64  # files decoded and scored per round, so output streams for long lists
 
@@ -22,15 +22,15 @@ def expand(paths: list[str]) -> Iterator[Path]:
             yield path
 
 
-def record(scored: Scored, scorer: Scorer) -> dict:
+def record(scored: Scored, runner: ModelRunner) -> dict:
     item = scored.prepared
     out: dict = {"path": str(item.path)}
     if scored.probability is None:
         out.update(error=item.error_reason, message=item.error_message)
         return out
-    label, positive = scorer.label(scored.probability)
+    label, positive = runner.label(scored.probability)
     out.update(probability=round(scored.probability, 6), label=label, positive=positive,
-               threshold=scorer.threshold, model=scorer.info.name, model_version=scorer.info.version)
+               threshold=runner.threshold, model=runner.info.name, model_version=runner.info.version)
     if item.transfer_syntax:
         out["transfer_syntax"] = item.transfer_syntax
     if item.number_of_frames > 1 or item.frame is not None:
@@ -40,14 +40,14 @@ def record(scored: Scored, scorer: Scorer) -> dict:
     return out
 
 
-def run(paths: list[str], scorer: Scorer, as_json: bool, out: TextIO = sys.stdout) -> int:
+def run(paths: list[str], runner: ModelRunner, as_json: bool, out: TextIO = sys.stdout) -> int:
     """Print one line per file; return 0 when every file was scored, 1 otherwise."""
     files = list(expand(paths))
     failures = 0
     for start in range(0, len(files), CHUNK):
         chunk = files[start:start + CHUNK]
-        for scored in scorer.score([(p, p) for p in chunk]):
-            rec = record(scored, scorer)
+        for scored in runner.score([(p, p) for p in chunk]):
+            rec = record(scored, runner)
             failures += "error" in rec
             if as_json:
                 out.write(json.dumps(rec) + "\n")

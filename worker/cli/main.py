@@ -31,7 +31,7 @@ def cmd_serve(args) -> int:
     return service.run_forever()
 
 
-def classify_scorer(args):
+def classify_runner(args):
     """The model runner for `classify`: [model] of the configuration (packaged TOML, --config,
     environment) like every command, its flags over it. Decoding on threads (model.decode_processes
     and model.torch_threads are for `serve`)."""
@@ -39,9 +39,9 @@ def classify_scorer(args):
     path = Path(args.model) if args.model else m.path
     if not path.is_file():  # fail fast, before importing torch
         raise FileNotFoundError(f"model checkpoint not found: {path}" + ("" if args.model else " (model.path)"))
-    from ..scoring.runner import Scorer
+    from ..scoring.runner import ModelRunner
 
-    return Scorer(path, args.device or m.device, args.precision or m.precision, args.batch_size or m.batch_size,
+    return ModelRunner(path, args.device or m.device, args.precision or m.precision, args.batch_size or m.batch_size,
                   m.decode_threads)
 
 
@@ -49,11 +49,11 @@ def cmd_classify(args) -> int:
     setup_logging("DEBUG" if args.debug else "WARNING")
     from . import classify
 
-    scorer = classify_scorer(args)
+    runner = classify_runner(args)
     try:
-        return classify.run([str(p) for p in args.paths], scorer, args.json)
+        return classify.run([str(p) for p in args.paths], runner, args.json)
     finally:
-        scorer.close()
+        runner.close()
 
 
 def _database(args):

@@ -30,7 +30,7 @@ from ..settings import DEFAULT_MODEL
 
 log = logging.getLogger("cxr_worker.scoring")
 
-__all__ = ["Prepared", "Scored", "Scorer", "prepare", "resolve_device", "resolve_precision"]
+__all__ = ["Prepared", "Scored", "ModelRunner", "prepare", "resolve_device", "resolve_precision"]
 
 #: How often a decode process checks that the worker that started it is still alive.
 PARENT_CHECK_SECONDS = 1.0
@@ -38,7 +38,7 @@ PARENT_CHECK_SECONDS = 1.0
 
 @dataclass
 class DecodeBatch:
-    """Items whose decoding was started (Scorer.decode_async); futures may be fewer after a pool failure."""
+    """Items whose decoding was started (ModelRunner.decode_async); futures may be fewer after a pool failure."""
 
     items: list[tuple[object, Path]]
     futures: list[Future]
@@ -71,7 +71,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
-class Scorer:
+class ModelRunner:
     """A loaded checkpoint on a device, scoring batches of model inputs."""
 
     def __init__(self, model_path: str | Path | None = None, device: str = "auto", precision: str = "auto",

@@ -2,6 +2,7 @@
 
 Public face (callers import from here only):
   ``PneumoniaReport``       what one SR says and where it goes, checked once (report.py)
+  ``sr_uids``               the SR's series and instance UIDs, derived from (study, model, revision)
   ``build_pneumonia_sr``    the SR as a pydicom data set, built by highdicom (builder.py)
   ``encode_pneumonia_sr``   its Part 10 bytes through the per-shape byte template (template.py)
   ``read_pneumonia_sr``     the values back (reader.py)
@@ -21,12 +22,13 @@ from .builder import (
     sr_file_bytes,
 )
 from .reader import read_pneumonia_sr
-from .report import PneumoniaReport
+from .report import PneumoniaReport, derived_uid, sr_uids
 from .sources import SOURCE_TAGS, pack_source, source_dataset, unpack_source
 from .template import clear_template_cache, encode_pneumonia_sr, template_cache_info
 
 __all__ = [
     "CERTAINTY_OF_FINDING", "PNEUMONIA", "PROCESSING_EQUIPMENT", "SR_SERIES_DESCRIPTION", "PneumoniaReport",
     "SOURCE_TAGS", "build_pneumonia_sr", "clear_template_cache", "encode_pneumonia_sr",
-    "pack_source", "read_pneumonia_sr", "source_dataset", "sr_file_bytes", "template_cache_info", "unpack_source",
+    "derived_uid", "pack_source", "read_pneumonia_sr", "source_dataset", "sr_file_bytes", "sr_uids", "template_cache_info",
+    "unpack_source",
 ]

@@ -9,6 +9,7 @@ so both SR paths start from the same validated values.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -108,3 +109,19 @@ def _checked_uid(value: str | None, name: str) -> str | None:
     if len(value) > 64 or not _UID_PATTERN.fullmatch(value):
         raise ValueError(f'Argument "{name}" {value!r} is not a valid DICOM UID.')
     return str(value)
+
+
+def derived_uid(*parts: str) -> str:
+    """A 2.25 UID from a SHA-256 of ``parts`` (same inputs, same UID; ISO/IEC 9834-8 UUID-style root).
+
+    (pydicom's generate_uid(prefix=None) ignores entropy_srcs and returns a random UID.)
+    """
+    digest = hashlib.sha256("\x1f".join(parts).encode("utf-8")).digest()
+    return f"2.25.{int.from_bytes(digest[:16], 'big')}"
+
+
+def sr_uids(study_uid: str, model_uid: str, revision: int) -> tuple[str, str]:
+    """Deterministic (series UID, instance UID) for a study's SR: retries yield the same SR."""
+    series = derived_uid("cxr-worker-sr-series", study_uid, model_uid)
+    instance = derived_uid("cxr-worker-sr-instance", study_uid, model_uid, str(revision))
+    return series, instance

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from testkit.env import REPO_ROOT
-from testkit.worker_process import shared_scorer, wrap_jpeg
+from testkit.worker_process import shared_runner, wrap_jpeg
 
 
 def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -47,8 +47,8 @@ def test_classify_all_good_exits_zero_and_batches(kaggle_jpegs, tmp_path):
     rows = out.stdout.splitlines()
     assert len(rows) == 6 and all(row.split("\t")[2] in ("NORMAL", "PNEUMONIA") for row in rows)
     # Batched scoring gives what one-by-one scoring gives (batch composition does not change a result).
-    scorer = shared_scorer()
-    single = [scorer.score([(f, f)])[0].probability for f in files[:2]]
+    runner = shared_runner()
+    single = [runner.score([(f, f)])[0].probability for f in files[:2]]
     assert [float(row.split("\t")[1]) for row in rows[:2]] == pytest.approx(single, abs=1e-4)
 
 
@@ -69,19 +69,19 @@ def test_bad_configuration_is_rejected(tmp_path):
 
 
 def test_classify_takes_model_settings_from_the_environment_and_flags_over_them(monkeypatch):
-    from worker.cli.main import build_parser, classify_scorer
+    from worker.cli.main import build_parser, classify_runner
 
     monkeypatch.setenv("CXR_WORKER__MODEL__BATCH_SIZE", "3")
     monkeypatch.setenv("CXR_WORKER__MODEL__PRECISION", "bf16")
     monkeypatch.setenv("CXR_WORKER__MODEL__DEVICE", "cpu")
     monkeypatch.setenv("CXR_WORKER__MODEL__DECODE_THREADS", "1")
     for flags, expected in (([], (3, "bf16")), (["--batch-size", "5", "--precision", "fp32"], (5, "fp32"))):
-        scorer = classify_scorer(build_parser().parse_args(["classify", *flags, "x.dcm"]))
+        runner = classify_runner(build_parser().parse_args(["classify", *flags, "x.dcm"]))
         try:
-            assert (scorer.batch_size, scorer.precision, scorer.decode_threads) == (*expected, 1)
-            assert str(scorer.device) == "cpu"
+            assert (runner.batch_size, runner.precision, runner.decode_threads) == (*expected, 1)
+            assert str(runner.device) == "cpu"
         finally:
-            scorer.close()
+            runner.close()
 
 
 def test_classify_reports_a_bad_model_setting_by_its_key(tmp_path):

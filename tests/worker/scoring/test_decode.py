@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from worker.scoring.runner import Scorer
+from worker.scoring.runner import ModelRunner
 
 
 @pytest.fixture(scope="module")
@@ -19,8 +19,8 @@ def films(kaggle_jpegs: dict[str, list[Path]]) -> list[tuple[object, Path]]:
 
 
 def test_processes_score_like_threads_and_survive_a_dead_decoder(films):
-    threads = Scorer(device="cpu", decode_threads=1)
-    processes = Scorer(device="cpu", decode_threads=2, decode_processes=True)
+    threads = ModelRunner(device="cpu", decode_threads=1)
+    processes = ModelRunner(device="cpu", decode_threads=2, decode_processes=True)
     try:
         expected = [(s.probability, s.prepared.error_reason) for s in threads.score(films)]
         processes.start_decoders()

@@ -33,16 +33,16 @@ def test_shipped_checkpoint_is_small_safe_and_meets_its_validation_targets() -> 
 
 
 def test_worker_loader_classifies_real_films(kaggle_root: Path) -> None:
-    """Real Kaggle films through the worker's Scorer: mostly right, and confident where obvious."""
-    from worker.scoring.runner import Scorer
+    """Real Kaggle films through the worker's ModelRunner: mostly right, and confident where obvious."""
+    from worker.scoring.runner import ModelRunner
 
-    scorer = Scorer(device="cpu", decode_threads=1)
+    runner = ModelRunner(device="cpu", decode_threads=1)
     files = {cls: sorted((kaggle_root / "train" / cls).glob("*.jpeg"))[-10:] for cls in ("NORMAL", "PNEUMONIA")}
     items = [(cls, path) for cls, paths in files.items() for path in paths]
-    scored = scorer.score(items)
-    correct = sum((s.probability >= scorer.threshold) == (cls == "PNEUMONIA") for (cls, _), s in zip(items, scored))
+    scored = runner.score(items)
+    correct = sum((s.probability >= runner.threshold) == (cls == "PNEUMONIA") for (cls, _), s in zip(items, scored))
     assert correct >= 16, f"only {correct}/20 real films right"
-    scorer.close()
+    runner.close()
 
 
 @pytest.mark.parametrize("monochrome1", [False, True], ids=["MONOCHROME2", "MONOCHROME1"])

@@ -83,7 +83,7 @@ def test_claims_of_dead_or_expired_workers_are_reclaimed(database):
 def test_sr_uids_are_deterministic_valid_and_distinct():
     from pydicom.uid import UID
 
-    from worker.scorer_loop import sr_uids
+    from worker.sr import sr_uids
 
     a = sr_uids("1.2.3", "2.25.9", 1)
     assert a == sr_uids("1.2.3", "2.25.9", 1)               # a retry gets the same SR UIDs
