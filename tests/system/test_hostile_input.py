@@ -5,9 +5,18 @@ are decoded without errors and never logged above DEBUG.
 Broken files DCMTK refuses to send go through pynetdicom with STORE_SEND_CHUNKED_DATASET (the bytes
 after the file meta are streamed exactly as they are on disk, never re-encoded).
 
+Changed by design (issue 14): a file cut inside Pixel Data was answered 0x0000 and stored as
+truncated_pixel_data; it is now refused with 0xC000 like any data set cut short (docs/worker.md,
+"Which images are scored"), so the sender's retry brings the whole image.
+
 | input                                   | C-STORE status | recorded as                                     |
 |-----------------------------------------|----------------|-------------------------------------------------|
 | data set truncated inside the header    | 0xC000         | rejected/ + WARNING log (no usable UIDs)        |
+| cut inside Study/SOP Instance UID, a    | 0xC000         | rejected/; no study or instance under any UID;  |
+|   sequence, or Pixel Data               |                | the complete resend is stored, scored, its SR   |
+|                                         |                | delivered                                       |
+| the same instance on two associations   | 0x0000 (both)  | one row, one intact file, matching size         |
+|   at the same moment                    |                |                                                 |
 | garbage bytes after a valid file meta   | 0xC000         | rejected/ + WARNING log                         |
 | no Study/SOP Instance UID               | 0xC000         | rejected/ + WARNING log                         |
 | MR/CT presentation context proposed     | (none)         | context rejected at association (abstract syntax not supported); C-ECHO still fine |
@@ -16,7 +25,6 @@ after the file meta are streamed exactly as they are on disk, never re-encoded).
 | no Pixel Data                           | 0x0000         | instances.reason = no_pixel_data                |
 | Rows/Columns 0, or 65535 (> 16384)      | 0x0000         | instances.reason = bad_dimensions (no allocation)|
 | Pixel Data shorter than declared        | 0x0000         | instances.reason = truncated_pixel_data         |
-| file cut inside Pixel Data              | 0x0000         | instances.reason = truncated_pixel_data         |
 | RGB                                     | 0x0000         | instances.reason = unsupported_photometric      |
 | multi-frame grey-scale                  | 0x0000         | scored (first frame)                            |
 | 200 MB data set                         | 0x0000         | stored streaming (never in memory), scored      |
@@ -27,6 +35,7 @@ from __future__ import annotations
 
 import os
 import struct
+import threading
 import time
 from pathlib import Path
 
@@ -38,7 +47,7 @@ from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from testkit.dicom_factory import MULTIFRAME_GRAYSCALE_WORD_SC, make_dataset, make_rgb_dataset, synthetic_radiograph
-from testkit.worker_process import WorkerProcess, wrap_jpeg
+from testkit.worker_process import StoreSCP, WorkerProcess, wrap_jpeg
 
 DX = "1.2.840.10008.5.1.4.1.1.1.1"
 MR = "1.2.840.10008.5.1.4.1.1.4"
@@ -46,9 +55,15 @@ CT = "1.2.840.10008.5.1.4.1.1.2"
 
 
 @pytest.fixture(scope="module")
-def worker(tmp_path_factory):
+def destination(tmp_path_factory):
+    with StoreSCP(tmp_path_factory.mktemp("hostile_dest") / "in") as scp:
+        yield scp
+
+
+@pytest.fixture(scope="module")
+def worker(tmp_path_factory, destination):
     root = tmp_path_factory.mktemp("hostile")
-    with WorkerProcess(root / "data", quiet=0.5) as proc:
+    with WorkerProcess(root / "data", quiet=0.5, destinations=[destination.destination()]) as proc:
         yield proc
     assert proc.process.returncode == 0, proc.log()[-3000:]   # never crashed, clean stop
 
@@ -154,6 +169,109 @@ def test_unparseable_data_sets_answered_c000_and_quarantined(worker, tmp_path):
     assert worker.log().count("rejected instance (0xC000)") >= len(cases)
 
 
+# -- cut short, then sent whole ---------------------------------------------------------------------
+def _inside(body: bytes, value: str) -> int:
+    return body.rindex(value.encode()) + len(value) // 2
+
+
+def test_data_sets_cut_short_refused_and_the_complete_resend_scored_and_delivered(worker, destination, tmp_path):
+    """A data set cut inside StudyInstanceUID, SOPInstanceUID, a sequence or Pixel Data: 0xC000, the file
+    in rejected/, nothing recorded under any UID taken from the cut bytes; the complete file sent next
+    (same UIDs) is stored, its study scored and its SR delivered."""
+    cuts = {
+        "StudyInstanceUID": lambda ds, body: _inside(body, ds.StudyInstanceUID),
+        "SOPInstanceUID": lambda ds, body: _inside(body, ds.SOPInstanceUID),
+        "sequence": lambda ds, body: _inside(body, "XR chest PA"),
+        "PixelData": lambda ds, body: len(body) - 1000,
+    }
+    studies_before = {uid for (uid,) in worker.db_rows("select study_uid from studies")}
+    sent = {}
+    for name, cut_at in cuts.items():
+        ds = small_dx()
+        ds.StudyInstanceUID, ds.SOPInstanceUID = generate_uid(), generate_uid()
+        item = Dataset()
+        item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = "RPID2", "RADLEX", "XR chest PA"
+        ds.ProcedureCodeSequence = [item]
+        body = dataset_bytes(ds)
+        cut = raw_file(tmp_path / f"cut_{name}.dcm", body[:cut_at(ds, body)], sop_instance=ds.SOPInstanceUID)
+        assert send(worker, cut) == 0xC000, name
+        assert worker.echo()
+        studies_now = {uid for (uid,) in worker.db_rows("select study_uid from studies")}
+        assert studies_now == studies_before, (name, studies_now - studies_before)   # nothing under a cut UID
+        assert not worker.db_rows("select 1 from instances where sop_instance_uid=?", ds.SOPInstanceUID)
+        whole = raw_file(tmp_path / f"whole_{name}.dcm", body, sop_instance=ds.SOPInstanceUID)
+        assert send(worker, whole) == 0x0000, name
+        studies_before.add(ds.StudyInstanceUID)
+        sent[name] = ds
+    assert worker.log().count("incomplete or malformed data set") >= len(cuts)
+    for name, ds in sent.items():
+        row = worker.wait_for(lambda: [r for r in worker.results() if r["study_uid"] == ds.StudyInstanceUID],
+                              what=f"result after the cut {name}")[0]
+        assert row["status"] == "done" and row["n_scored"] == 1, (name, row)
+        worker.wait_for(lambda: [f for f in destination.files() if f.StudyInstanceUID == ds.StudyInstanceUID],
+                        what=f"SR delivered after the cut {name}")
+        (path, size), = worker.db_rows("select path, size from instances where sop_instance_uid=?",
+                                       ds.SOPInstanceUID)
+        assert os.path.getsize(path) == size
+
+
+def test_same_instance_on_two_associations_at_once_one_row_one_intact_file(worker, tmp_path):
+    ds = small_dx()
+    ds.StudyInstanceUID, ds.SOPInstanceUID = generate_uid(), generate_uid()
+    files, bodies = [], []
+    for i in range(2):
+        ds.PatientName = "X" * (2 * i + 2)              # two copies of different sizes
+        bodies.append(dataset_bytes(ds))
+        files.append(raw_file(tmp_path / f"copy{i}.dcm", bodies[-1], sop_instance=ds.SOPInstanceUID))
+    barrier = threading.Barrier(len(files))
+    statuses: list = []
+
+    def go(path):
+        barrier.wait()
+        statuses.append(send(worker, path))
+
+    threads = [threading.Thread(target=go, args=(f,)) for f in files]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert statuses == [0, 0]
+    rows = worker.db_rows("select path, size, transfer_syntax from instances where sop_instance_uid=?",
+                          ds.SOPInstanceUID)
+    assert len(rows) == 1
+    path, size, syntax = rows[0]
+    assert os.path.getsize(path) == size
+    stored = pydicom.dcmread(path)
+    assert stored.file_meta.TransferSyntaxUID == syntax and stored.SOPInstanceUID == ds.SOPInstanceUID
+    on_disk = Path(path).read_bytes()
+    assert sum(on_disk.endswith(body) for body in bodies) == 1      # exactly one copy, whole
+
+
+def test_unusable_instance_replaced_by_the_complete_resend_new_sr_revision(worker, destination, tmp_path):
+    """Stored but unusable (Pixel Data shorter than Rows x Columns: a complete encoding whose pixels do
+    not decode): the study ends no_eligible_images. The same instance resent with its real pixels
+    replaces it; the study is scored again and its SR delivered. An identical resend is a duplicate."""
+    good = small_dx()
+    good.StudyInstanceUID, good.SOPInstanceUID = generate_uid(), generate_uid()
+    short = small_dx(PixelData=b"\0" * 100)
+    short.StudyInstanceUID, short.SOPInstanceUID = good.StudyInstanceUID, good.SOPInstanceUID
+    short_file = raw_file(tmp_path / "short.dcm", dataset_bytes(short), sop_instance=good.SOPInstanceUID)
+    assert send(worker, short_file) == 0x0000
+    assert reason_of(worker, good.SOPInstanceUID) == (False, "truncated_pixel_data")
+    assert send(worker, short_file) == 0x0000                         # identical: a duplicate, nothing changes
+    whole = raw_file(tmp_path / "whole.dcm", dataset_bytes(good), sop_instance=good.SOPInstanceUID)
+    assert send(worker, whole) == 0x0000
+    row = worker.wait_for(lambda: [r for r in worker.results() if r["study_uid"] == good.StudyInstanceUID
+                                   and r["status"] == "done"], what="re-scored after the replacement")[0]
+    assert row["n_scored"] == 1 and row["revision"] == 2
+    worker.wait_for(lambda: [f for f in destination.files() if f.StudyInstanceUID == good.StudyInstanceUID],
+                    what="SR delivered after the replacement")
+    (path, size, eligible), = worker.db_rows("select path, size, eligible from instances where sop_instance_uid=?",
+                                             good.SOPInstanceUID)
+    assert eligible and os.path.getsize(path) == size and Path(path).read_bytes().endswith(dataset_bytes(good))
+    assert "replaced its stored copy" in worker.log()
+
+
 # -- wrong SOP classes -----------------------------------------------------------------------------
 def test_mr_and_ct_contexts_refused_at_negotiation(worker):
     from pynetdicom import AE
@@ -186,7 +304,6 @@ def test_defined_status_and_recorded_reason_for_each_broken_instance(worker, tmp
     rgb = make_rgb_dataset()
     frames = make_dataset(np.stack([synthetic_radiograph(64, 48, 12, seed=i) for i in range(3)]),
                           sop_class=MULTIFRAME_GRAYSCALE_WORD_SC)
-    whole = small_dx()
     cases: dict[str, tuple[Dataset, str, bool, str | None]] = {   # name: (data set, context, eligible, reason)
         "mr_class_in_dx_context": (small_dx(SOPClassUID=MR), DX, False, "wrong_sop_class"),
         "no_sop_class": (small_dx(SOPClassUID=None), DX, True, None),
@@ -194,7 +311,6 @@ def test_defined_status_and_recorded_reason_for_each_broken_instance(worker, tmp
         "rows_zero": (small_dx(Rows=0), DX, False, "bad_dimensions"),
         "rows_columns_65535": (small_dx(Rows=65535, Columns=65535), DX, False, "bad_dimensions"),
         "short_pixel_data": (small_dx(PixelData=b"\0" * 100), DX, False, "truncated_pixel_data"),
-        "cut_in_pixel_data": (whole, DX, False, "truncated_pixel_data"),
         "rgb": (rgb, "1.2.840.10008.5.1.4.1.1.7", False, "unsupported_photometric"),
         "multi_frame": (frames, MULTIFRAME_GRAYSCALE_WORD_SC, True, None),
     }
@@ -203,8 +319,6 @@ def test_defined_status_and_recorded_reason_for_each_broken_instance(worker, tmp
         ds.StudyInstanceUID = study_uid
         sops[name] = str(ds.SOPInstanceUID)
         body = dataset_bytes(ds)
-        if name == "cut_in_pixel_data":
-            body = body[:-1000]                          # the file ends inside Pixel Data
         status = send(worker, raw_file(tmp_path / f"{name}.dcm", body, sop_class=context,
                                        sop_instance=sops[name]), context)
         assert status == 0x0000, (name, status)

@@ -14,10 +14,17 @@
     scoring                       renew             renew            scoring (lease extended)
     scoring                       conclude          conclude         done | no_eligible_images | failed (the
                                                                      scorer's verdict), or receiving when an
-                                                                     instance arrived while it was scored
+                                                                     instance arrived (or was replaced) while
+                                                                     it was scored
     scoring                       release           release          ready, or failed after MAX_ATTEMPTS claims
     scoring                       reclaim           reclaim_stale    ready (lease expired, or its claimer's
                                                                      process is gone)
+
+An instance that replaces an unusable stored copy of itself (worker/receiver.py: same SOP Instance
+UID, different bytes, the stored copy's pixels did not decode) is an arrival too (``record_arrival``
+with ``replacing``): the same transitions, but it is not counted again; while the study is scoring,
+it marks the claim stale (``scored_instances = REPLACED_WHILE_SCORING``) so that conclude sends the
+study back to receiving, as for an instance that arrived meanwhile.
 
 ``TRANSITIONS`` is the same table as data. Any other (state, event) is refused: the study is left as
 it is (a claim takes only ready studies; renew, conclude and release act only on studies still
@@ -43,6 +50,8 @@ from .db import Database, Instance, Study, StudyState, clip, owner_is_dead_here
 log = logging.getLogger("cxr_worker.studies")
 
 MAX_ATTEMPTS = 3
+#: ``studies.scored_instances`` of a scoring study one of whose instances was replaced since the claim.
+REPLACED_WHILE_SCORING = -1
 
 
 class Event(StrEnum):
@@ -97,14 +106,23 @@ _NEW_STUDY = insert(Study)
 _TOUCH_STUDY = (update(Study).where(Study.id == bindparam("sid"))
                 .values(n_instances=Study.n_instances + 1, last_received=bindparam("now"), updated=bindparam("now"),
                         status=bindparam("new_status")))
+_REPLACED_IN_STUDY = (update(Study).where(Study.id == bindparam("sid"))
+                      .values(last_received=bindparam("now"), updated=bindparam("now"), status=bindparam("new_status"),
+                              scored_instances=case((Study.status == StudyState.SCORING, REPLACED_WHILE_SCORING),
+                                                    else_=Study.scored_instances)))
 
 
 def record_arrival(conn: Connection, study_uid: str, accession: str | None, now: float,
-                   rescore_late: bool) -> tuple[str, str] | None:
+                   rescore_late: bool, replacing: bool = False) -> tuple[str, str] | None:
     """A new instance of ``study_uid``, in the receiver's transaction (before its instance row): the
     study row is created, or counted and moved by the arrival transitions. Returns (reason, detail)
-    to record the instance as not eligible with (LATE_ARRIVAL), or None."""
+    to record the instance as not eligible with (LATE_ARRIVAL), or None.
+
+    ``replacing``: the instance replaces an unusable stored copy of itself (its row is rewritten): the
+    same transitions, not counted again, and a scoring study's claim is marked stale."""
     study = conn.execute(_STUDY_ROW, {"uid": study_uid}).first()
+    if study is None and replacing:
+        raise ValueError(f"study {study_uid} of a replaced instance does not exist")
     if study is None:
         conn.execute(_NEW_STUDY, dict(
             study_uid=study_uid, accession=accession, status=StudyState.RECEIVING, n_instances=1,
@@ -119,7 +137,7 @@ def record_arrival(conn: Connection, study_uid: str, accession: str | None, now:
             late = LATE_ARRIVAL
     elif status == StudyState.READY:
         status = StudyState.RECEIVING  # restart the quiet period
-    conn.execute(_TOUCH_STUDY, {"sid": study.id, "now": now, "new_status": status})
+    conn.execute(_REPLACED_IN_STUDY if replacing else _TOUCH_STUDY, {"sid": study.id, "now": now, "new_status": status})
     return late
 
 
@@ -206,7 +224,8 @@ def release(db: Database, owner: str, study_ids: list[int], error: str) -> None:
                              error=clip(error), lease_owner=None, lease_expires=None, updated=time.time()))
 
 
-_LEASED_ROW = (select(Study.status, Study.lease_owner, Study.n_instances).where(Study.id == bindparam("sid"))
+_LEASED_ROW = (select(Study.status, Study.lease_owner, Study.n_instances, Study.scored_instances)
+               .where(Study.id == bindparam("sid"))
                .with_for_update())
 _CONCLUDE = (update(Study).where(Study.id == bindparam("sid"))
              .values(status=bindparam("final"), revision=bindparam("rev"), error=bindparam("err"),
@@ -224,7 +243,8 @@ def conclude(conn: Connection, owner: str, study: ClaimedStudy, verdict: StudySt
     row = conn.execute(_LEASED_ROW, {"sid": study.id}).first()
     if row is None or row.status != StudyState.SCORING or row.lease_owner != owner:
         return None
-    final = StudyState.RECEIVING if row.n_instances != study.n_instances else verdict
+    changed = row.n_instances != study.n_instances or row.scored_instances == REPLACED_WHILE_SCORING
+    final = StudyState.RECEIVING if changed else verdict
     conn.execute(_CONCLUDE, dict(sid=study.id, final=final, rev=revision, err=error, now=now))
     return final
 
