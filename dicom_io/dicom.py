@@ -17,6 +17,8 @@ truncated_pixel_data        native Pixel Data shorter than Rows x Columns x ... 
 unsupported_transfer_syntax no decoder for the transfer syntax
 decode_failed               every installed decoder failed on the compressed data
 bad_lut                     a Modality/VOI LUT Sequence that cannot be applied (short LUT Data)
+bad_rescale                 Rescale Slope 0, or a Rescale Slope/Intercept that is NaN, inf, not a number
+                            or multi-valued (docs/pixel_path.md; checked before decoding)
 ==========================  =============================================================
 
 RGB is refused on purpose: DX/CR radiographs are grey-scale by definition (PS3.3 C.8.11.3.1.1,
@@ -34,6 +36,7 @@ from pydicom.errors import InvalidDicomError
 
 from .decode import NATIVE_SYNTAXES, decode_first_frame, transfer_syntax_of
 from .errors import DicomInputError
+from .lut import rescale_parameters
 from .render import PixelFormat, render_display
 from .types import DisplayImage
 
@@ -97,6 +100,8 @@ def check_image(ds: Dataset) -> tuple[PixelFormat, int, list[str]]:
                               f"Bits Allocated {bits_allocated}, Bits Stored {bits_stored} not supported")
     fmt = PixelFormat(bits_allocated=bits_allocated, bits_stored=bits_stored,
                       signed=_int(ds, "PixelRepresentation", 0) == 1, invert=_inverts(ds, photometric, notes))
+    if not ds.get("ModalityLUTSequence"):  # the sequence, when present, replaces the rescale (C.11.1)
+        rescale_parameters(ds)  # bad_rescale before any decoding
     return fmt, frames, notes
 
 
@@ -147,6 +152,8 @@ def read_dicom_display(source: str | Path | Dataset) -> DisplayImage:
         raise DicomInputError("decode_failed", f"decoded frame has shape {decoded.pixels.shape}, expected 2-D")
     try:
         pixels, voi, render_notes = render_display(decoded.pixels, ds, fmt)
+    except DicomInputError:
+        raise
     except Exception as exc:  # noqa: BLE001 - e.g. a malformed LUT Descriptor
         raise DicomInputError("bad_lut", f"cannot apply modality/VOI LUT: {exc}") from exc
     if frames > 1:

@@ -8,10 +8,13 @@ float64. MONOCHROME1 inversion is applied last, after VOI (C.7.6.3.1.2).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 from pydicom.dataset import Dataset
+
+from .errors import DicomInputError
 
 DISPLAY_MAX = 255
 """Top of the 8-bit display range (ymax of C.11.2.1.2; ymin is 0)."""
@@ -95,9 +98,41 @@ def modality_transform(stored: np.ndarray, ds: Dataset) -> np.ndarray:
     sequence = ds.get("ModalityLUTSequence")
     if sequence:
         return parse_lut(sequence[0], signed_input=signed).lookup(stored).astype(np.float64)
-    slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
-    intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
+    slope, intercept = rescale_parameters(ds)
     return stored.astype(np.float64) * slope + intercept
+
+
+def _rescale_value(ds: Dataset, keyword: str, absent: float) -> float:
+    """One of Rescale Slope/Intercept as a finite float; absent or empty -> ``absent``."""
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return absent
+    try:
+        if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+            raise ValueError(f"{len(value)} values")  # type: ignore[arg-type]
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError) as exc:
+        raise DicomInputError("bad_rescale", f"{keyword} is not one decimal number ({exc.__class__.__name__})") \
+            from None
+    if not math.isfinite(number):
+        raise DicomInputError("bad_rescale", f"{keyword} {number} is not a finite number (PS3.5 6.2 DS)")
+    return number
+
+
+def rescale_parameters(ds: Dataset) -> tuple[float, float]:
+    """(Rescale Slope, Rescale Intercept) of C.11.1.1.2, absent -> (1, 0); refused when unusable.
+
+    A slope of 0 maps every stored value to the intercept (output = m*SV + b): the image would be one
+    flat grey, so there is nothing to score. DCMTK ignores such a modality transform with a warning and
+    pydicom applies it (a flat image); we refuse it as ``bad_rescale`` rather than guess a slope of 1.
+    NaN/inf (not valid DS, PS3.5 6.2) and non-numeric or multi-valued values are refused the same way.
+    """
+    slope = _rescale_value(ds, "RescaleSlope", 1.0)
+    intercept = _rescale_value(ds, "RescaleIntercept", 0.0)
+    if slope == 0.0:
+        raise DicomInputError("bad_rescale", "Rescale Slope 0 maps every pixel to the intercept: a flat image "
+                                             "(PS3.3 C.11.1.1.2)")
+    return slope, intercept
 
 
 def _first(value: object) -> float:

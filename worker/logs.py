@@ -10,8 +10,10 @@ messages, the second lose their quoted text.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sys
+import threading
 import traceback
 import warnings
 
@@ -79,14 +81,57 @@ class QuotedValueFilter(logging.Filter):
         return True
 
 
+#: Loggers whose messages may quote a data element's value: pydicom's own, Python warnings
+#: (logging.captureWarnings) and what the decoders write to the decode processes' stderr.
+QUOTING_LOGGERS = ("pydicom", "py.warnings", "cxr_worker.decoder")
+
+
 def setup_logging(level: str) -> None:
-    """Root logging to stderr at ``level``; above DEBUG with the guards above in place."""
+    """Root logging to stderr at ``level``; above DEBUG with the guards above in place.
+
+    Python warnings go through logging too (``py.warnings``), so a warning is formatted and filtered
+    like every other message, whichever module raised it.
+    """
     logging.basicConfig(level=getattr(logging, level, logging.INFO), stream=sys.stderr, format=FORMAT)
+    logging.captureWarnings(True)
     if level != "DEBUG":
         for handler in logging.getLogger().handlers:
             handler.setFormatter(NoPatientDataFormatter(FORMAT))
-        logging.getLogger("pydicom").addFilter(QuotedValueFilter())
-        # pydicom logs each warning and also warns() it to stderr, unfiltered: keep the log copy only.
+        for name in QUOTING_LOGGERS:
+            logger = logging.getLogger(name)
+            if not any(isinstance(f, QuotedValueFilter) for f in logger.filters):
+                logger.addFilter(QuotedValueFilter())
+        # pydicom logs each warning and also warns() it: keep the log copy (logger "pydicom") only.
         warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")
     for name in QUIET_LIBRARIES:
         logging.getLogger(name).setLevel(logging.DEBUG if level == "DEBUG" else logging.WARNING)
+
+
+def setup_child_logging(level: str) -> None:
+    """In a decode process (spawned: it inherits no logging set-up): the parent's ``level`` and guards,
+    and whatever native code (gdcm, the codecs) writes to file descriptor 2 logged line by line as
+    ``cxr_worker.decoder`` instead of reaching the log raw.
+
+    The log itself goes to a duplicate of the original stderr (the parent's log); fd 2 becomes a pipe
+    that a daemon thread reads. Python's own sys.stderr is the duplicate too, so logging never writes
+    into the pipe it is draining.
+    """
+    real_fd = os.dup(2)
+    sys.stderr = os.fdopen(real_fd, "w", buffering=1, encoding="utf-8", errors="backslashreplace")
+    setup_logging(level)
+    read_fd, write_fd = os.pipe()
+    os.dup2(write_fd, 2)
+    os.close(write_fd)
+    decoder_log = logging.getLogger("cxr_worker.decoder")
+
+    def drain() -> None:
+        with os.fdopen(read_fd, "rb") as pipe:
+            for raw in pipe:
+                line = raw.decode("utf-8", "backslashreplace").rstrip()
+                if line:
+                    try:
+                        decoder_log.warning("decoder output: %s", line)
+                    except Exception:  # noqa: BLE001 - the drain must keep draining, or writers block
+                        pass
+
+    threading.Thread(target=drain, name="stderr-drain", daemon=True).start()

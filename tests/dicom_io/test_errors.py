@@ -144,3 +144,53 @@ def test_load_display_image_routes_non_images_to_dicom(tmp_path: Path) -> None:
     with pytest.raises(DicomInputError) as caught:
         load_display_image(junk)
     assert caught.value.reason == "not_dicom"
+
+
+def _with_raw_rescale(path: Path, slope: bytes, intercept: bytes = b"0") -> Path:
+    """A file whose Rescale Slope/Intercept hold exactly these DS bytes (pydicom would not write NaN)."""
+    make_file(path, PIXELS, bits_stored=12, rescale=(1, 0))
+    data = path.read_bytes()
+    for tag, value in ((b"\x28\x00\x53\x10DS", slope), (b"\x28\x00\x52\x10DS", intercept)):
+        value += b" " * (len(value) % 2)
+        at = data.index(tag)
+        old_length = int.from_bytes(data[at + 6: at + 8], "little")
+        data = data[:at] + tag + len(value).to_bytes(2, "little") + value + data[at + 8 + old_length:]
+    path.write_bytes(data)
+    return path
+
+
+@pytest.mark.parametrize("slope, intercept", [(b"0", b"0"), (b"0.0", b"-1024"), (b"NaN", b"0"), (b"inf", b"0"),
+                                              (b"-Infinity", b"0"), (b"1", b"NaN"), (b"1", b"inf"), (b"1e400", b"0"),
+                                              (b"abc", b"0"), (b"1\\2", b"0")])
+def test_unusable_rescale_is_bad_rescale(tmp_path: Path, slope: bytes, intercept: bytes) -> None:
+    """Slope 0 would flatten the image (PS3.3 C.11.1.1.2), NaN/inf are no DS: refused, never read as slope 1."""
+    assert reason_of(_with_raw_rescale(tmp_path / "bad.dcm", slope, intercept)) == "bad_rescale"
+
+
+def test_rescale_is_checked_before_decoding(tmp_path: Path) -> None:
+    """The header alone decides: the same file with its pixel data cut short is still bad_rescale."""
+    path = _with_raw_rescale(tmp_path / "bad.dcm", b"0")
+    path.write_bytes(path.read_bytes()[:-100])
+    assert reason_of(path) == "bad_rescale"
+
+
+def test_modality_lut_sequence_replaces_an_unusable_rescale() -> None:
+    """C.11.1: with a Modality LUT Sequence the rescale is not used, so slope 0 beside it is no error."""
+    ds = make_dataset(PIXELS, bits_stored=12, modality_lut=(0, 16, np.arange(4096)[::-1]))
+    ds.RescaleSlope, ds.RescaleIntercept = 0, 0
+    assert read_dicom_display(ds).pixels.std() > 0
+
+
+def test_a_usable_rescale_is_applied_unchanged(tmp_path: Path) -> None:
+    """Slope 2, intercept 10 with the window scaled to match (LINEAR_EXACT, exact in binary) gives the very image of
+    the unscaled file; slope 1, intercept 0 spelled out equals no rescale at all; empty values are absent ones."""
+    plain = read_dicom_display(make_dataset(PIXELS, bits_stored=12, window=(2000, 3000),
+                                            voi_lut_function="LINEAR_EXACT")).pixels
+    scaled = read_dicom_display(make_dataset(PIXELS, bits_stored=12, rescale=(2, 10), window=(4010, 6000),
+                                             voi_lut_function="LINEAR_EXACT")).pixels
+    assert plain.std() > 0 and np.array_equal(plain, scaled)
+    unit = read_dicom_display(make_dataset(PIXELS, bits_stored=12, rescale=(1, 0), window=(2000, 3000),
+                                           voi_lut_function="LINEAR_EXACT")).pixels
+    assert np.array_equal(plain, unit)
+    empty = read_dicom_display(_with_raw_rescale(tmp_path / "empty.dcm", b"", b"")).pixels
+    assert np.array_equal(empty, read_dicom_display(make_dataset(PIXELS, bits_stored=12)).pixels)

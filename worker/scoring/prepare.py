@@ -19,6 +19,8 @@ import numpy as np
 
 from dicom_io import DicomInputError, load_display_image, to_model_input
 
+from ..logs import setup_child_logging
+
 
 @dataclass
 class Prepared:
@@ -73,9 +75,12 @@ def ready(_: object = None) -> bool:
     return True
 
 
-def child_init(parent_pid: int, check_seconds: float) -> None:
-    """In a decode process: Ctrl-C is the parent's business, and exit when the parent is gone
-    (a worker killed with SIGKILL must not leave idle decoders behind)."""
+def child_init(parent_pid: int, check_seconds: float, log_level: str = "INFO") -> None:
+    """In a decode process: the parent's logging (``log_level``, the guards of worker/logs.py, Python
+    warnings and the decoders' stderr through logging: a spawned process inherits none of it), Ctrl-C
+    is the parent's business, and exit when the parent is gone (a worker killed with SIGKILL must not
+    leave idle decoders behind)."""
+    setup_child_logging(log_level)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     def watch() -> None:

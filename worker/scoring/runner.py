@@ -36,6 +36,12 @@ __all__ = ["Prepared", "Scored", "ModelRunner", "prepare", "resolve_device", "re
 PARENT_CHECK_SECONDS = 1.0
 
 
+def _parent_log_level() -> str:
+    """The level the decode processes log at: this process's root level (worker.logs.setup_logging)."""
+    name = logging.getLevelName(logging.getLogger().getEffectiveLevel())
+    return name if isinstance(name, str) and not name.startswith("Level ") else "INFO"
+
+
 @dataclass
 class DecodeBatch:
     """Items whose decoding was started (ModelRunner.decode_async); futures may be fewer after a pool failure."""
@@ -98,7 +104,8 @@ class ModelRunner:
         if not self.decode_processes:
             return ThreadPoolExecutor(max_workers=self.decode_threads, thread_name_prefix="decode")
         return ProcessPoolExecutor(max_workers=self.decode_threads, mp_context=multiprocessing.get_context("spawn"),
-                                   initializer=child_init, initargs=(os.getpid(), PARENT_CHECK_SECONDS))
+                                   initializer=child_init,
+                                   initargs=(os.getpid(), PARENT_CHECK_SECONDS, _parent_log_level()))
 
     def start_decoders(self) -> None:
         """Start the decode processes now (each imports the decoders, ~1 s) rather than on the first study."""

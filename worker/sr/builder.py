@@ -19,13 +19,12 @@ from typing import Any
 import highdicom as hd
 import pydicom
 from highdicom.sr import CodedConcept
-from pydicom import config
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
-from pydicom.valuerep import DA, DT, TM, validate_value
 
 from ._highdicom import attach_content, content_stub
 from .report import PneumoniaReport
+from .values import valid_source_values
 
 # --- Codes (all standard; none private) -------------------------------------------------------
 #: Finding (TID 1501 "Finding", DCM 121071) and name of the qualitative evaluation.
@@ -77,27 +76,16 @@ def _detached_copy(ds: pydicom.Dataset, changes: dict[str, Any]) -> pydicom.Data
     return out
 
 
-#: Dates/times highdicom parses (and copies into the SR, e.g. the acquisition date-time into the
-#: equipment item); a non-conformant one is left empty rather than fail the SR or its validation.
-_CHECKED_DATES = (("PatientBirthDate", DA), ("StudyDate", DA), ("StudyTime", TM),
-                  ("AcquisitionDateTime", DT), ("AcquisitionDate", DA), ("AcquisitionTime", TM))
 _PATIENT_SEX_TERMS = frozenset({"M", "F", "O"})
 
 
 def evidence_copy(ds: pydicom.Dataset) -> pydicom.Dataset:
-    """A shallow copy with the Type 2 patient/study attributes highdicom expects present (maybe empty)."""
+    """A shallow copy with the Type 2 patient/study attributes highdicom expects present (maybe empty),
+    and every source value the SR copies made valid or left empty (worker/sr/values.py)."""
     changes = {keyword: None for keyword in TYPE2_FROM_SOURCE if keyword not in ds}
-    # highdicom converts these with DA()/TM(), which raise on a non-conformant value (e.g. a birth
-    # date "05.04.1923"): leave such a value empty (Type 2) rather than send no SR at all.
-    for keyword, vr_class in _CHECKED_DATES:
-        value = ds.get(keyword)
-        if value:
-            try:
-                text = str(value).strip()
-                validate_value(vr_class.__name__, text, config.RAISE)  # PS3.5 format ...
-                vr_class(text)                                         # ... and a real date/time
-            except ValueError:
-                changes[keyword] = None
+    # Too long, undecodable, a bad format (highdicom converts dates with DA()/TM(), which raise on a
+    # birth date "05.04.1923"): truncated or left empty (Type 2) rather than copied or no SR at all.
+    changes.update(valid_source_values(ds))
     # highdicom accepts only the defined terms M/F/O: a "U" (seen in the wild) would cost the SR.
     sex = str(ds.get("PatientSex", "") or "").strip().upper()
     if sex and sex not in _PATIENT_SEX_TERMS:

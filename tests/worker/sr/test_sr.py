@@ -282,6 +282,7 @@ class Shape:
     implicit_vr: bool = False
     templated: bool = True  # False: the reference builds every study of this shape
     conformant: bool = True  # False: the reference SR itself has dciodvfy errors (source values it keeps)
+    hostile: str | None = None  # a key of HOSTILE: source values that break their VR
 
 
 DX1 = (DX_FOR_PRESENTATION_STORAGE, "MONOCHROME2", "a")
@@ -299,7 +300,24 @@ SHAPES = {
     "jis-with-ir6": Shape((DX1, DX1), charset=("ISO 2022 IR 6", "ISO 2022 IR 87")),
     "implicit-vr-extras": Shape((DX1, DX1), extras=True, implicit_vr=True),
     "ct": Shape(((CT_IMAGE_STORAGE, "MONOCHROME2", "a"),), templated=False),  # TID 1604 descriptors not mapped
+    "overlong-values-bad-age": Shape((DX1, DX1), hostile="overlong"),
+    "invalid-utf8-name": Shape((DX1,), charset="ISO_IR 192", hostile="invalid-utf8"),
+    "8-bit-text-without-charset": Shape((DX1,), charset=None, hostile="no-charset"),
 }
+#: What each hostile shape's source holds (set after make_study's ordinary values; bytes patched in).
+HOSTILE = {
+    # PN 64 per group, SH 16, LO 64, ST 1024; AS is nnnD/W/M/Y; a control character in an LT.
+    "overlong": dict(PatientName="Jane{seed}^L" + "ong" * 1700, AccessionNumber="ACC{seed}" + "9" * 30,
+                     StudyDescription="XR CHEST {seed} " + "very " * 60, InstitutionName="Hospital {seed} " * 12,
+                     InstitutionAddress="Street {seed}\r\n" * 200, PatientAge="{seed} years",
+                     OtherPatientNames=["Other{seed}^" + "x" * 90, "Fine^Name"],
+                     PatientComments="comment {seed}\x07bell"),
+    # Invalid UTF-8 under ISO_IR 192 (a lone continuation byte and an 0xFF), patched into the file.
+    "invalid-utf8": dict(PatientName="Bad{seed}^QQ", StudyDescription="Study RR {seed}"),
+    # Latin-1 bytes in a source that declares no Specific Character Set (default repertoire: ASCII only).
+    "no-charset": dict(PatientName="M\xfcller{seed}^J\xfcrgen"),
+}
+HOSTILE_BYTES = {"invalid-utf8": ((b"^QQ", b"^\x80\xff"), (b"RR", b"\xc3\x28"))}
 
 
 def make_study(shape: Shape, seed: int) -> list[pydicom.Dataset]:
@@ -344,13 +362,20 @@ def make_study(shape: Shape, seed: int) -> list[pydicom.Dataset]:
             ds.PhysiciansOfRecord = [f"Doe{seed}^A", "Roe^B"]
         if shape.implicit_vr:
             ds.file_meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian
+        for keyword, value in HOSTILE.get(shape.hostile, {}).items():
+            setattr(ds, keyword, [v.format(seed=seed) for v in value] if isinstance(value, list)
+                    else value.format(seed=seed))
         if sop_class == CT_IMAGE_STORAGE:
             ds.Modality, ds.FrameOfReferenceUID, ds.SliceThickness = "CT", generate_uid(), 1.25
             ds.PixelSpacing, ds.ImagePositionPatient = [0.7, 0.8], [-100.0, -120.5, 30.0 + seed]
             ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
         buffer = io.BytesIO()
         ds.save_as(buffer, enforce_file_format=True)
-        headers.append(pydicom.dcmread(io.BytesIO(buffer.getvalue()), stop_before_pixels=True))
+        data = buffer.getvalue()
+        for old, new in HOSTILE_BYTES.get(shape.hostile, ()):
+            assert data.count(old) == 1 and len(old) == len(new)
+            data = data.replace(old, new)
+        headers.append(pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True))
     return headers
 
 
@@ -457,6 +482,70 @@ def test_template_sr_reads_back_and_passes_dciodvfy(model, name, fresh_templates
         path.write_bytes(data)
         errors, _ = dciodvfy(path)
         assert errors == []
+
+
+HOSTILE_SHAPES = [name for name, shape in SHAPES.items() if shape.hostile]
+
+
+@pytest.mark.parametrize("name", HOSTILE_SHAPES)
+def test_source_values_that_break_their_vr_are_made_valid_or_left_out(model, name, fresh_templates, tmp_path):
+    """Both SR paths (the reference, then a template-rendered study) pass dciodvfy with 0 errors whatever the
+    source held: too long -> truncated to the VR's limit, bad Patient's Age, control characters, invalid
+    UTF-8, 8-bit text without a character set -> empty; never the source's bytes verbatim."""
+    shape = SHAPES[name]
+    for seed in (1, 2):  # 1: the reference builds it (and the template); 2: rendered from the template
+        sources = make_study(shape, seed)
+        data = encode_pneumonia_sr(PneumoniaReport(sources, 0.6, True, model, **sr_arguments(seed)))
+        path = tmp_path / f"sr{seed}.dcm"
+        path.write_bytes(data)
+        errors, _ = dciodvfy(path)
+        assert errors == [], errors
+        sr = pydicom.dcmread(io.BytesIO(data))
+        source = sources[0]
+        if shape.hostile == "overlong":
+            assert str(sr.PatientName) == str(source.PatientName)[:64]
+            assert sr.AccessionNumber == source.AccessionNumber[:16]
+            assert sr.StudyDescription == source.StudyDescription[:64].rstrip(" ")
+            assert sr.OtherPatientNames == [str(source.OtherPatientNames[0])[:64], "Fine^Name"]
+            assert not sr.get("PatientAge") and not sr.get("PatientComments")
+            acquisition = sr.ContributingEquipmentSequence[0]
+            assert acquisition.InstitutionName == source.InstitutionName[:64].rstrip(" ")
+            assert acquisition.InstitutionAddress == source.InstitutionAddress[:1024]  # CR LF are allowed in ST
+        else:
+            assert str(sr.PatientName) == ""
+            assert b"\xef\xbf\xbd" not in data and b"\x80\xff" not in data and b"\xfc" not in data
+        if shape.hostile == "invalid-utf8":
+            assert sr.StudyDescription == "" and sr.SpecificCharacterSet == "ISO_IR 192"
+    assert template_cache_info()["template"] == 1
+
+
+def test_valid_source_values_rules():
+    """The rules of worker/sr/values.py one by one, on a data set; valid values are never touched."""
+    from worker.sr.values import valid_source_values
+
+    ds = pydicom.Dataset()
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    ds.PatientName = "A" * 64 + "=" + "B" * 70 + "=" + "C^D"  # PS3.5: 64 characters per component group
+    ds.OtherPatientNames = ["A^B^C^D^E^F", "Fine"]  # more than 5 components: not a name
+    ds.PatientAge, ds.PatientSize, ds.PatientSex = "045Y", "1.75", "F"
+    ds.StudyDescription = "Ωμέγα" * 20  # 100 characters, 200 bytes: cut at a character, not a byte
+    ds.InstitutionAddress = "Street 1\r\nTown\tZone"
+    ds.AdditionalPatientHistory = "line 1\r\nline 2"  # LT: CR LF allowed
+    ds.PatientComments = "tab\x00nul"
+    ds.ResponsiblePerson = "Esc\x1b$B^X"  # ESC: ISO 2022 code extension, allowed
+    changes = valid_source_values(ds)
+    assert changes == {"PatientName": "A" * 64 + "=" + "B" * 64 + "=C^D", "OtherPatientNames": None,
+                       "StudyDescription": "Ωμέγα" * 12 + "Ωμέγ", "PatientComments": None}
+    ds.PatientAge, ds.StudyDate, ds.StudyTime, ds.PatientSex = "45", "20240230", "25:00", "female"
+    assert valid_source_values(ds).keys() >= {"PatientAge", "StudyDate", "StudyTime", "PatientSex"}
+    raw = b"".join((tag >> 16).to_bytes(2, "little") + (tag & 0xFFFF).to_bytes(2, "little") + vr
+                   + len(v).to_bytes(2, "little") + v for tag, vr, v in ((0x00101020, b"DS", b"abc "), (0x00101030, b"DS", b"NaN "),
+                                          (0x00101010, b"AS", b"045Y")))
+    read = pydicom.filereader.read_dataset(pydicom.filebase.DicomBytesIO(raw), False, True)  # as a file gives them
+    assert valid_source_values(read) == {"PatientSize": None, "PatientWeight": None}
+    for shape in SHAPES.values():  # the ordinary shapes' values are valid: nothing changes
+        if not shape.hostile and not shape.bad_dates:
+            assert all(valid_source_values(ds) == {} for ds in make_study(shape, 3))
 
 
 def test_encode_rejects_what_build_rejects(model, fresh_templates):
