@@ -28,6 +28,7 @@ import ssl
 import time
 from dataclasses import dataclass, field
 
+from pydicom.uid import UID
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.presentation import PresentationContext
@@ -76,6 +77,33 @@ def make_ae(calling_aet: str, timeout: float) -> AE:
     return ae
 
 
+def _syntax_name(uid: str) -> str:
+    return UID(uid).name or str(uid)
+
+
+class NoContextAccepted(str):
+    """The reason why no association: the peer answered A-ASSOCIATE-AC but accepted none of the
+    proposed presentation contexts (pynetdicom then aborts the association itself). A ``str`` (the
+    message for the whole batch) that also knows, per SOP class, what the peer said, so each file
+    gets its own message (``for_file``), as DCMTK's storescu says "No presentation context"."""
+
+    rejected: dict[str, tuple[list[str], str]]
+
+    def __new__(cls, where: str, rejected: dict[str, tuple[list[str], str]]) -> "NoContextAccepted":
+        classes = ", ".join(f"{_syntax_name(sop)} ({why})" for sop, (_, why) in rejected.items())
+        self = super().__new__(cls, f"{where} accepted no presentation context: {classes}")
+        self.where = where
+        self.rejected = rejected
+        return self
+
+    def for_file(self, sop_class: str, transfer_syntax: str | None) -> str:
+        syntaxes, why = self.rejected.get(sop_class, ([], "not proposed"))
+        offered = ", ".join(_syntax_name(ts) for ts in syntaxes) or _syntax_name(transfer_syntax or "")
+        return (f"{self.where} accepted no presentation context for {_syntax_name(sop_class)} "
+                f"({sop_class}) with {offered}: {why}; the peer does not take this SOP class "
+                f"or transfer syntax")
+
+
 def open_association(ae: AE, peer: Peer, pairs: ContextPairs) -> tuple[Association | None, str | None]:
     """Request an association proposing ``pairs``; returns (assoc, None) or (None, reason)."""
     contexts = []
@@ -113,6 +141,15 @@ def open_association(ae: AE, peer: Peer, pairs: ContextPairs) -> tuple[Associati
         if primitive is not None:
             detail = f": {primitive.result_str}, {primitive.source_str}, {primitive.reason_str}"
         return None, f"association rejected by {where}{detail}"
+    if assoc.is_aborted and assoc.rejected_contexts and not assoc.accepted_contexts:
+        rejected: dict[str, tuple[list[str], str]] = {}
+        for context in assoc.rejected_contexts:
+            syntaxes, why = rejected.get(str(context.abstract_syntax), ([], ""))
+            syntaxes += [str(ts) for ts in context.transfer_syntax if str(ts) not in syntaxes]
+            status = context.status.lower()
+            why = status if not why or status in why.split("; ") else f"{why}; {status}"
+            rejected[str(context.abstract_syntax)] = (syntaxes, why)
+        return None, NoContextAccepted(where, rejected)
     if assoc.is_aborted:
         return None, f"association aborted by {where} (or connection lost)"
     return None, f"no association with {where}: no answer to the association request"

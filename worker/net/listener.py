@@ -43,7 +43,7 @@ from ..scoring.eligibility import SCORABLE_SOP_CLASSES
 from ..settings import Settings
 from . import status
 from ._pynetdicom import spool_file
-from ._pynetdicom.server import NoDelayServer, make_server
+from ._pynetdicom.server import NoDelayServer, close_unestablished, make_server
 
 log = logging.getLogger("cxr_worker.scp")
 
@@ -121,7 +121,9 @@ class Listener:
 
     def start(self) -> int:
         net = self.settings.network
-        server = make_server(self.ae, (net.bind_address, net.port), self.handlers, self.ssl_context)
+        server = make_server(self.ae, (net.bind_address, net.port), self.handlers, self.ssl_context,
+                             request_timeout=net.association_request_timeout,
+                             max_pending=net.max_pending_connections)
         self._thread = threading.Thread(target=server.serve_forever, name="scp-accept", daemon=True)
         self._thread.start()
         self.server = server
@@ -135,9 +137,11 @@ class Listener:
     def stop(self, grace: float = 30.0) -> None:
         """Stop accepting; give established associations up to ``grace`` seconds to finish.
 
-        A connection that has not been established (no A-ASSOCIATE-RQ yet: a port probe, a load
-        balancer's health check) is aborted at once: otherwise it would hold the stop for the
-        ACSE timeout with nothing to finish.
+        A connection that has not sent its A-ASSOCIATE-RQ (a port probe, a load balancer's health
+        check) is pending in the server, not an association, and ``server.shutdown()`` closes it; an
+        association not yet established is closed at once (``close_unestablished``: the way its
+        state allows, never an A-ABORT request in Sta2) instead of holding the stop for the ACSE
+        timeout with nothing to finish.
         """
         if self.server is None:
             return
@@ -148,10 +152,13 @@ class Listener:
             open_now = list(server.active_associations)
             for assoc in open_now:
                 if not assoc.is_established:
-                    assoc.abort()
+                    close_unestablished(assoc)
             if not any(assoc.is_established for assoc in open_now):
                 break
             time.sleep(0.05)
         for assoc in server.active_associations:
-            log.warning("aborting association still open after %.0f s", grace)
-            assoc.abort()
+            if assoc.is_established:
+                log.warning("aborting association still open after %.0f s", grace)
+                assoc.abort()
+            else:  # closed above and ending now (or arrived since): never an A-ABORT request in Sta2
+                close_unestablished(assoc)

@@ -33,6 +33,7 @@ from .associations import (
     MAX_CONTEXTS,
     AssociationPool,
     ContextPairs,
+    NoContextAccepted,
     OneShot,
     Peer,
     association_lost,
@@ -135,9 +136,12 @@ def _accepted_syntaxes(assoc, sop_class: str) -> set[str]:
 
 def _send_one(assoc, item: _Item) -> StoreOutcome:
     accepted = _accepted_syntaxes(assoc, item.sop_class)
-    if not accepted:
-        name = UID(item.sop_class).name
-        return StoreOutcome(item.path, item.sop_instance, None, f"the peer accepted no presentation context for {name}")
+    if not accepted:  # the peer took other SOP classes of this batch, not this one
+        name = UID(item.sop_class).name or item.sop_class
+        return StoreOutcome(item.path, item.sop_instance, None,
+                            f"the peer accepted no presentation context for {name} ({item.sop_class}) "
+                            f"with {UID(item.transfer_syntax).name or item.transfer_syntax} or an uncompressed "
+                            f"syntax; the peer does not take this SOP class or transfer syntax")
     dataset: Path | Dataset = item.path  # the file as stored (module docstring)
     if not (item.meta and item.transfer_syntax in accepted):
         try:
@@ -166,7 +170,8 @@ def _send_batch(link: OneShot | AssociationPool, peer: Peer, batch: list[_Item],
     assoc, reused, reason = link.checkout(peer, _contexts_for(batch))
     if assoc is None:
         for it in batch:
-            record(it, StoreOutcome(it.path, it.sop_instance, None, reason))
+            why = reason.for_file(it.sop_class, it.transfer_syntax) if isinstance(reason, NoContextAccepted) else reason
+            record(it, StoreOutcome(it.path, it.sop_instance, None, why))
         return
     healthy, rest = True, list(batch)
     try:

@@ -30,8 +30,14 @@ Per object, where they are used (nothing to install):
   reactor thread can take our C-STORE-RSP off the queue under GIL contention (the send then waits the
   DIMSE timeout and aborts; benchmarks/scu_race.py), and an idle kept association polls every 1 ms.
 - server.py: ``NoDelayServer`` replaces ``AssociationServer.get_request`` (TCP_NODELAY, the TLS
-  handshake moved off the accept thread), and ``ae._servers`` registers it, as ``AE.start_server``
-  does for the server class it hard-codes.
+  handshake moved off the accept thread) and wraps ``ThreadedAssociationServer.process_request_thread``
+  so that a connection becomes an Association (and counts against ``maximum_associations``, which
+  acse.py checks against every acceptor, also one still waiting in Sta2) only once its whole
+  A-ASSOCIATE-RQ has arrived (``MSG_PEEK``), within ``network.association_request_timeout``;
+  ``ae._servers`` registers it, as ``AE.start_server`` does for the server class it hard-codes.
+  ``close_unestablished`` reads ``assoc.dul.state_machine.current_state``, shuts down
+  ``assoc.dul.socket.socket`` and puts ``None`` on ``dul.to_user_queue`` to close an acceptor in
+  Sta1/Sta2, where ``abort()`` (Evt15) is an invalid event that kills the reactor thread.
 """
 
 from __future__ import annotations
