@@ -15,13 +15,25 @@ from .augment import AugmentSettings
 SUBCOMMANDS = ("train", "evaluate")
 
 
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a default once, where it tells something: not for on/off flags (their help says what the
+    flag changes), not for empty defaults, not where the help already names the default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction))
+                or action.default in ("", None) or "default" in text):
+            return text
+        return super()._get_help_string(action)
+
+
 def _train_parser(sub: argparse._SubParsersAction, defaults: dict) -> None:
     d, t, a = defaults["data"], defaults["train"], defaults["augment"]
     p = sub.add_parser("train", help="train a model (the default subcommand)",
                        description="Train SimpleCNN or ResNet18 from scratch on ROOT/train/{NORMAL,PNEUMONIA}. "
                        "Validation is a patient-grouped, class-stratified split of train; the test split is "
                        "never used for selection. Run under `torchrun --nproc_per_node N -m trainer` for DDP.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=_DefaultsFormatter)
     p.add_argument("--data", default=d["root"], help="dataset root (Kaggle layout)")
     p.add_argument("--arch", default=t["arch"], choices=["resnet18", "simplecnn"], help="architecture")
     p.add_argument("--epochs", type=int, default=t["epochs"], help="maximum epochs")
@@ -33,15 +45,16 @@ def _train_parser(sub: argparse._SubParsersAction, defaults: dict) -> None:
     p.add_argument("--amp", default=t["amp"], choices=["auto", "off"], help="mixed precision")
     p.add_argument("--output", "-o", default=t["output"], help="output directory")
     p.add_argument("--val-fraction", type=float, default=d["val_fraction"], help="fraction of patients for validation")
-    p.add_argument("--cache-dir", default=d["cache_dir"], help="decoded-image cache (default OUTPUT/cache)")
+    p.add_argument("--cache-dir", default=d["cache_dir"], help="decoded-image cache (default: OUTPUT/cache)")
     p.add_argument("--min-sensitivity", type=float, default=defaults["threshold"]["min_sensitivity"],
                    help="threshold rule: best specificity with validation sensitivity >= this")
     p.add_argument("--full-precision", dest="half", action="store_false", default=t["half"],
-                   help="save fp32 weights instead of fp16")
-    p.add_argument("--limit", type=int, default=0, help="use a stratified subset of this many files (smoke tests)")
-    p.add_argument("--name", default="", help="model name (default cxr-pneumonia-ARCH)")
+                   help="save fp32 weights instead of fp16 (default: "
+                   f"{'fp16' if t['half'] else 'fp32'} weights, train.half)")
+    p.add_argument("--limit", type=int, default=0, help="use a stratified subset of this many files (smoke tests; 0 = all)")
+    p.add_argument("--name", default="", help="model name (default: cxr-pneumonia-ARCH)")
     p.add_argument("--model-version", default="1.0.0", help="model version string")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars (default: shown)")
     for key, value in a.items():
         p.add_argument(f"--aug-{key.replace('_', '-')}", dest=f"aug_{key}", type=float, default=value,
                        help=f"augmentation: {key.replace('_', ' ')}")
@@ -51,22 +64,24 @@ def _evaluate_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate", help="metrics and plots of a checkpoint on a labelled folder",
                        description="Score a labelled folder DIR/{NORMAL,PNEUMONIA} (e.g. ROOT/test) with a checkpoint at its "
                        "stored threshold; write metrics.json and the plots.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=_DefaultsFormatter)
     p.add_argument("--model", required=True,
                    help="checkpoint (.safetensors); the shipped one is worker/models/default.safetensors")
     p.add_argument("--data", required=True, help="folder with NORMAL/ and PNEUMONIA/ subfolders")
     p.add_argument("--output", "-o", default="runs/evaluate", help="output directory")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar (default: shown)")
 
 
 def build_parser(defaults: dict) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cxr-train", description=(
         "Offline (re)training and evaluation of the cxr-worker pneumonia models. Defaults come from "
-        "config/train.toml, a file given with --config, and CXR_TRAIN__SECTION__KEY variables."))
-    parser.add_argument("--config", help="site TOML file overriding config/train.toml")
-    parser.add_argument("-v", "--verbose", action="store_true")
-    sub = parser.add_subparsers(dest="command")
+        "config/train.toml, a file given with --config, and CXR_TRAIN__SECTION__KEY variables."),
+        epilog="train is the default subcommand (`cxr-train --epochs 5` = `cxr-train train --epochs 5`). "
+        "Every option: cxr-train train --help and cxr-train evaluate --help.")
+    parser.add_argument("--config", metavar="FILE", help="site TOML file overriding config/train.toml")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _train_parser(sub, defaults)
     _evaluate_parser(sub)
     return parser

@@ -2,6 +2,9 @@
 
 Start: umask 077, data directory (0700), database (tables created), leftovers of a crash cleaned
 and claims of dead local workers returned to the queue, model loaded, then the listener opens.
+`cxr-worker serve` (worker/cli/main.py) first binds the listening address once and reads the model
+file's header, before this module (and torch) is imported: a busy port or a missing or invalid
+model is one line naming network.port / model.path within a second, not an error after the load.
 Stop (SIGTERM / SIGINT / Ctrl-C): stop accepting, let running associations finish, let the
 scorer finish its current batch and the sender its current delivery, exit 0. Whatever was not
 finished stays in the database and is picked up by the next start.
@@ -80,9 +83,9 @@ class Service:
                             thread.name, grace)
         self.runner.close()
         self.db.dispose()
-        log.info("stopped (received %d, duplicates %d, rejected %d, studies scored %d, SRs delivered %d)",
-                 self.receiver.received, self.receiver.duplicates, self.receiver.rejected,
-                 self.scorer_loop.scored_studies, self.outbox_loop.sent)
+        log.info("stopped (received %d, duplicates %d, replaced %d, rejected %d, studies scored %d, "
+                 "SRs delivered %d)", self.receiver.received, self.receiver.duplicates, self.receiver.replaced,
+                 self.receiver.rejected, self.scorer_loop.scored_studies, self.outbox_loop.sent)
 
     def run_forever(self) -> int:
         """Serve until SIGTERM/SIGINT; returns the exit code (0 on a clean stop)."""

@@ -10,7 +10,7 @@ key (a missing one is a packaging error, reported as such). The one rule kept he
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -138,6 +138,8 @@ class NetworkSettings:
     acse_timeout: float
     dimse_timeout: float
     network_timeout: float
+    association_request_timeout: float
+    max_pending_connections: int
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ae_title", _check_ae("network.ae_title", self.ae_title))
@@ -154,6 +156,8 @@ class NetworkSettings:
                            [_check_ae("network.allowed_calling_aets", a) for a in aets])
         for key in ("acse_timeout", "dimse_timeout", "network_timeout"):
             _check_num(f"network.{key}", getattr(self, key), minimum=0.1)
+        _check_num("network.association_request_timeout", self.association_request_timeout, minimum=0.1)
+        _check_num("network.max_pending_connections", self.max_pending_connections, minimum=1, integer=True)
 
     @property
     def local_address(self) -> str:
@@ -277,6 +281,23 @@ def _section(raw: Mapping[str, Any], name: str, keys: set[str]) -> Mapping[str, 
     return table
 
 
+_DESTINATION_KEYS = [f.name for f in fields(Destination)]
+_DESTINATION_REQUIRED = [f.name for f in fields(Destination) if f.default is MISSING]
+
+
+def _destination(index: int, table: Mapping[str, Any]) -> Destination:
+    """One destinations entry, its missing and unknown keys named (not a TypeError of __init__)."""
+    label = f"destinations[{index}]" + (f" ({table['name']!r})" if isinstance(table.get("name"), str) else "")
+    missing = [k for k in _DESTINATION_REQUIRED if k not in table]
+    if missing:
+        raise SettingsError(f"{label}: missing key{'s' if len(missing) > 1 else ''} {', '.join(missing)} "
+                            f"(required: {', '.join(_DESTINATION_REQUIRED)})")
+    unknown = sorted(set(table) - set(_DESTINATION_KEYS))
+    if unknown:
+        raise SettingsError(f"{label}.{unknown[0]}: unknown key (known: {', '.join(_DESTINATION_KEYS)})")
+    return Destination(**table)
+
+
 #: The TOML tables read into one dataclass each ([logging] and destinations are read by Settings).
 SECTIONS: dict[str, type] = {"network": NetworkSettings, "storage": StorageSettings, "studies": StudySettings,
                              "model": ModelSettings, "sr": SRSettings, "outbox": OutboxSettings, "tls": TLSSettings}
@@ -303,22 +324,23 @@ class Settings:
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> "Settings":
         """The merged configuration (packaged TOML + site file + environment) -> validated Settings."""
-        try:
-            dests = _value(raw, "destinations")
-            if not isinstance(dests, list) or not all(isinstance(d, Mapping) for d in dests):
-                raise SettingsError("destinations: expected a list of tables {name, host, port, ae_title}")
-            sections = {name: section_type(**_section(raw, name, {f.name for f in fields(section_type)}))
-                        for name, section_type in SECTIONS.items()}
-            level = _section(raw, "logging", {"level"})["level"]
-            return cls(**sections, destinations=[Destination(**d) for d in dests], log_level=str(level).upper())
-        except TypeError as exc:  # unknown / missing keys in a destination table
-            raise SettingsError(f"configuration: {exc}") from exc
+        dests = _value(raw, "destinations")
+        if not isinstance(dests, list) or not all(isinstance(d, Mapping) for d in dests):
+            raise SettingsError(f"destinations: expected a list of tables {{name, host, port, ae_title}}, got "
+                                f"{dests!r} (a site file: [[destinations]] tables; the environment: "
+                                "CXR_WORKER__DESTINATIONS='[{name = \"pacs\", host = \"10.0.0.5\", port = 104, "
+                                "ae_title = \"PACS\"}]')")
+        sections = {name: section_type(**_section(raw, name, {f.name for f in fields(section_type)}))
+                    for name, section_type in SECTIONS.items()}
+        level = _section(raw, "logging", {"level"})["level"]
+        return cls(**sections, destinations=[_destination(i, d) for i, d in enumerate(dests)],
+                   log_level=str(level).upper())
 
 
 def load_settings(site_file: str | Path | None = None, environ: Mapping[str, str] | None = None) -> Settings:
     """Packaged config/worker.toml + site file + CXR_WORKER__* environment -> validated Settings."""
     try:
         raw = cxr_config.load("worker", "CXR_WORKER", site_file, environ)
-    except (KeyError, TypeError) as exc:
-        raise SettingsError(f"configuration: {exc}") from exc
+    except cxr_config.ConfigError as exc:  # unknown key, TOML syntax error, missing file: named there
+        raise SettingsError(str(exc)) from None
     return Settings.from_dict(raw)

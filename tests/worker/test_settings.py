@@ -68,7 +68,8 @@ def test_settings_validation_and_backoff(tmp_path):
     assert s.network.port == 11999 and s.destinations[0].ae_title == "PACS"
     with pytest.raises(SettingsError, match="ae_title"):
         load_settings(environ={"CXR_WORKER__NETWORK__AE_TITLE": "THIS_AE_TITLE_IS_TOO_LONG"})
-    with pytest.raises(SettingsError, match="unknown configuration key"):
+    with pytest.raises(SettingsError, match=r"^network\.prot: unknown key .*environment variable "
+                                            r"CXR_WORKER__NETWORK__PROT"):
         load_settings(environ={"CXR_WORKER__NETWORK__PROT": "1"})
     backoff = dataclasses.replace(load_settings(environ={}).outbox, retry_base_seconds=2, retry_max_seconds=30)
     assert [backoff.backoff(n) for n in (1, 2, 3, 4, 5, 6)] == [2, 4, 8, 16, 30, 30]
@@ -157,3 +158,26 @@ def test_a_bad_environment_stops_echo_but_not_when_every_peer_flag_is_given(monk
     port = free_port()  # nothing listens: the command runs (and fails to connect) without reading the config
     assert main(["echo", "--host", "127.0.0.1", "--port", str(port), "--aec", "X", "--aet", "Y", "--timeout", "3"]) == 1
     assert "cannot connect" in capsys.readouterr().err
+
+
+def test_destination_tables_name_their_missing_and_unknown_keys():
+    raw = packaged()
+    raw["destinations"] = [{"name": "pacs", "port": 104}]
+    with pytest.raises(SettingsError, match=r"^destinations\[0\] \('pacs'\): missing keys host, ae_title"):
+        Settings.from_dict(raw)
+    raw["destinations"] = [{"name": "pacs", "host": "h", "port": 104, "ae_title": "P", "tls_ca": ""}]
+    with pytest.raises(SettingsError, match=r"^destinations\[0\] \('pacs'\)\.tls_ca: unknown key"):
+        Settings.from_dict(raw)
+
+
+def test_syntax_errors_are_reported_as_such(tmp_path):
+    with pytest.raises(SettingsError, match=r"CXR_WORKER__DESTINATIONS: TOML syntax error .*at column 9"):
+        load_settings(environ={"CXR_WORKER__DESTINATIONS": '[{"name": "x"}]'})
+    site = tmp_path / "site.toml"
+    site.write_text("[network]\nport = \n")
+    with pytest.raises(SettingsError, match=r"site\.toml: TOML syntax error: .*line 2"):
+        load_settings(site, environ={})
+    with pytest.raises(SettingsError, match=r"nothere\.toml \(--config\): no such file"):
+        load_settings(tmp_path / "nothere.toml", environ={})
+    # a plain string that is not TOML stays a string (then validated where it is read)
+    assert load_settings(environ={"CXR_WORKER__NETWORK__BIND_ADDRESS": "127.0.0.1"}).network.bind_address == "127.0.0.1"

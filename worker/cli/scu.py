@@ -16,7 +16,7 @@ from dicom_io.images import is_image_file
 from ..net import install as install_pynetdicom
 from ..net.scu import echo_detail, store_files
 from ..settings import load_settings
-from .wrap import wrap_image_as_dicom
+from .wrap import content_seed, wrap_image_as_dicom
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -33,7 +33,8 @@ def _add_peer_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--aec", help="called AE title (default: network.ae_title)")
     parser.add_argument("--aet", help="our (calling) AE title (default: network.ae_title, as the worker's own "
                                       "deliveries)")
-    parser.add_argument("--timeout", type=float, default=30.0, help="network timeout in seconds (default 30)")
+    parser.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
+                        help="network timeout (default: 30)")
     tls = parser.add_argument_group("DICOM TLS (any --tls-* option implies --tls)")
     tls.add_argument("--tls", action="store_true", help="use TLS; the peer's certificate is verified")
     tls.add_argument("--tls-ca", default="", metavar="FILE", help="CA certificates (PEM) for the peer (default: system CAs)")
@@ -68,16 +69,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "send",
         help="C-STORE DICOM files (or, with --wrap, JPEG/PNG chest films) to a DICOM node",
         description="Send files over one association. Directories are expanded (with --recursive, "
-        "into subdirectories). Exits non-zero if any file was not stored.",
+        "into subdirectories). The peer defaults to this machine's worker as configured ([network]: the "
+        "same configuration as serve). Exits 1 if any file was not stored. With --wrap, a JPEG/PNG film "
+        "becomes a DX image whose study, series and instance UIDs are derived from the file's content "
+        "(SHA-256): sending the same film again is a duplicate of the same instance, never a second "
+        "study; --new-study gives it fresh random UIDs instead.",
     )
     send.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="files or directories")
     _add_peer_arguments(send)
-    send.add_argument("--wrap", action="store_true", help="wrap JPEG/PNG files as DICOM DX images first")
+    send.add_argument("--wrap", action="store_true", help="wrap JPEG/PNG files as DICOM DX images first (UIDs "
+                                                          "from the file's content: a resend is a duplicate)")
+    send.add_argument("--new-study", action="store_true", help="with --wrap: random UIDs, so each send of a "
+                                                               "film is a new study (and a new result)")
     send.add_argument("--recursive", "-r", action="store_true", help="descend into subdirectories")
     send.add_argument("--no-progress", action="store_true", help="no progress bar")
     send.set_defaults(func=cmd_send)
 
-    ping = subparsers.add_parser("echo", help="C-ECHO a DICOM node (exit 0 when it answers Success)")
+    ping = subparsers.add_parser("echo", help="C-ECHO a DICOM node (exit 0 when it answers Success)",
+                                 description="C-ECHO a DICOM node: by default this machine's worker as "
+                                 "configured ([network], the same configuration as serve). Exits 0 when it "
+                                 "answers Success, 1 otherwise.")
     _add_peer_arguments(ping)
     ping.set_defaults(func=cmd_echo)
 
@@ -97,8 +108,10 @@ def expand_paths(paths: Iterable[Path], recursive: bool) -> tuple[list[Path], li
     return files, errors
 
 
-def _wrap_all(files: Sequence[Path], tmpdir: Path) -> tuple[list[Path], dict[Path, Path], list[str]]:
-    """Replace image files by wrapped DICOM copies in tmpdir; returns (to send, wrapped->original, errors)."""
+def _wrap_all(files: Sequence[Path], tmpdir: Path, new_study: bool = False
+              ) -> tuple[list[Path], dict[Path, Path], list[str]]:
+    """Replace image files by wrapped DICOM copies in tmpdir; returns (to send, wrapped->original, errors).
+    Their UIDs come from the file's content (random with ``new_study``)."""
     to_send: list[Path] = []
     origin: dict[Path, Path] = {}
     errors: list[str] = []
@@ -107,7 +120,7 @@ def _wrap_all(files: Sequence[Path], tmpdir: Path) -> tuple[list[Path], dict[Pat
             to_send.append(path)
             continue
         try:
-            ds = wrap_image_as_dicom(path)
+            ds = wrap_image_as_dicom(path, uid_seed=None if new_study else content_seed(path))
         except Exception as exc:  # noqa: BLE001 - one bad image must not stop the rest
             errors.append(f"{path}: cannot wrap as DICOM: {exc}")
             continue
@@ -125,28 +138,81 @@ def cmd_send(args: argparse.Namespace) -> int:
     if not files and not errors:
         print("send: no files to send", file=sys.stderr)
         return EXIT_USAGE
+    if args.new_study and not args.wrap:
+        print("send: --new-study applies to --wrap only (DICOM files are sent as they are)", file=sys.stderr)
+        return EXIT_USAGE
+    tls = _tls_context(args)
     with tempfile.TemporaryDirectory(prefix="cxr-send-") as tmp:
         origin: dict[Path, Path] = {}
         if args.wrap:
-            files, origin, wrap_errors = _wrap_all(files, Path(tmp))
+            files, origin, wrap_errors = _wrap_all(files, Path(tmp), args.new_study)
             errors.extend(wrap_errors)
-        outcomes = store_files(
-            files, args.host, args.port, args.aec, args.aet, tls=_tls_context(args), timeout=args.timeout,
-            progress=not args.no_progress,
-        )
+        with _Progress(len(files), args.aec, enabled=not args.no_progress) as bar:
+            outcomes = store_files(files, args.host, args.port, args.aec, args.aet, tls=tls, timeout=args.timeout,
+                                   on_outcome=bar.outcome)
+            bar.finish(outcomes)
     for outcome in outcomes:
         if not outcome.ok:
-            name = origin.get(outcome.path, outcome.path)
-            line = str(outcome).replace(str(outcome.path), str(name), 1)
-            if not args.wrap and is_image_file(name):
-                line += " (an image file: use --wrap)"
-            errors.append(line)
+            errors.append(_failure_line(outcome, origin.get(outcome.path, outcome.path), args.wrap))
     for line in errors:
         print(f"error: {line}", file=sys.stderr)
     sent = sum(o.ok for o in outcomes)
     failed = len(errors)
     print(f"sent {sent}, failed {failed}")
     return EXIT_OK if failed == 0 else EXIT_FAILED
+
+
+#: How worker/net/scu.py words a file it could not parse as DICOM (its header read).
+_UNREADABLE = "not a readable DICOM file"
+
+
+def _failure_line(outcome, name: Path, wrapped: bool) -> str:
+    """One error line for a file not stored, named as the user gave it (not its wrapped copy)."""
+    if outcome.status is None and (outcome.error or "").startswith(_UNREADABLE):
+        # pydicom's own message ends with "Use force=True to force reading", which a CLI user cannot act on
+        hint = "" if wrapped else "; for a JPEG/PNG film use --wrap" if is_image_file(name) else \
+            "; JPEG/PNG films can be sent with --wrap"
+        return f"{name}: not a DICOM file (no DICOM header){hint}"
+    line = str(outcome).replace(str(outcome.path), str(name), 1)
+    if not wrapped and is_image_file(name):
+        line += " (an image file: use --wrap)"
+    return line
+
+
+class _Progress:
+    """The progress bar of `send`: it counts stored files only, so a failed send never ends at 100 %;
+    failures are shown beside it."""
+
+    def __init__(self, total: int, called_aet: str, *, enabled: bool) -> None:
+        self.bar = None
+        self.failed = 0
+        if enabled and total:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="file", desc=f"C-STORE {called_aet}")
+
+    def outcome(self, outcome) -> None:
+        if self.bar is None:
+            return
+        if outcome.ok:
+            self.bar.update(1)
+        else:
+            self.failed += 1
+            self.bar.set_postfix(failed=self.failed)
+
+    def finish(self, outcomes) -> None:
+        """Files refused before any association (e.g. not DICOM) are counted as failed too."""
+        if self.bar is not None:
+            failed = sum(not o.ok for o in outcomes)
+            if failed:
+                self.bar.set_postfix(failed=failed)
+
+    def __enter__(self) -> "_Progress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def cmd_echo(args: argparse.Namespace) -> int:

@@ -6,6 +6,7 @@ worker itself, accept (dciodvfy reports no errors).
 
 from __future__ import annotations
 
+import hashlib
 from datetime import datetime
 from pathlib import Path
 
@@ -17,6 +18,8 @@ from pydicom.uid import (ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, Dig
 from dicom_io.images import read_image_file
 from dicom_io.kaggle import patient_from_name
 
+from ..sr import derived_uid
+
 #: The SOP class of a wrapped film.
 DX_FOR_PRESENTATION = DigitalXRayImageStorageForPresentation
 #: The wrapped images have no calibration; their Imager Pixel Spacing is a nominal value that
@@ -26,18 +29,32 @@ _CHEST = ("816094009", "SCT", "Chest")  # CID 4009 DX Anatomy Imaged (pydicom co
 _AP_VIEW = ("399348003", "SCT", "antero-posterior")  # CID 4010 DX View
 
 
+def content_seed(path: Path) -> str:
+    """The SHA-256 of a file's bytes: the same film (wherever it lies, whatever its name) gives the same
+    wrapped UIDs."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def wrap_image_as_dicom(
     path: Path,
     *,
     patient_id: str | None = None,
     patient_name: str | None = None,
     study_uid: str | None = None,
+    uid_seed: str | None = None,
 ) -> Dataset:
     """Wrap a JPEG/PNG chest film as a DX For Presentation image (MONOCHROME2, 8 bit, AP chest).
 
     For demos and tests: the Kaggle films become real DICOM that any SCP and our own worker accept.
     Each file is its own study unless `study_uid` is given; the patient ID comes from the file name
-    (dicom_io.kaggle: person123_bacteria_45.jpeg -> person123).
+    (dicom_io.kaggle: person123_bacteria_45.jpeg -> person123). The UIDs are random unless `uid_seed`
+    is given: then the study (unless given), series and instance UIDs are derived from it (2.25 UIDs,
+    worker.sr.derived_uid), so the same seed wraps to the same instance; `send --wrap` passes
+    content_seed(path), which makes a resent film a duplicate, not a new study.
     Raises dicom_io.errors.DicomInputError for unreadable images.
     """
     path = Path(path)
@@ -45,7 +62,13 @@ def wrap_image_as_dicom(
     rows, columns = pixels.shape
     now = datetime.now()
     pid = patient_id or patient_from_name(path)[:64]  # LO: at most 64 characters
-    sop_instance_uid = generate_uid()
+    if uid_seed is None:
+        study_uid = study_uid or generate_uid()
+        series_uid, sop_instance_uid = generate_uid(), generate_uid()
+    else:
+        study_uid = study_uid or derived_uid("cxr-worker-wrap-study", uid_seed)
+        series_uid = derived_uid("cxr-worker-wrap-series", uid_seed, study_uid)
+        sop_instance_uid = derived_uid("cxr-worker-wrap-instance", uid_seed, study_uid)
 
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = DX_FOR_PRESENTATION
@@ -68,7 +91,7 @@ def wrap_image_as_dicom(
     ds.PatientBirthDate = ""
     ds.PatientSex = ""
     # General Study
-    ds.StudyInstanceUID = study_uid or generate_uid()
+    ds.StudyInstanceUID = study_uid
     ds.StudyDate = now.strftime("%Y%m%d")
     ds.StudyTime = now.strftime("%H%M%S")
     ds.ReferringPhysicianName = ""
@@ -77,7 +100,7 @@ def wrap_image_as_dicom(
     ds.StudyDescription = "XR CHEST AP"
     # General Series / DX Series
     ds.Modality = "DX"
-    ds.SeriesInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = series_uid
     ds.SeriesNumber = 1
     ds.SeriesDescription = "Wrapped chest film"
     ds.BodyPartExamined = "CHEST"

@@ -88,7 +88,7 @@ def test_classify_reports_a_bad_model_setting_by_its_key(tmp_path):
     import os
     missing = tmp_path / "gone.safetensors"
     out = run_cli("classify", "x.dcm", env=dict(os.environ, CXR_WORKER__MODEL__PATH=str(missing)))
-    assert out.returncode == 1 and "Traceback" not in out.stderr
-    assert f"model checkpoint not found: {missing} (model.path)" in out.stderr
+    assert out.returncode == 2 and "Traceback" not in out.stderr  # a start-up problem: exit 2 (issue 15)
+    assert f"model.path: no such model file: {missing}" in out.stderr
     out = run_cli("classify", "x.dcm", env=dict(os.environ, CXR_WORKER__MODEL__BATCH_SIZE="0"))
     assert out.returncode == 2 and "model.batch_size" in out.stderr

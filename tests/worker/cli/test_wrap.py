@@ -22,3 +22,23 @@ def test_wrapped_film_takes_the_kaggle_patient_as_patient_id(tmp_path: Path) -> 
         assert ds.PatientID == patient                  # at most 64 characters (LO)
         assert ds.SOPClassUID == ds.file_meta.MediaStorageSOPClassUID == DigitalXRayImageStorageForPresentation
     assert wrap_image_as_dicom(tmp_path / "chest.png", patient_id="GIVEN").PatientID == "GIVEN"
+
+
+def test_wrapped_uids_come_from_the_content_unless_asked_for_new_ones(tmp_path: Path) -> None:
+    from worker.cli.wrap import content_seed
+
+    grey = np.full((32, 24), 128, dtype=np.uint8)
+    cv2.imwrite(str(tmp_path / "a.png"), grey)
+    (tmp_path / "b.png").write_bytes((tmp_path / "a.png").read_bytes())  # same film, other name
+    cv2.imwrite(str(tmp_path / "c.png"), grey + 1)
+
+    def uids(name: str, seeded: bool = True) -> tuple[str, str, str]:
+        path = tmp_path / name
+        ds = wrap_image_as_dicom(path, uid_seed=content_seed(path) if seeded else None)
+        assert ds.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
+        return ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID
+
+    assert uids("a.png") == uids("a.png") == uids("b.png")
+    assert all(u.startswith("2.25.") and len(u) <= 64 for u in uids("a.png"))
+    assert not set(uids("a.png")) & set(uids("c.png"))
+    assert not set(uids("a.png", seeded=False)) & set(uids("a.png", seeded=False))
