@@ -2,8 +2,9 @@
 """Images/s of the shipped model for each inference path, and how far each one is from fp32.
 
     python benchmarks/bench_model.py                 # full run (a few minutes; torch.compile dominates)
-    python benchmarks/bench_model.py --quick         # smoke test (seconds of timing per path)
+    python benchmarks/bench_model.py --quick         # smoke test: short windows, no torch.compile (--compile adds it)
     python benchmarks/bench_model.py --no-compile --no-onnx --json out.json
+    python benchmarks/bench_model.py --quick --no-onnx --only "bf16 autocast channels_last" --deviation-images 1000
 
 Paths (CPU): eager fp32, eager fp32 channels_last, bf16 autocast (with and without channels_last),
 torch.compile fp32 / bf16 (channels_last; compile time reported separately, skipped if compiling
@@ -15,10 +16,16 @@ to_model_input, i.e. exactly the worker's model input) at every batch size it is
 reported deviation is max |p - p_fp32| of the sigmoid probability over all of them, against eager
 fp32 at batch 1. "ok" means within --tolerance (0.01). The recommended default is the fastest
 path within tolerance (by the geometric mean of images/s over the batch sizes).
+--deviation-images N adds a larger check of the worker's CPU default alone: bf16 autocast +
+channels_last against eager fp32 over N real films (half NORMAL, half PNEUMONIA), max and mean
+|p_bf16 - p_fp32| and the decisions that flip at the model's threshold.
 
 Timing: torch.inference_mode, torch.set_num_threads(all cores), warm-up, then --repeats timed
 windows of at least --min-time seconds each; the median window gives images/s. Run it on an
-otherwise idle machine: anything else using the cores makes the numbers meaningless.
+otherwise idle machine: anything else using the cores makes the numbers meaningless. The script
+measures that itself: the CPU share of every process that is not this benchmark (from /proc/stat
+and /proc/<pid>/stat) for 2 s before it starts and during each path's timing, and warns when it is
+above --busy-threshold of the machine's cores, naming the busiest processes.
 """
 
 from __future__ import annotations
@@ -64,6 +71,7 @@ class PathResult:
     compile_s: dict[int, float] = field(default_factory=dict)  # batch -> first call (compile) seconds
     max_dev: float | None = None            # max |p - p_fp32| over real inputs
     label_flips: int | None = None          # decisions at the model threshold that differ from fp32
+    other_load: float | None = None         # other processes' share of all cores while this path was timed
 
     def geomean(self) -> float:
         vals = [v for v in self.ips.values() if v > 0]
@@ -96,13 +104,99 @@ def machine_info() -> dict:
     return info
 
 
-def busy_processes() -> list[str]:
-    """Other processes that would spoil the timing (the training run, another benchmark)."""
-    try:
-        out = subprocess.run(["pgrep", "-a", "cxr-train"], capture_output=True, text=True, timeout=5, check=False).stdout
-    except (OSError, subprocess.SubprocessError):
-        return []
-    return [line for line in out.splitlines() if line.strip()]
+class OtherLoad:
+    """CPU share of the machine used by processes outside this benchmark's process tree.
+
+    ``mark()`` then ``share()``: (busy jiffies of all cores, /proc/stat) minus (this process, its
+    reaped children and its live descendants, /proc/<pid>/stat), over all cores' jiffies in the
+    window; 0.25 on a 2-core machine = half a core used by someone else. ``top()`` names the busiest
+    other processes of the window. Linux only; elsewhere share() is None.
+    """
+
+    def __init__(self) -> None:
+        self._start: tuple[int, int, int, dict[int, tuple[str, int]]] | None = None
+
+    @staticmethod
+    def _procs() -> dict[int, tuple[int, str, int]]:
+        """pid -> (ppid, comm, utime+stime) for every readable process."""
+        out = {}
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/stat") as fh:
+                    raw = fh.read()
+            except OSError:
+                continue
+            comm = raw[raw.index("(") + 1:raw.rindex(")")]
+            fields = raw[raw.rindex(")") + 2:].split()
+            out[int(entry)] = (int(fields[1]), comm, int(fields[11]) + int(fields[12]))
+        return out
+
+    def _sample(self) -> tuple[int, int, int, dict[int, tuple[str, int]]]:
+        with open("/proc/stat") as fh:
+            cpu = [int(v) for v in fh.readline().split()[1:]]
+        total, busy = sum(cpu[:8]), sum(cpu[:8]) - cpu[3] - cpu[4]   # idle, iowait
+        procs = self._procs()
+        me = os.getpid()
+        children: dict[int, list[int]] = {}
+        for pid, (ppid, _, _) in procs.items():
+            children.setdefault(ppid, []).append(pid)
+        ours, todo = set(), [me]
+        while todo:
+            pid = todo.pop()
+            if pid not in ours:
+                ours.add(pid)
+                todo += children.get(pid, [])
+        with open(f"/proc/{me}/stat") as fh:
+            raw = fh.read()
+        f = raw[raw.rindex(")") + 2:].split()
+        own = sum(procs[p][2] for p in ours if p in procs) + int(f[13]) + int(f[14])   # + reaped children
+        others = {pid: (comm, t) for pid, (_, comm, t) in procs.items() if pid not in ours}
+        return total, busy, own, others
+
+    def mark(self) -> None:
+        self._t0 = time.perf_counter()
+        try:
+            self._start = self._sample()
+        except (OSError, ValueError, IndexError):
+            self._start = None
+
+    def share(self) -> float | None:
+        """Other processes' share of all cores since mark() (0..1), or None where /proc is not there."""
+        if self._start is None:
+            return None
+        try:
+            total, busy, own, others = self._sample()
+        except (OSError, ValueError, IndexError):
+            return None
+        t0, b0, o0, others0 = self._start
+        self._end_others, self._start_others = others, others0
+        self._window_s = time.perf_counter() - self._t0
+        if total <= t0:
+            return 0.0
+        return max(0.0, ((busy - b0) - (own - o0)) / (total - t0))
+
+    def top(self, n: int = 3) -> list[str]:
+        """The busiest other processes between mark() and the last share(), as 'comm (pid) N% of a core'."""
+        start, end = getattr(self, "_start_others", {}), getattr(self, "_end_others", {})
+        if self._start is None or not end:
+            return []
+        hz = os.sysconf("SC_CLK_TCK")
+        deltas = sorted(((t - start.get(pid, (comm, 0))[1], pid, comm) for pid, (comm, t) in end.items()), reverse=True)
+        window = getattr(self, "_window_s", None)
+        out = []
+        for d, pid, comm in deltas[:n]:
+            if window and d / hz / window < 0.05:   # below 5 % of a core: not worth naming
+                break
+            out.append(f"{comm} ({pid}) {d / hz:.1f} s of CPU" + (f" = {d / hz / window:.0%} of a core" if window else ""))
+        return out
+
+    def measure(self, seconds: float) -> float | None:
+        """Mark, sleep ``seconds``, return share()."""
+        self.mark()
+        time.sleep(seconds)
+        return self.share()
 
 
 def load_real_inputs(root: Path, n: int, seed: int = 0) -> np.ndarray:
@@ -225,28 +319,47 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--min-time", type=float, default=0.6, help="seconds per timed window")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--tolerance", type=float, default=0.01)
-    ap.add_argument("--quick", action="store_true", help="short smoke run (16 images, 2 short windows)")
+    ap.add_argument("--quick", action="store_true",
+                    help="short smoke run (16 images, 2 short windows, no torch.compile unless --compile)")
+    ap.add_argument("--compile", action="store_true",
+                    help="with --quick: time the torch.compile paths too (a cold inductor cache takes minutes)")
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile paths")
     ap.add_argument("--no-onnx", action="store_true", help="skip ONNX Runtime")
     ap.add_argument("--only", help="comma-separated path names to run (eager fp32 always runs)")
+    ap.add_argument("--deviation-images", type=int, default=0, metavar="N",
+                    help="also compare bf16 autocast channels_last (the worker's CPU default) with eager fp32 "
+                         "over N real films (default 0: off)")
+    ap.add_argument("--deviation-batch", type=int, default=8, help="batch size of that comparison")
+    ap.add_argument("--busy-threshold", type=float, default=0.10,
+                    help="warn when other processes use more than this share of all cores (default 0.10)")
     ap.add_argument("--json", type=Path, help="also write the results as JSON here")
     args = ap.parse_args(argv)
+    if args.compile and args.no_compile:
+        ap.error("--compile and --no-compile exclude each other")
     if args.quick:
         args.images, args.repeats, args.min_time, args.warmup = 16, 2, 0.2, 1
+        args.no_compile = args.no_compile or not args.compile
 
     threads = os.cpu_count() or 1
     torch.set_num_threads(threads)
     batches = [int(b) for b in args.batches.split(",")]
     info = machine_info()
-    busy = busy_processes()
+    load = OtherLoad()
+    before = load.measure(2.0)
+    busy_notes: list[str] = []
+    if before is not None and before > args.busy_threshold:
+        busy_notes.append(f"before the run: other processes used {before:.0%} of the {info['nproc']} cores "
+                          f"({'; '.join(load.top()) or 'short-lived processes: none of those still running used 5 % of a core'})")
     print(f"machine: {info['nproc']} cores, {info['cpu']}, torch {info['torch']} ({info['cpu_capability']}, "
           f"native bf16: {info['bf16_native']}), onnxruntime {info['onnxruntime']}, cuda: {info['cuda']}")
     print(f"threads: {torch.get_num_threads()}, batches {batches}, {args.repeats} windows x >= {args.min_time}s, "
           f"{'QUICK (smoke test, not a measurement)' if args.quick else 'full'}")
-    if busy:
-        print("WARNING: other heavy processes are running; these timings are NOT valid measurements:")
-        for line in busy:
-            print("   ", line[:120])
+    print("other processes' load before the run: " + (f"{before:.0%} of all cores" if before is not None
+                                                     else "unknown (no /proc)"))
+    if busy_notes:
+        print("WARNING: the machine is busy; these timings are NOT valid measurements:")
+        for line in busy_notes:
+            print("   ", line)
 
     _, minfo = load_checkpoint(args.model, "cpu")
     print(f"model: {args.model} ({minfo.arch}, {minfo.name} {minfo.version}, threshold {minfo.threshold:.4f})")
@@ -279,8 +392,9 @@ def main(argv: list[str] | None = None) -> int:
                       cpu_sync, True))
         paths.append(("compile bf16 channels_last", simple(lambda: compiled(fresh(), torch.bfloat16), "inductor"),
                       cpu_sync, True))
+    cleanup = contextlib.ExitStack()   # the ONNX file's folder (~44 MB), removed however the run ends
     if not args.no_onnx:
-        tmp = Path(tempfile.mkdtemp(prefix="cxr-bench-onnx-"))
+        tmp = Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="cxr-bench-onnx-")))
         paths.append(("onnxruntime fp32", lambda: onnx_runner(fresh(), tmp, threads), cpu_sync, False))
     if torch.cuda.is_available():
         cuda_sync = torch.cuda.synchronize
@@ -291,6 +405,32 @@ def main(argv: list[str] | None = None) -> int:
         wanted = {w.strip() for w in args.only.split(",")} | {"eager fp32"}
         paths = [p for p in paths if p[0] in wanted]
 
+    with cleanup:
+        results = run_paths(paths, inputs, batches, args, p_ref, ref_labels, minfo.threshold, load)
+    for r in results:
+        if r.other_load is not None and r.other_load > args.busy_threshold:
+            busy_notes.append(f"while timing {r.name}: other processes used {r.other_load:.0%} of the cores")
+    deviation = deviation_check(fresh, args, minfo.threshold) if args.deviation_images > 0 else None
+    return report(results, batches, args, info, inputs, minfo, busy_notes, before, deviation)
+
+
+def deviation_check(fresh: Callable[[], torch.nn.Module], args, threshold: float) -> dict:
+    """The worker's CPU default (bf16 autocast, channels_last) against eager fp32 over N real films."""
+    t0 = time.perf_counter()
+    films = load_real_inputs(args.data, args.deviation_images, seed=1)
+    p32 = probabilities(eager(fresh(), False, None), films, args.deviation_batch)
+    pbf = probabilities(eager(fresh(), True, torch.bfloat16), films, args.deviation_batch)
+    dev = np.abs(pbf - p32)
+    out = {"path": "bf16 autocast channels_last", "reference": "eager fp32", "films": int(len(films)),
+           "batch": args.deviation_batch, "data": str(args.data), "max_abs_dp": float(dev.max()),
+           "mean_abs_dp": float(dev.mean()), "threshold": threshold,
+           "flips": int(np.sum((pbf >= threshold) != (p32 >= threshold))),
+           "seconds": time.perf_counter() - t0}
+    return out
+
+
+def run_paths(paths, inputs: np.ndarray, batches: list[int], args, p_ref: np.ndarray, ref_labels: np.ndarray,
+              threshold: float, load: OtherLoad) -> list[PathResult]:
     results: list[PathResult] = []
     for name, factory, sync, is_compiled in paths:
         res = PathResult(name)
@@ -309,6 +449,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         try:
             devs, flips = [], 0
+            load.mark()
             for b in batches:
                 x = batch_of(inputs, b)
                 if is_compiled:   # the first call compiles for this shape (dynamic=False)
@@ -319,20 +460,26 @@ def main(argv: list[str] | None = None) -> int:
                 res.ips[b], res.spread[b] = time_runner(run, x, args.warmup, args.repeats, args.min_time, sync)
                 p = probabilities(run, inputs, b) if b <= len(inputs) else probabilities(run, inputs, len(inputs))
                 devs.append(float(np.max(np.abs(p - p_ref))))
-                flips = max(flips, int(np.sum((p >= minfo.threshold) != ref_labels)))
+                flips = max(flips, int(np.sum((p >= threshold) != ref_labels)))
                 extra = f", compile {res.compile_s[b]:.1f} s" if b in res.compile_s else ""
                 print(f"  batch {b:>3}: {res.ips[b]:7.1f} images/s (spread {res.spread[b]:.0%}), "
                       f"max|dp| {devs[-1]:.2e}{extra}", flush=True)
             res.max_dev, res.label_flips = max(devs), flips
+            res.other_load = load.share()
         except Exception as exc:  # noqa: BLE001 - e.g. inductor cannot compile here: report, go on
             res.status, res.note = "failed", f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
             print(f"  failed: {res.note}")
+    return results
+
+
+def report(results: list[PathResult], batches: list[int], args, info: dict, inputs: np.ndarray, minfo,
+           busy_notes: list[str], before: float | None, deviation: dict | None) -> int:
 
     # ------------------------------------------------------------------------------------- table
     base = next(r for r in results if r.name == "eager fp32")
     print()
     head = f"{'path':<30}" + "".join(f"{'b=' + str(b) + ' img/s':>13}" for b in batches) + \
-        "".join(f"{'x fp32 b' + str(b):>11}" for b in batches) + f"{'max|p-p32|':>12}{'<=tol':>7}{'flips':>6}"
+        "".join(f"{'x fp32 b' + str(b):>11}" for b in batches) + f"{'max|p-p32|':>12}{'<=tol':>7}{'flips':>6}{'others':>8}"
     print(head)
     print("-" * len(head))
     for r in results:
@@ -343,7 +490,10 @@ def main(argv: list[str] | None = None) -> int:
         ratios = "".join(f"{r.ips[b] / base.ips[b]:11.2f}" if b in r.ips and base.ips.get(b) else f"{'-':>11}"
                          for b in batches)
         ok = r.max_dev is not None and r.max_dev <= args.tolerance
-        print(f"{r.name:<30}{cells}{ratios}{r.max_dev:12.2e}{'yes' if ok else 'NO':>7}{r.label_flips:>6}")
+        others = f"{r.other_load:.0%}" if r.other_load is not None else "?"
+        print(f"{r.name:<30}{cells}{ratios}{r.max_dev:12.2e}{'yes' if ok else 'NO':>7}{r.label_flips:>6}"
+              f"{others:>8}")
+    print("others = CPU share of all cores used by other processes while the path was timed")
     setups = [r for r in results if r.status == "ok" and (r.compile_s or r.setup_s)]
     if setups:
         print("\none-off costs (not in the images/s above):")
@@ -369,10 +519,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"RECOMMENDED DEFAULT: {best.name} (geomean {best.geomean():.1f} images/s = "
               f"{best.geomean() / base.geomean():.2f}x eager fp32; max |p - p_fp32| = {best.max_dev:.2e}, "
               f"{best.label_flips} label flips)")
-    if busy:
-        print("WARNING: measured while other heavy processes ran; NOT valid measurements.")
+    if busy_notes:
+        print(f"WARNING: other processes used more than {args.busy_threshold:.0%} of the cores; the timings, and the "
+              "RECOMMENDED DEFAULT line that ranks them, may be wrong (re-run on an idle machine):")
+        for line in busy_notes:
+            print("   ", line)
+    if deviation:
+        print(f"\nDEVIATION CHECK: {deviation['path']} vs {deviation['reference']} over {deviation['films']} real films "
+              f"({args.data}, batch {deviation['batch']}): max |p_bf16 - p_fp32| = {deviation['max_abs_dp']:.4f}, "
+              f"mean {deviation['mean_abs_dp']:.1e}, {deviation['flips']} decision flips at threshold "
+              f"{deviation['threshold']:.4f} ({deviation['seconds']:.0f} s)")
     if args.json:
-        args.json.write_text(json.dumps({"machine": info, "quick": args.quick, "busy": busy,
+        args.json.write_text(json.dumps({"machine": info, "quick": args.quick, "busy": busy_notes,
+                                         "other_load_before": before, "deviation_check": deviation,
                                          "model": str(args.model), "images": len(inputs),
                                          "tolerance": args.tolerance, "batches": batches,
                                          "recommended": best.name if best else None,

@@ -3,6 +3,7 @@
 
     python benchmarks/bench_sr.py            # 200 SRs per path and case
     python benchmarks/bench_sr.py --quick    # 30 per path and case (a few seconds)
+    python benchmarks/bench_sr.py --quick --json sr.json   # also the results as JSON
 
 Reference: build_pneumonia_sr + save_as (what ScorerLoop._write_sr did). Fast: encode_pneumonia_sr
 with its template already built (the first study of a shape pays the reference once). Every SR gets
@@ -17,6 +18,9 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
+import os
+import platform
 import statistics
 import sys
 import time
@@ -81,7 +85,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help=f"{QUICK_REPEATS} SRs per path and case")
     parser.add_argument("--repeats", type=int, help=f"SRs per path and case (default {FULL_REPEATS})")
+    parser.add_argument("--json", type=Path, metavar="FILE", help="also write the results as JSON here")
     args = parser.parse_args()
+    rows = []
     repeats = args.repeats or (QUICK_REPEATS if args.quick else FULL_REPEATS)
     model = ModelInfo(arch="simplecnn", name="cxr-pneumonia", version="1.0.0", threshold=0.42, uid=new_model_uid())
 
@@ -106,6 +112,12 @@ def main() -> None:
         reference_ms, fast_ms = median_ms(reference, repeats), median_ms(fast, repeats)
         assert template_cache_info()["template"] - before == repeats, "fast path fell back to the reference"
         print(f"{count:>6} {reference_ms:>13.2f} {fast_ms:>8.2f} {reference_ms / fast_ms:>5.0f}x")
+        rows.append({"images": count, "reference_ms": reference_ms, "fast_ms": fast_ms,
+                     "ratio": reference_ms / fast_ms})
+    if args.json:
+        args.json.write_text(json.dumps({"machine": {"nproc": os.cpu_count(), "python": platform.python_version()},
+                                         "quick": args.quick, "repeats": repeats, "unit": "ms of CPU per SR (median)",
+                                         "results": rows}, indent=2))
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ threads hold the GIL, which in the worker they do (scorer, decode pool, SCP asso
 
     python benchmarks/scu_race.py                    # 40 associations x 8 files, 3 busy threads
     python benchmarks/scu_race.py --without-guard    # same, without the worker's fix
+    python benchmarks/scu_race.py --quick --json race.json   # 10 associations x 8 files; results as JSON
 
 The fix (worker/net/_pynetdicom/reactor.py, used by worker/scu.store_files) parks the reactor for the whole batch by
 replacing its checkpoint with an Event whose set() is ignored until the batch is over, so the reactor
@@ -21,6 +22,7 @@ never competes with send_c_store() for the response.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import shutil
@@ -47,12 +49,16 @@ def disable_guard() -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    ap.add_argument("--associations", type=int, default=40)
+    ap.add_argument("--associations", type=int, default=None, help="associations to open (default 40; --quick: 10)")
     ap.add_argument("--files", type=int, default=8, help="files per association")
     ap.add_argument("--busy-threads", type=int, default=3, help="pure-Python threads competing for the GIL")
     ap.add_argument("--timeout", type=float, default=3.0, help="DIMSE timeout for the sends (worker: 30)")
     ap.add_argument("--without-guard", action="store_true", help="disable worker/net/_pynetdicom/reactor.py's fix")
+    ap.add_argument("--quick", action="store_true", help="short smoke run: 10 associations unless --associations")
+    ap.add_argument("--json", type=Path, metavar="FILE", help="also write the result as JSON here")
     args = ap.parse_args(argv)
+    if args.associations is None:
+        args.associations = 10 if args.quick else 40
 
     from bench_ingest import Proc, free_port, wait_port
     from testkit.dicom_factory import make_dataset, synthetic_radiograph
@@ -94,9 +100,16 @@ def main(argv: list[str] | None = None) -> int:
             failed += sum(not o.ok for o in outcomes)
             slow += (time.perf_counter() - t0) > args.timeout
         total = args.associations * args.files
+        seconds = time.perf_counter() - start
+        if args.json:
+            args.json.write_text(json.dumps({"guard": not args.without_guard, "quick": args.quick,
+                                             "associations": args.associations, "files": args.files,
+                                             "busy_threads": args.busy_threads, "timeout": args.timeout,
+                                             "failed": failed, "total": total, "timeouts": slow,
+                                             "seconds": seconds}, indent=2))
         print(f"{'without' if args.without_guard else 'with'} the reactor guard, {args.busy_threads} busy threads: "
               f"{failed}/{total} C-STOREs failed, {slow}/{args.associations} associations hit the DIMSE timeout "
-              f"({time.perf_counter() - start:.1f} s)")
+              f"({seconds:.1f} s)")
         return 1 if failed else 0
     finally:
         stop.set()

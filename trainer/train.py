@@ -79,6 +79,12 @@ def _evaluate_loss(model: nn.Module, images: np.ndarray, labels: np.ndarray, run
     return loss, float(roc_auc_score(labels, probs)), probs
 
 
+def _training_weights(runtime: Runtime) -> str:
+    """What the per-epoch validation figure is computed on, for the epoch line."""
+    amp = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(runtime.amp_dtype)
+    return f"fp32 weights, {amp} autocast" if amp else "fp32 weights"
+
+
 def train(settings: TrainSettings) -> dict[str, Any]:
     """Train one model; return the report (also written to ``output/report.json`` by rank 0)."""
     started = time.perf_counter()
@@ -163,8 +169,9 @@ def train(settings: TrainSettings) -> dict[str, Any]:
         if improved:
             best = {"auc": val_auc, "epoch": epoch, "state": copy.deepcopy(model.state_dict())}
         if runtime.is_main:
-            log.info("epoch %2d/%d  train loss %.4f  val loss %.4f  val AUC %.4f%s  %.0fs",
-                     epoch, settings.epochs, train_loss, val_loss, val_auc, "  *best" if improved else "", seconds)
+            log.info("epoch %2d/%d  train loss %.4f  val loss %.4f  val AUC %.4f (%s)%s  %.0fs",
+                     epoch, settings.epochs, train_loss, val_loss, val_auc, _training_weights(runtime),
+                     "  *best" if improved else "", seconds)
         if epoch - best["epoch"] >= settings.patience:
             if runtime.is_main:
                 log.info("early stop: no better validation AUC for %d epochs", settings.patience)
@@ -221,6 +228,12 @@ def _finish(model: nn.Module, settings: TrainSettings, runtime: Runtime, val_x: 
         "plots": [p.name for p in plots],
     }
     (out / "report.json").write_text(json.dumps(report, indent=2))
-    log.info("best epoch %d: validation AUC %.4f, threshold %.4f -> sensitivity %.3f, specificity %.3f; wrote %s",
-             best_epoch, metrics["auc"], threshold, metrics["sensitivity"], metrics["specificity"], ckpt_path)
+    # The per-epoch lines score the live fp32 weights (under the training autocast); this line scores
+    # the file the worker will load, so the two AUCs of the best epoch may differ in the 3rd decimal.
+    saved = "fp16" if settings.half else "fp32"
+    rounded = "rounded to fp16" if settings.half else "as trained"
+    log.info("saved %s checkpoint: validation AUC %.4f (epoch %d's weights %s, scored in fp32), "
+             "threshold %.4f -> sensitivity %.3f, specificity %.3f; wrote %s",
+             saved, metrics["auc"], best_epoch, rounded, threshold, metrics["sensitivity"],
+             metrics["specificity"], ckpt_path)
     return report

@@ -102,7 +102,13 @@ def test_short_training_run_learns(kaggle_root: Path, tmp_path: Path) -> None:
          "--epochs", "2", "--lr", "5e-4", "--output", str(out), "--no-progress"],
         capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+    output = result.stdout + result.stderr
+    epoch_lines = [line for line in output.splitlines() if " val AUC " in line]
+    assert len(epoch_lines) == 2 and all("(fp32 weights" in line for line in epoch_lines), output[-3000:]
     report = json.loads((out / "report.json").read_text())
+    final = f"saved fp16 checkpoint: validation AUC {report['validation']['auc']:.4f} " \
+            f"(epoch {report['best_epoch']}'s weights rounded to fp16, scored in fp32)"
+    assert final in output, output[-3000:]
     assert report["validation"]["auc"] > 0.85
     assert report["validation"]["sensitivity"] >= 0.95
     assert report["split"]["grouped_by"] == "patient"
