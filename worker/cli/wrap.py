@@ -54,13 +54,15 @@ def wrap_image_as_dicom(
     (dicom_io.kaggle: person123_bacteria_45.jpeg -> person123). The UIDs are random unless `uid_seed`
     is given: then the study (unless given), series and instance UIDs are derived from it (2.25 UIDs,
     worker.sr.derived_uid), so the same seed wraps to the same instance; `send --wrap` passes
-    content_seed(path), which makes a resent film a duplicate, not a new study.
+    content_seed(path), which makes a resent film a duplicate, not a new study. With a seed the dates
+    and times are the file's modification time rather than now, so wrapping the same file again gives
+    the same bytes (a true duplicate, not "same UID, different content").
     Raises dicom_io.errors.DicomInputError for unreadable images.
     """
     path = Path(path)
     pixels = read_image_file(path)
     rows, columns = pixels.shape
-    now = datetime.now()
+    now = datetime.now() if uid_seed is None else datetime.fromtimestamp(path.stat().st_mtime)
     pid = patient_id or patient_from_name(path)[:64]  # LO: at most 64 characters
     if uid_seed is None:
         study_uid = study_uid or generate_uid()

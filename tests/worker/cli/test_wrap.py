@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import cv2
@@ -42,3 +43,24 @@ def test_wrapped_uids_come_from_the_content_unless_asked_for_new_ones(tmp_path: 
     assert all(u.startswith("2.25.") and len(u) <= 64 for u in uids("a.png"))
     assert not set(uids("a.png")) & set(uids("c.png"))
     assert not set(uids("a.png", seeded=False)) & set(uids("a.png", seeded=False))
+
+
+def test_wrapping_the_same_file_again_gives_the_same_bytes(tmp_path: Path) -> None:
+    """A resent `send --wrap` is a true duplicate (same bytes), not "same UID, different content"."""
+    import io
+    import os
+
+    from worker.cli.wrap import content_seed
+
+    film = tmp_path / "a.png"
+    cv2.imwrite(str(film), np.full((32, 24), 100, dtype=np.uint8))
+    os.utime(film, (1_700_000_000, 1_700_000_000))
+
+    def encoded() -> bytes:
+        out = io.BytesIO()
+        wrap_image_as_dicom(film, uid_seed=content_seed(film)).save_as(out, enforce_file_format=True)
+        return out.getvalue()
+
+    first = encoded()
+    time.sleep(1.1)  # a clock-based date/time would differ now
+    assert encoded() == first
