@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from testkit.env import REPO_ROOT, free_port
-from testkit.worker_process import START_TIMEOUT_S, WorkerProcess, db_rows
+from testkit.worker_process import WorkerProcess, db_rows
 
 
 def cli(*args: str, cwd: Path | str = REPO_ROOT, env: dict[str, str] | None = None,
@@ -131,24 +131,14 @@ class FlagWorker(WorkerProcess):
     """`cxr-worker serve --port P --bind 127.0.0.1 --data-dir D`, the environment pointing elsewhere:
     the flags must win."""
 
-    def start(self) -> "FlagWorker":
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
         self.env["CXR_WORKER__NETWORK__PORT"] = str(free_port())       # not where it must listen
         self.env["CXR_WORKER__NETWORK__BIND_ADDRESS"] = '"0.0.0.0"'
         self.env["CXR_WORKER__STORAGE__DATA_DIR"] = str(self.data_dir.parent / "not-here")
-        self.data_dir.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "worker", "serve", "--port", str(self.port), "--bind", "127.0.0.1",
-                 "--data-dir", str(self.data_dir)], cwd=REPO_ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"worker exited with {self.process.returncode}:\n{self.log()}")
-            if self.echo():
-                return self
-            time.sleep(0.2)
-        self.kill()
-        raise RuntimeError(f"worker did not answer C-ECHO within {START_TIMEOUT_S} s:\n{self.log()}")
+
+    def serve_args(self) -> list[str]:
+        return ["--port", str(self.port), "--bind", "127.0.0.1", "--data-dir", str(self.data_dir)]
 
 
 def test_serve_flags_win_and_send_wrap_is_idempotent(tmp_path, kaggle_jpegs):

@@ -47,17 +47,11 @@ from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from testkit.dicom_factory import MULTIFRAME_GRAYSCALE_WORD_SC, make_dataset, make_rgb_dataset, synthetic_radiograph
-from testkit.worker_process import StoreSCP, WorkerProcess, wrap_jpeg
+from testkit.worker_process import WorkerProcess, wrap_jpeg
 
 DX = "1.2.840.10008.5.1.4.1.1.1.1"
 MR = "1.2.840.10008.5.1.4.1.1.4"
 CT = "1.2.840.10008.5.1.4.1.1.2"
-
-
-@pytest.fixture(scope="module")
-def destination(tmp_path_factory):
-    with StoreSCP(tmp_path_factory.mktemp("hostile_dest") / "in") as scp:
-        yield scp
 
 
 @pytest.fixture(scope="module")

@@ -86,12 +86,6 @@ def wait_result(worker: WorkerProcess, study_uid: str, delivered: int = 0) -> di
 # --- plain worker: AE checks, file modes, PHI ----------------------------------------------------
 
 @pytest.fixture(scope="module")
-def destination(tmp_path_factory):
-    with StoreSCP(tmp_path_factory.mktemp("dest") / "in") as scp:
-        yield scp
-
-
-@pytest.fixture(scope="module")
 def worker(tmp_path_factory, destination):
     env = {"CXR_WORKER__NETWORK__ALLOWED_CALLING_AETS": f'["TEST_SCU", "{ALLOWED_AET}"]'}
     with WorkerProcess(tmp_path_factory.mktemp("plain") / "data", destinations=[destination.destination()],

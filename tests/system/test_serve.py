@@ -12,19 +12,13 @@ import pytest
 from pydicom.uid import generate_uid
 
 from testkit.dicom_factory import encode_with_tool
-from testkit.worker_process import StoreSCP, WorkerProcess, dcmtk, shared_runner, storescu, wrap_jpeg
+from testkit.worker_process import WorkerProcess, dcmtk, shared_runner, storescu, wrap_jpeg
 
 pytestmark = pytest.mark.dcmtk
 
 PHI_NAME = "Zyxwvut^Phiname"
 PHI_ID = "PHIID-918273"
 PHI_BIRTH = "19230405"
-
-
-@pytest.fixture(scope="module")
-def destination(tmp_path_factory):
-    with StoreSCP(tmp_path_factory.mktemp("dest") / "in") as scp:
-        yield scp
 
 
 @pytest.fixture(scope="module")

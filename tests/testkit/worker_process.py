@@ -89,12 +89,15 @@ class WorkerProcess:
         self.env.update(env or {})
         self.process: subprocess.Popen | None = None
 
+    def serve_args(self) -> list[str]:
+        """Arguments after `cxr-worker serve` (none: the environment configures it)."""
+        return []
+
     def start(self) -> "WorkerProcess":
         self.data_dir.parent.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_path, "ab")
-        self.process = subprocess.Popen([sys.executable, "-m", "worker", "serve"], cwd=REPO_ROOT, env=self.env,
-                                        stdout=log, stderr=subprocess.STDOUT)
-        log.close()
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen([sys.executable, "-m", "worker", "serve", *self.serve_args()],
+                                            cwd=REPO_ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

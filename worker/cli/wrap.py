@@ -32,11 +32,8 @@ _AP_VIEW = ("399348003", "SCT", "antero-posterior")  # CID 4010 DX View
 def content_seed(path: Path) -> str:
     """The SHA-256 of a file's bytes: the same film (wherever it lies, whatever its name) gives the same
     wrapped UIDs."""
-    digest = hashlib.sha256()
     with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def wrap_image_as_dicom(
