@@ -1,7 +1,9 @@
 """`cxr-worker serve`: wire listener, scorer and outbox together; start and stop cleanly.
 
-Start: umask 077, data directory (0700), database (tables created), leftovers of a crash cleaned
-and claims of dead local workers returned to the queue, model loaded, then the listener opens.
+Start: umask 077, data directory (0700), this worker's own incoming/<owner>/ (locked while it lives)
+and the data_dir checks (SQLite: no second live worker; the filesystem: hard links, atomic rename,
+fsync), database (tables created), leftovers of crashed workers cleaned and claims of dead local
+workers returned to the queue, model loaded, then the listener opens.
 `cxr-worker serve` (worker/cli/main.py) first binds the listening address once and reads the model
 file's header, before this module (and torch) is imported: a busy port or a missing or invalid
 model is one line naming network.port / model.path within a second, not an error after the load.
@@ -26,6 +28,7 @@ from .scoring.runner import ModelRunner
 from .net import install as install_pynetdicom
 from .net.listener import Listener
 from .receiver import Receiver
+from .errors import SettingsError
 from .settings import Settings
 from .store.spool import Spool
 from .store.studies import reclaim_stale
@@ -43,12 +46,13 @@ class Service:
         # TLS files are loaded first: a bad certificate stops start-up (SettingsError, exit 2).
         self.ssl_context = server_context(settings.tls) if settings.tls.enabled else None
         self.spool = Spool(settings.storage.data_dir)
+        self._check_data_dir(settings)
         # pynetdicom set up for this process, before the slow steps: an untested pynetdicom version
         # stops start-up here (UnsupportedDependency, exit 2).
         install_pynetdicom(writeback_bytes=settings.storage.writeback_bytes, incoming_dir=self.spool.incoming)
         removed = self.spool.clean_incoming()
         if removed:
-            log.info("removed %d partial receptions left by a previous run", removed)
+            log.info("removed %d partial receptions left by workers that are gone", removed)
         self.db = Database(settings.storage.url, settings.storage.sqlite_busy_timeout_ms)
         reclaimed = reclaim_stale(self.db)
         if reclaimed:
@@ -63,6 +67,22 @@ class Service:
                                       on_committed=self.sr_ready.set)
         self.outbox_loop = OutboxLoop(settings, self.db, self.owner, self.stop_event, wake=self.sr_ready)
         self.port: int | None = None
+
+    def _check_data_dir(self, settings: Settings) -> None:
+        """This worker's own incoming/<owner>/ (locked while it lives), then the checks that let several
+        workers share data_dir: SQLite refuses a second live worker; the filesystem must give hard
+        links, atomic renames and fsync (store/spool.Spool.check_filesystem). SettingsError, exit 2."""
+        self.spool.take_incoming(self.owner)
+        shared = not settings.storage.url.startswith("sqlite")
+        others = self.spool.live_workers()
+        if others and not shared:
+            raise SettingsError(
+                f"storage.database_url: another cxr-worker is serving {self.spool.root} ({others[0]}) with "
+                "SQLite; several workers on one data_dir need PostgreSQL (storage.database_url = "
+                "'postgresql+psycopg://...'; docs/deployment.md)")
+        self.spool.check_filesystem(require_hard_links=shared)
+        if others:
+            log.info("sharing %s with %d other running worker(s)", self.spool.root, len(others))
 
     def start(self) -> int:
         self.scorer_loop.warm_up()
@@ -83,6 +103,7 @@ class Service:
                             thread.name, grace)
         self.runner.close()
         self.db.dispose()
+        self.spool.release_incoming()
         log.info("stopped (received %d, duplicates %d, replaced %d, rejected %d, studies scored %d, "
                  "SRs delivered %d)", self.receiver.received, self.receiver.duplicates, self.receiver.replaced,
                  self.receiver.rejected, self.scorer_loop.scored_studies, self.outbox_loop.sent)

@@ -56,17 +56,37 @@ def db_rows(data_dir: Path, sql: str, *params) -> list[tuple]:
         con.close()
 
 
+def url_rows(url: str, sql: str, *params) -> list[tuple]:
+    """Rows of a raw SQL query (``?`` placeholders) on any SQLAlchemy database URL (read-only checks)."""
+    from sqlalchemy import create_engine, text
+
+    parts = sql.split("?")
+    bound = "".join(part + (f":p{i}" if i < len(parts) - 1 else "") for i, part in enumerate(parts))
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            return [tuple(row) for row in conn.execute(text(bound), {f"p{i}": v for i, v in enumerate(params)})]
+    finally:
+        engine.dispose()
+
+
 class WorkerProcess:
     """`cxr-worker serve` as a real subprocess on a free port with its own data directory."""
 
     def __init__(self, data_dir: Path, *, port: int | None = None, quiet: float = 0.5,
                  destinations: list[dict] | None = None, env: dict[str, str] | None = None,
-                 ae_title: str = "CXR_WORKER", tls=None) -> None:
+                 ae_title: str = "CXR_WORKER", tls=None, database_url: str | None = None,
+                 name: str | None = None, launcher: tuple[str, ...] = ()) -> None:
+        """``database_url``: a shared database (e.g. PostgreSQL) instead of data_dir's SQLite file;
+        ``name``: the log file's name when several workers share ``data_dir``; ``launcher``: a command
+        the worker runs under (e.g. ``unshare --pid --fork --kill-child --mount-proc``)."""
         self.data_dir = Path(data_dir)
         self.port = port or free_port()
         self.ae_title = ae_title
         self.tls = tls  # ssl.SSLContext for echo() when the worker listens with DICOM TLS
-        self.log_path = self.data_dir.parent / f"{self.data_dir.name}.log"
+        self.database_url = database_url
+        self.launcher = tuple(launcher)
+        self.log_path = self.data_dir.parent / f"{name or self.data_dir.name}.log"
         self.env = dict(os.environ)
         self.env.update({
             "CXR_WORKER__STORAGE__DATA_DIR": str(self.data_dir),
@@ -82,6 +102,8 @@ class WorkerProcess:
             "OMP_NUM_THREADS": "1",
             "PYTHONUNBUFFERED": "1",
         })
+        if database_url is not None:
+            self.env["CXR_WORKER__STORAGE__DATABASE_URL"] = database_url
         if destinations is not None:
             inline = ", ".join("{" + ", ".join(f"{k} = {json.dumps(v)}" for k, v in d.items()) + "}"
                                for d in destinations)
@@ -96,7 +118,7 @@ class WorkerProcess:
     def start(self) -> "WorkerProcess":
         self.data_dir.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen([sys.executable, "-m", "worker", "serve", *self.serve_args()],
+            self.process = subprocess.Popen([*self.launcher, sys.executable, "-m", "worker", "serve", *self.serve_args()],
                                             cwd=REPO_ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
@@ -142,15 +164,18 @@ class WorkerProcess:
                               capture_output=True, text=True, timeout=120)
 
     def db_rows(self, sql: str, *params) -> list[tuple]:
-        """Raw SQL rows from this worker's SQLite database."""
-        return db_rows(self.data_dir, sql, *params)
+        """Raw SQL rows from this worker's database (SQLite ``?`` placeholders; on ``database_url``
+        they are bound as :p0, :p1 ... through SQLAlchemy)."""
+        if self.database_url is None:
+            return db_rows(self.data_dir, sql, *params)
+        return url_rows(self.database_url, sql, *params)
 
     def results(self) -> list[dict]:
         """Result rows as `cxr-worker results --json` prints them (same code, read in-process)."""
         from worker.store.db import Database
         from worker.cli.reports import result_rows
 
-        db = Database(f"sqlite:///{self.data_dir / 'worker.db'}", create=False)
+        db = Database(self.database_url or f"sqlite:///{self.data_dir / 'worker.db'}", create=False)
         try:
             return json.loads(json.dumps(result_rows(db)))
         finally:

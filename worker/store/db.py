@@ -12,6 +12,7 @@ makes them: store/studies.py for studies, store/outbox.py for outbox rows.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
 import threading
@@ -187,6 +188,9 @@ class _WriterTurns:
                 self._lock.release()
 
 
+#: PostgreSQL advisory lock key held while the schema is created (any constant; "cxrw" in ASCII).
+SCHEMA_LOCK = 0x63787277
+
 #: Execution option of the connections ``Database.write`` opens: SQLite begins them IMMEDIATE.
 _WRITE = "cxr_write"
 
@@ -237,7 +241,12 @@ class Database:
         self._turn = (_WriterTurns(busy_timeout_ms / 1000).turn if self.engine.dialect.name == "sqlite"
                       else nullcontext)  # PostgreSQL locks rows, not the database: no turns
         if create:
-            Base.metadata.create_all(self._writer)
+            with self.write() as conn:
+                if self.is_postgres:
+                    # workers starting together: CREATE TABLE is not IF NOT EXISTS-safe against a
+                    # concurrent one (unique violation in pg_type); one creates, the others wait, then see
+                    conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": SCHEMA_LOCK})
+                Base.metadata.create_all(conn)
             self._add_new_columns()
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
 
@@ -273,17 +282,39 @@ class Database:
         self.engine.dispose()
 
 
+def _host_identity() -> str:
+    """This host as lease owners name it: the host name plus a short digest of the kernel's boot id and
+    this process's PID namespace. Two containers with the same host name (``--network host``) or a
+    rebooted host are then different "hosts": a pid is only ever checked where it means the same
+    process (``owner_is_dead_here``)."""
+    parts = []
+    for source in ("/proc/sys/kernel/random/boot_id", "/proc/self/ns/pid"):
+        try:
+            parts.append(Path(source).read_text().strip() if source.endswith("boot_id") else os.readlink(source))
+        except OSError:
+            parts.append("")
+    digest = hashlib.sha256("|".join(parts).encode()).hexdigest()[:8] if any(parts) else "0"
+    return f"{socket.gethostname()}~{digest}"
+
+
+#: This process's host identity (computed once: it does not change while the process lives).
+HOST = _host_identity()
+
+
 def new_owner() -> str:
-    """Lease owner id: host, pid and a random token (a restarted pid is a different owner)."""
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    """Lease owner id ``host~id:pid:token`` (``_host_identity``; a random token, so a restarted pid is a
+    different owner). Workers on other hosts can only wait for an owner's lease to expire."""
+    return f"{HOST}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
 def owner_is_dead_here(owner: str | None) -> bool:
-    """True when ``owner`` was a process on this host that no longer exists (reclaim at once)."""
+    """True when ``owner`` was a process on this host (same boot, same PID namespace) that no longer
+    exists: its claims can be taken back at once. Owners on other hosts, of the old ``host:pid:token``
+    form, or of a pid that exists (possibly reused) are not: their claims wait for the lease."""
     if not owner:
         return False
-    parts = owner.split(":")
-    if len(parts) != 3 or parts[0] != socket.gethostname() or not parts[1].isdigit():
+    parts = owner.rsplit(":", 2)
+    if len(parts) != 3 or parts[0] != HOST or not parts[1].isdigit():
         return False
     pid = int(parts[1])
     if pid == os.getpid():

@@ -95,12 +95,16 @@ def settle(db: Database, owner: str, attempts: list[Attempt], now: float) -> Non
                                           rsp_status=a.rsp_status))
 
 
-def reclaim(conn: Connection, now: float) -> int:
+def reclaim(conn: Connection, now: float, postgres: bool = False) -> int:
     """sending -> pending for rows whose claimer died (lease expired, or a dead pid on this host);
-    part of the caller's write transaction (store/studies.reclaim_stale)."""
+    part of the caller's write transaction (store/studies.reclaim_stale). PostgreSQL: rows another
+    transaction holds are skipped (``FOR UPDATE SKIP LOCKED``), so workers reclaiming at the same time
+    never wait on (or deadlock with) each other or the owner's own commit."""
     count = 0
-    for oid, owner, expires in conn.execute(select(_T.c.id, _T.c.lease_owner, _T.c.lease_expires)
-                                            .where(_T.c.status == OutboxState.SENDING)).all():
+    sending = select(_T.c.id, _T.c.lease_owner, _T.c.lease_expires).where(_T.c.status == OutboxState.SENDING)
+    if postgres:
+        sending = sending.with_for_update(skip_locked=True)
+    for oid, owner, expires in conn.execute(sending).all():
         if (expires or 0) < now or owner_is_dead_here(owner):
             count += conn.execute(update(_T).where(_T.c.id == oid, _T.c.status == OutboxState.SENDING,
                                                    _T.c.lease_owner == owner)

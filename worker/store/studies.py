@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from sqlalchemy import Connection, bindparam, case, func, insert, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from . import outbox
 from .db import Database, Instance, Study, StudyState, clip, owner_is_dead_here
@@ -103,6 +104,10 @@ class ClaimedStudy:
 #: ~0.6 ms of Python per instance, more than SQLite's commit).
 _STUDY_ROW = select(Study.id, Study.status).where(Study.study_uid == bindparam("uid")).with_for_update()
 _NEW_STUDY = insert(Study)
+#: PostgreSQL: the first instances of one study arriving at two workers at once both find no row; the
+#: second INSERT waits for the first to commit and then inserts nothing (instead of a unique violation
+#: that would abort the receiver's transaction), and the row is read again, locked.
+_NEW_STUDY_PG = pg_insert(Study).on_conflict_do_nothing(index_elements=[Study.study_uid]).returning(Study.id)
 _TOUCH_STUDY = (update(Study).where(Study.id == bindparam("sid"))
                 .values(n_instances=Study.n_instances + 1, last_received=bindparam("now"), updated=bindparam("now"),
                         status=bindparam("new_status")))
@@ -124,10 +129,15 @@ def record_arrival(conn: Connection, study_uid: str, accession: str | None, now:
     if study is None and replacing:
         raise ValueError(f"study {study_uid} of a replaced instance does not exist")
     if study is None:
-        conn.execute(_NEW_STUDY, dict(
-            study_uid=study_uid, accession=accession, status=StudyState.RECEIVING, n_instances=1,
-            first_received=now, last_received=now, updated=now, attempts=0, revision=0, scored_instances=0))
-        return None
+        values = dict(study_uid=study_uid, accession=accession, status=StudyState.RECEIVING, n_instances=1,
+                      first_received=now, last_received=now, updated=now, attempts=0, revision=0, scored_instances=0)
+        if conn.dialect.name != "postgresql":  # SQLite: the write transaction is IMMEDIATE, nobody races it
+            conn.execute(_NEW_STUDY, values)
+            return None
+        if conn.execute(_NEW_STUDY_PG, values).first() is not None:
+            return None
+        # another worker created it meanwhile (committed: READ COMMITTED reads it in this statement)
+        study = conn.execute(_STUDY_ROW, {"uid": study_uid}).first()
     status, late = study.status, None
     if status in SCORED:
         if rescore_late:
@@ -142,17 +152,26 @@ def record_arrival(conn: Connection, study_uid: str, accession: str | None, now:
 
 
 # -- the queue: the scorer loop ---------------------------------------------------------------------------
-def _promotion(quiet_seconds: float, now: float):
-    """The UPDATE receiving -> ready for studies with no new instance for ``quiet_seconds``."""
-    return (update(Study).where(Study.status == StudyState.RECEIVING, Study.last_received <= now - quiet_seconds)
-            .values(status=StudyState.READY, updated=now))
+def _promotion(quiet_seconds: float, now: float, postgres: bool = False):
+    """The UPDATE receiving -> ready for studies with no new instance for ``quiet_seconds``.
+
+    PostgreSQL: only rows nobody else has locked (``FOR UPDATE SKIP LOCKED``): a row locked by an
+    arrival is getting a new instance (its quiet period restarts), one locked by another worker's
+    promotion is being promoted; and two workers' promotions never wait on each other's rows, so they
+    cannot deadlock."""
+    due = (Study.status == StudyState.RECEIVING, Study.last_received <= now - quiet_seconds)
+    query = update(Study).where(*due)
+    if postgres:
+        query = update(Study).where(Study.id.in_(select(Study.id).where(*due).with_for_update(skip_locked=True)
+                                                 .scalar_subquery()), Study.status == StudyState.RECEIVING)
+    return query.values(status=StudyState.READY, updated=now)
 
 
 def promote_quiet(db: Database, quiet_seconds: float, now: float | None = None) -> int:
     """receiving -> ready for studies with no new instance for ``quiet_seconds``."""
     now = time.time() if now is None else now
     with db.write() as conn:
-        return conn.execute(_promotion(quiet_seconds, now)).rowcount
+        return conn.execute(_promotion(quiet_seconds, now, db.is_postgres)).rowcount
 
 
 def next_due(db: Database, quiet_seconds: float) -> float | None:
@@ -173,7 +192,7 @@ def claim_ready(db: Database, owner: str, limit: int, lease_seconds: float,
     claimed: list[ClaimedStudy] = []
     with db.write() as conn:
         if quiet_seconds is not None:
-            conn.execute(_promotion(quiet_seconds, now))
+            conn.execute(_promotion(quiet_seconds, now, db.is_postgres))
         query = (select(Study.id, Study.study_uid, Study.accession, Study.n_instances, Study.revision)
                  .where(Study.status == StudyState.READY).order_by(Study.last_received).limit(limit))
         if db.is_postgres:
@@ -250,17 +269,24 @@ def conclude(conn: Connection, owner: str, study: ClaimedStudy, verdict: StudySt
 
 
 def reclaim_stale(db: Database, now: float | None = None) -> int:
-    """scoring -> ready for studies whose claimer died (lease expired, or a dead pid on this host), and
-    the same for outbox rows (store/outbox.reclaim), in one transaction; returns how many."""
+    """scoring -> ready for studies whose claimer died (lease expired, or a dead pid on this host:
+    store/db.owner_is_dead_here), and the same for outbox rows (store/outbox.reclaim), in one
+    transaction; returns how many.
+
+    Several workers run this (every 5 s each): on PostgreSQL the scoring rows are read ``FOR UPDATE
+    SKIP LOCKED``, so a row another transaction holds (its owner committing its result, another
+    worker reclaiming it) is left to that transaction, and no two reclaims wait on each other."""
     now = time.time() if now is None else now
     count = 0
+    scoring = select(Study.id, Study.lease_owner, Study.lease_expires).where(Study.status == StudyState.SCORING)
+    if db.is_postgres:
+        scoring = scoring.with_for_update(skip_locked=True)
     with db.write() as conn:
-        for sid, owner, expires in conn.execute(select(Study.id, Study.lease_owner, Study.lease_expires)
-                                                .where(Study.status == StudyState.SCORING)).all():
+        for sid, owner, expires in conn.execute(scoring).all():
             if (expires or 0) < now or owner_is_dead_here(owner):
                 count += conn.execute(update(Study).where(Study.id == sid, Study.status == StudyState.SCORING,
                                                           Study.lease_owner == owner)
                                       .values(status=StudyState.READY, lease_owner=None, lease_expires=None,
                                               updated=now)).rowcount
-        count += outbox.reclaim(conn, now)
+        count += outbox.reclaim(conn, now, db.is_postgres)
     return count

@@ -3,7 +3,6 @@ claimer holds the lease."""
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import time
@@ -12,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 
 from worker.store import outbox
-from worker.store.db import TEXT_LIMIT, Database, OutboxItem, OutboxState, Result, Study, StudyState
+from worker.store.db import HOST, TEXT_LIMIT, Database, OutboxItem, OutboxState, Result, Study, StudyState
 
 ME, OTHER = "host:1:me", "host:2:other"
 DESTINATIONS = [SimpleNamespace(name=n, host="127.0.0.1", port=104, ae_title=n.upper()) for n in ("a", "b")]
@@ -80,7 +79,7 @@ def test_reclaim_returns_rows_of_dead_or_expired_claimers(database):
         outbox.enqueue(conn, 1, "1.1", "2.1", "/sr/2.1.dcm",
                        [SimpleNamespace(name=n, host="h", port=1, ae_title="X") for n in ("dead", "expired", "alive")],
                        time.time())
-    owners = {"dead": (f"{socket.gethostname()}:{dead.pid}:abc", time.time() + 3600),
+    owners = {"dead": (f"{HOST}:{dead.pid}:abc", time.time() + 3600),
               "expired": ("otherhost:1:abc", time.time() - 1), "alive": ("otherhost:1:abc", time.time() + 3600)}
     table = OutboxItem.__table__
     with database.write() as conn:

@@ -115,3 +115,59 @@ def test_a_study_travels_the_lifecycle_on_postgres(postgres_url):
         assert (row.status, row.revision, row.attempts, row.lease_owner) == ("done", 2, 4, None)
     finally:
         db.dispose()
+
+
+def test_the_first_instances_of_one_study_at_two_workers_make_one_study_row(postgres_url):
+    """Two workers (two engines) record the first instance of the same new study at the same moment:
+    the second INSERT waits for the first transaction, then finds the row (ON CONFLICT DO NOTHING and
+    a locked re-read) instead of failing the receiver's transaction with a unique violation; the
+    study counts both instances."""
+    first, second = Database(postgres_url), Database(postgres_url, create=False)
+    uid, errors = "6.6.1", []
+    inserted = threading.Event()
+
+    def late_writer() -> None:
+        inserted.wait(10)
+        try:
+            with second.write() as conn:
+                assert record_arrival(conn, uid, None, time.time(), True) is None
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    thread = threading.Thread(target=late_writer)
+    thread.start()
+    try:
+        with first.write() as conn:
+            assert record_arrival(conn, uid, None, time.time(), True) is None
+            inserted.set()
+            time.sleep(0.5)      # the other worker's INSERT is now waiting on this uncommitted row
+        thread.join(timeout=30)
+        assert not errors, errors
+        with first.session() as s:
+            assert s.query(Study.n_instances, Study.status).filter_by(study_uid=uid).one() == (2, "receiving")
+    finally:
+        first.dispose()
+        second.dispose()
+
+
+def test_promotion_and_reclaim_skip_rows_another_transaction_holds(postgres_url):
+    """A row locked by another worker's transaction (an arrival, the owner committing its result) is
+    neither waited for nor changed by promotion and reclaim; once released it is."""
+    db, other = Database(postgres_url), Database(postgres_url, create=False)
+    now = time.time()
+    try:
+        with db.write() as conn:
+            record_arrival(conn, "5.5.1", None, now - 60, True)
+        with db.session() as s, s.begin():
+            s.add(Study(study_uid="5.5.2", status=StudyState.SCORING, n_instances=1, first_received=now,
+                        last_received=now, updated=now, attempts=1, revision=0, scored_instances=1,
+                        lease_owner="elsewhere~x:1:abc", lease_expires=now - 1))
+        with other.write() as held:
+            held.execute(Study.__table__.select().where(Study.study_uid.in_(["5.5.1", "5.5.2"])).with_for_update())
+            started = time.monotonic()
+            assert promote_quiet(db, 30.0) == 0 and reclaim_stale(db) == 0
+            assert time.monotonic() - started < 5      # not blocked by the held locks
+        assert promote_quiet(db, 30.0) == 1 and reclaim_stale(db) == 1
+    finally:
+        db.dispose()
+        other.dispose()

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from worker.store.db import TEXT_LIMIT, Database, Study, StudyState
+from worker.store.db import HOST, TEXT_LIMIT, Database, Study, StudyState
 from worker.settings import load_settings
 from worker.store.studies import (LATE_ARRIVAL, MAX_ATTEMPTS, TRANSITIONS, ClaimedStudy, Event, claim_ready, conclude,
                                   promote_quiet, reclaim_stale, record_arrival, release, renew)
@@ -71,13 +71,16 @@ def test_concurrent_claims_are_exclusive(database):
 def test_claims_of_dead_or_expired_workers_are_reclaimed(database):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    host = socket.gethostname()
     future = time.time() + 3600
-    add_study(database, "3.1", StudyState.SCORING, owner=f"{host}:{dead.pid}:abc", expires=future)   # dead here
+    add_study(database, "3.1", StudyState.SCORING, owner=f"{HOST}:{dead.pid}:abc", expires=future)   # dead here
     add_study(database, "3.2", StudyState.SCORING, owner="otherhost:1:abc", expires=time.time() - 1)  # expired
     add_study(database, "3.3", StudyState.SCORING, owner="otherhost:1:abc", expires=future)           # alive
+    # the same host name in another PID namespace or boot (a container with --network host, a reboot):
+    # its pid means nothing here, so only its lease counts
+    add_study(database, "3.4", StudyState.SCORING, owner=f"{socket.gethostname()}~other:{dead.pid}:abc",
+              expires=future)
     assert reclaim_stale(database) == 2
-    assert [status_of(database, u) for u in ("3.1", "3.2", "3.3")] == ["ready", "ready", "scoring"]
+    assert [status_of(database, u) for u in ("3.1", "3.2", "3.3", "3.4")] == ["ready", "ready", "scoring", "scoring"]
 
 
 def test_sr_uids_are_deterministic_valid_and_distinct():
