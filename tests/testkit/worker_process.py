@@ -142,13 +142,24 @@ class WorkerProcess:
         """Signal the worker and wait; returns its exit code."""
         assert self.process is not None
         if self.process.poll() is None:
-            self.process.send_signal(sig)
+            if self.launcher and sig != signal.SIGKILL:
+                os.kill(self.worker_pid(), sig)  # a launcher (unshare) does not pass signals on
+            else:
+                self.process.send_signal(sig)    # SIGKILL: unshare --kill-child takes the worker with it
         try:
             return self.process.wait(timeout)
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait(10)
             raise
+
+    def worker_pid(self) -> int:
+        """The serve process's pid (under a launcher: the launcher's child)."""
+        assert self.process is not None
+        if not self.launcher:
+            return self.process.pid
+        children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children").read_text().split()
+        return int(children[0]) if children else self.process.pid
 
     def kill(self) -> None:
         if self.process is not None and self.process.poll() is None:
