@@ -264,3 +264,43 @@ def test_three_workers_soak(request, tmp_path, postgres_url, kaggle_root):
     if not (request.config.getoption("--slow") or os.environ.get("CXR_SOAK") == "1"):
         pytest.skip("soak: run with --slow or CXR_SOAK=1")
     _run(tmp_path, postgres_url, _films(kaggle_root, 240), n_split=40, kills=["namespace", "local"])
+
+
+def test_a_second_worker_on_one_sqlite_data_dir_is_refused(tmp_path):
+    """A live worker holds its incoming folder's lock (here: this test process, through the same
+    store/spool code); a serve on the same data_dir with SQLite stops with one line, exit 2."""
+    from worker.store.db import new_owner
+    from worker.store.spool import Spool
+
+    data = tmp_path / "data"
+    holder = Spool(data)
+    holder.take_incoming(new_owner())
+    try:
+        out = WorkerProcess(data, name="second").cli("serve")
+    finally:
+        holder.release_incoming()
+    assert out.returncode == 2, out.stderr[-2000:]
+    [line] = out.stderr.strip().splitlines()
+    assert "storage.database_url" in line and "PostgreSQL" in line and "another cxr-worker" in line, line
+
+
+def test_data_dir_without_hard_links_into_spool_is_refused_for_several_workers(tmp_path, postgres_url):
+    """spool/ on another filesystem than incoming/ (a symlink to /dev/shm, tmpfs): the start-up check
+    cannot hard-link a received file into it, so a worker that shares the data_dir (PostgreSQL)
+    refuses to start, one line naming storage.data_dir, exit 2."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or shm.stat().st_dev == tmp_path.stat().st_dev:
+        pytest.skip("no second filesystem (/dev/shm) to put spool/ on")
+    data = tmp_path / "data"
+    data.mkdir()
+    elsewhere = Path(shm / f"cxr-spool-{os.getpid()}")
+    elsewhere.mkdir(exist_ok=True)
+    (data / "spool").symlink_to(elsewhere)
+    try:
+        out = WorkerProcess(data, database_url=fresh_database(postgres_url, "nolinks"), name="nolinks").cli("serve")
+    finally:
+        shutil.rmtree(elsewhere, ignore_errors=True)
+    assert out.returncode == 2, out.stderr[-2000:]
+    [line] = out.stderr.strip().splitlines()
+    assert "storage.data_dir" in line and "hard-linking incoming/ into spool/ failed" in line, line
+    assert "Invalid cross-device link" in line
