@@ -15,6 +15,11 @@ each receiver, each started fresh on a free port:
                 Config = the shipped config/worker.toml, except port/bind/data dir/destination and
                 studies.quiet_seconds (--quiet, default 0.2 s) via CXR_WORKER__... variables.
   worker-rx     the same worker with scoring held back (quiet_seconds = 1 h): its receive path alone.
+  worker2-pg    TWO `cxr-worker serve` processes on one throwaway PostgreSQL database (tests/testkit/
+                postgres.py: Debian's postgresql server, started for this run) and one shared data_dir,
+                the same full job; the same N files split between them, one storescu association
+                each, both started at once. Its ratio to `worker` (same files, same sitting) is the
+                cost of PostgreSQL and of two processes sharing the cores (on 2 cores it cannot be faster).
   bare          benchmarks/bare_scp.py: pynetdicom, chunked receive, rename, Success. Nothing else.
   storescp      DCMTK storescp (+B bit-preserving, +xa, -pdu 131072) writing files.
 
@@ -409,6 +414,90 @@ def bench_worker(syntax: str, files_dir: Path, n: int, nbytes: int, work: Path, 
         shutil.rmtree(dest_out, ignore_errors=True)
 
 
+def pg_rows(url: str, sql: str) -> list[tuple]:
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            return [tuple(r) for r in conn.execute(text(sql))]
+    finally:
+        engine.dispose()
+
+
+def bench_workers_pg(syntax: str, files_dir: Path, n: int, nbytes: int, work: Path, storescu: str, storescp: str,
+                     timeout: float, quiet: float, pg_cluster: str, tag: str, workers: int = 2,
+                     extra_env: dict | None = None) -> Run:
+    """``workers`` serve processes, one PostgreSQL database, one data_dir; the files split between them."""
+    from testkit.postgres import fresh_database
+
+    name = f"worker{workers}-pg"
+    url = fresh_database(pg_cluster, f"bench_{tag}")
+    data = work / name
+    dest_out = work / f"{name}-dest"
+    dest, dest_port = start_storescp(storescp, dest_out, work / f"{name}-dest.log")
+    procs: list[Proc] = []
+    ports = [free_port() for _ in range(workers)]
+    try:
+        for k, port in enumerate(ports):
+            env = dict(os.environ)
+            env.update({
+                "CXR_WORKER__NETWORK__PORT": str(port),
+                "CXR_WORKER__NETWORK__BIND_ADDRESS": '"127.0.0.1"',
+                "CXR_WORKER__STORAGE__DATA_DIR": f'"{data}"',
+                "CXR_WORKER__STORAGE__DATABASE_URL": f'"{url}"',
+                "CXR_WORKER__STUDIES__QUIET_SECONDS": str(quiet),
+                "CXR_WORKER__DESTINATIONS": f'[{{name="bench", host="127.0.0.1", port={dest_port}, ae_title="{DEST_AET}"}}]',
+            })
+            env.update(extra_env or {})
+            procs.append(Proc([sys.executable, "-m", "worker", "serve"], work / f"{name}-{k}.log", env=env, cwd=REPO))
+            wait_port(port, procs[-1].p, 180, WORKER_AET)  # one after the other: each start-up has the cores
+        files = sorted(dcm_files(files_dir))
+        logs = [open(work / f"storescu-{name}-{k}.log", "ab") for k in range(workers)]  # noqa: SIM115 - closed below
+        wall0 = time.time()
+        start = time.perf_counter()
+        senders = [subprocess.Popen(storescu_cmd(storescu, port, WORKER_AET, syntax, [], [str(f) for f in files[k::workers]]),
+                                    stdout=logs[k], stderr=subprocess.STDOUT, env=dcmtk_env())
+                   for k, port in enumerate(ports)]
+        codes = [p.wait(timeout) for p in senders]
+        secs = time.perf_counter() - start
+        for fh in logs:
+            fh.close()
+        if any(codes):
+            raise RuntimeError(f"storescu exited {codes} (see {work})")
+        inst = pg_rows(url, "SELECT count(*) FROM instances")[0][0]
+        run = Run(name, "", n, nbytes, secs, inst)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            fin, unsent = pg_rows(url, "SELECT (SELECT count(*) FROM studies WHERE status IN ('done',"
+                                       "'no_eligible_images','failed')), (SELECT count(*) FROM outbox WHERE "
+                                       "status <> 'sent')")[0]
+            if fin >= n and unsent == 0:
+                break
+            time.sleep(0.05)
+        else:
+            run.errors.append(f"timeout: not all studies finished/SRs sent within {timeout:.0f} s")
+        rows = pg_rows(url, "SELECT s.last_received, max(o.sent) FROM studies s JOIN outbox o ON "
+                            "o.study_uid = s.study_uid WHERE o.status='sent' GROUP BY s.study_uid, s.last_received")
+        run.latency = [sent - last - quiet for last, sent in rows]
+        run.srs = len(rows)
+        last_sent = max((r[1] for r in rows), default=None)
+        run.e2e_s = (last_sent - wall0) if last_sent else None
+        res = pg_rows(url, "SELECT decode_s, inference_s, sr_s, total_s FROM results")
+        run.stages = {k: statistics.median(r[i] for r in res) for i, k in
+                      enumerate(("decode_s", "inference_s", "sr_s", "total_s")) if res}
+        run.dest_files = len(dcm_files(dest_out))
+        return run
+    finally:
+        for proc in procs:
+            rc = proc.stop(grace=60)
+            if rc not in (0, None, -signal.SIGTERM):
+                print(f"  note: a worker exited with {rc} (logs {work / name}-*.log)", file=sys.stderr)
+        dest.stop()
+        shutil.rmtree(data, ignore_errors=True)
+        shutil.rmtree(dest_out, ignore_errors=True)
+
+
 # ------------------------------------------------------------------------------------------ main
 def median_run(runs: list[Run]) -> Run:
     """The run with the median ingest time (its other numbers come with it); latencies pooled."""
@@ -433,8 +522,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-n", type=int, default=120, help="studies per encoding per run")
     ap.add_argument("--repeats", type=int, default=3, help="runs per receiver (medians reported)")
     ap.add_argument("--syntax", choices=("explicit", "jpegll", "both"), default="both")
-    ap.add_argument("--receivers", default="bare,storescp,worker-rx,worker",
-                    help="comma-separated subset of bare,storescp,worker-rx,worker")
+    ap.add_argument("--receivers", default="bare,storescp,worker-rx,worker,worker2-pg",
+                    help="comma-separated subset of bare,storescp,worker-rx,worker,worker2-pg")
     ap.add_argument("--quiet", type=float, default=0.2, help="worker studies.quiet_seconds (subtracted from latency)")
     ap.add_argument("--paced", type=int, default=40, help="studies in the paced latency run (0 = none)")
     ap.add_argument("--paced-rate", type=float, default=4.0, help="studies/s in the paced run")
@@ -470,7 +559,15 @@ def main(argv: list[str] | None = None) -> int:
     work = args.work or Path(tempfile.mkdtemp(prefix="cxr-bench-ingest-"))
     work.mkdir(parents=True, exist_ok=True)
     table: dict[str, dict[str, Run]] = {}
+    pg_cluster = None  # a generator (tests/testkit/postgres.py) holding a throwaway PostgreSQL cluster
     try:
+        if "worker2-pg" in receivers:
+            sys.path.insert(0, str(REPO / "tests"))
+            from testkit.postgres import postgres_cluster
+
+            pg_cluster = postgres_cluster()
+            pg_url = next(pg_cluster)
+            print(f"PostgreSQL for worker2-pg: {pg_url}")
         for syntax in syntaxes:
             print(f"\n== {SYNTAX_LABEL[syntax]}", flush=True)
             table[syntax] = {}
@@ -494,6 +591,9 @@ def main(argv: list[str] | None = None) -> int:
                         run = bench_worker(syntax, files_dir, args.n, nbytes, work, storescu, storescp, args.timeout,
                                            args.quiet, receive_only=rec == "worker-rx", paced_dir=paced_dir,
                                            paced_rate=args.paced_rate, extra_env=extra_env, py_spy=spy)
+                    elif rec == "worker2-pg":
+                        run = bench_workers_pg(syntax, files_dir, args.n, nbytes, work, storescu, storescp,
+                                               args.timeout, args.quiet, pg_url, f"{syntax}{rep}", extra_env=extra_env)
                     else:
                         raise SystemExit(f"unknown receiver {rec!r}")
                     run.syntax = syntax
@@ -512,6 +612,8 @@ def main(argv: list[str] | None = None) -> int:
             for rec in receivers:
                 table[syntax][rec] = median_run(runs[rec])
     finally:
+        if pg_cluster is not None:
+            pg_cluster.close()  # stops the cluster, removes its files
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
 
@@ -538,37 +640,50 @@ def main(argv: list[str] | None = None) -> int:
                       f"{r.cpu['storescu']:.1f} ms, whole machine {r.cpu['machine']:.1f} ms "
                       f"({r.cpu['machine_busy_pct']:.0f}% of {os.cpu_count()} cores busy)")
     if any("worker" in recs for recs in table.values()):
-        print(f"\nWORKER END-TO-END (receive, persist, score, SQLite, SR accepted by the destination; "
+        print(f"\nWORKER END-TO-END (receive, persist, score, SQLite (worker2-pg: PostgreSQL), SR accepted by the destination; "
               f"quiet_seconds={args.quiet} subtracted from latency):")
         head = (f"{'encoding':<32}{'e2e studies/s':>14}{'SRs':>9}{'burst p50':>10}{'burst p95':>10}"
                 f"{'paced':>8}{'paced p50':>10}{'paced p95':>10}   per-study medians (decode/infer/SR/total s)")
         print(head)
         print("-" * len(head))
         for syntax, recs in table.items():
-            r = recs.get("worker")
-            if not r:
-                continue
-            st = r.stages
-            stages = "/".join(fmt(st.get(k), ".3f") for k in ("decode_s", "inference_s", "sr_s", "total_s"))
-            print(f"{SYNTAX_LABEL[syntax]:<32}{fmt(r.e2e_rate):>14}{f'{r.srs}/{r.n}':>9}"
-                  f"{fmt(pct(r.latency, .5), '.2f'):>10}{fmt(pct(r.latency, .95), '.2f'):>10}"
-                  f"{fmt(r.paced_rate, '.0f') + '/s':>8}{fmt(pct(r.paced_latency, .5), '.2f'):>10}"
-                  f"{fmt(pct(r.paced_latency, .95), '.2f'):>10}   {stages}"
-                  + (f"   ERRORS: {r.errors}" if r.errors else ""))
-            if r.cpu:
-                c = r.cpu
-                print(f"{'':<32}CPU per study during the burst: worker main process {c['worker']:.0f} ms + decode "
-                      f"processes {c['decoders']:.0f} ms + storescu {c['storescu']:.0f} ms; whole machine "
-                      f"{c['machine']:.0f} ms ({c['machine_busy_pct']:.0f}% of {os.cpu_count()} cores busy)")
-            target = TARGETS[f"e2e_{syntax}"]
-            verdicts.append((f"{syntax}: sustained end-to-end >= {target:.0f} studies/s",
-                             r.e2e_rate is not None and r.e2e_rate >= target, f"{fmt(r.e2e_rate)} studies/s"))
-            p95b, p95p = pct(r.latency, .95), pct(r.paced_latency, .95)
-            verdicts.append((f"{syntax}: p95 latency < {TARGETS['p95_latency_s']:.0f} s (burst of {r.n})",
-                             p95b is not None and p95b < TARGETS["p95_latency_s"], f"{fmt(p95b, '.2f')} s"))
-            if r.paced_latency:
-                verdicts.append((f"{syntax}: p95 latency < {TARGETS['p95_latency_s']:.0f} s (paced {r.paced_rate:g}/s)",
-                                 p95p is not None and p95p < TARGETS["p95_latency_s"], f"{fmt(p95p, '.2f')} s"))
+            for label in ("worker", "worker2-pg"):
+                r = recs.get(label)
+                if not r:
+                    continue
+                st = r.stages
+                stages = "/".join(fmt(st.get(k), ".3f") for k in ("decode_s", "inference_s", "sr_s", "total_s"))
+                print(f"{SYNTAX_LABEL[syntax]:<32}{fmt(r.e2e_rate):>14}{f'{r.srs}/{r.n}':>9}"
+                      f"{fmt(pct(r.latency, .5), '.2f'):>10}{fmt(pct(r.latency, .95), '.2f'):>10}"
+                      f"{fmt(r.paced_rate, '.0f') + '/s':>8}{fmt(pct(r.paced_latency, .5), '.2f'):>10}"
+                      f"{fmt(pct(r.paced_latency, .95), '.2f'):>10}   {stages}"
+                      + (f"   ERRORS: {r.errors}" if r.errors else ""))
+                if r.cpu:
+                    c = r.cpu
+                    print(f"{'':<32}CPU per study during the burst: worker main process {c['worker']:.0f} ms + decode "
+                          f"processes {c['decoders']:.0f} ms + storescu {c['storescu']:.0f} ms; whole machine "
+                          f"{c['machine']:.0f} ms ({c['machine_busy_pct']:.0f}% of {os.cpu_count()} cores busy)")
+                if label != "worker":  # the targets are the one worker's
+                    continue
+                target = TARGETS[f"e2e_{syntax}"]
+                verdicts.append((f"{syntax}: sustained end-to-end >= {target:.0f} studies/s",
+                                 r.e2e_rate is not None and r.e2e_rate >= target, f"{fmt(r.e2e_rate)} studies/s"))
+                p95b, p95p = pct(r.latency, .95), pct(r.paced_latency, .95)
+                verdicts.append((f"{syntax}: p95 latency < {TARGETS['p95_latency_s']:.0f} s (burst of {r.n})",
+                                 p95b is not None and p95b < TARGETS["p95_latency_s"], f"{fmt(p95b, '.2f')} s"))
+                if r.paced_latency:
+                    verdicts.append((f"{syntax}: p95 latency < {TARGETS['p95_latency_s']:.0f} s (paced {r.paced_rate:g}/s)",
+                                     p95p is not None and p95p < TARGETS["p95_latency_s"], f"{fmt(p95p, '.2f')} s"))
+    pairs = [(s, recs["worker"], recs["worker2-pg"]) for s, recs in table.items()
+             if "worker" in recs and "worker2-pg" in recs]
+    if pairs:
+        print("\nTWO WORKERS ON POSTGRESQL vs ONE WORKER ON SQLITE (same files, same sitting; each worker its own "
+              "storescu association, half the files):")
+        for syntax, one, two in pairs:
+            e2e = (f"{two.e2e_rate / one.e2e_rate:.2f}" if two.e2e_rate and one.e2e_rate else "-")
+            print(f"  {SYNTAX_LABEL[syntax]:<32} ingest {one.ingest_rate:.1f} -> {two.ingest_rate:.1f} studies/s "
+                  f"(ratio {two.ingest_rate / one.ingest_rate:.2f}); end-to-end {fmt(one.e2e_rate)} -> "
+                  f"{fmt(two.e2e_rate)} studies/s (ratio {e2e})")
     if verdicts:
         print("\nTARGETS (this machine):")
         for what, ok, value in verdicts:
