@@ -27,7 +27,7 @@ import pytest
 from pydicom.uid import generate_uid
 
 from testkit.env import dcmtk
-from testkit.worker_process import StoreSCP, WorkerProcess, db_rows, storescu, wrap_jpeg
+from testkit.worker_process import StoreSCP, WorkerProcess, db_rows, partial_receptions, storescu, wrap_jpeg
 
 pytestmark = pytest.mark.dcmtk
 
@@ -307,7 +307,7 @@ def test_spool_path_not_a_directory_answers_a700_and_recovers(fault_corpus, tmp_
         assert _store_status(worker.port, files2[0]) == 0x0000
         worker.wait_for(lambda: db_rows(data, "select count(*) from results where status='done'") == [(2,)],
                         what="both studies scored")
-        assert not list((data / "incoming").iterdir())                   # no partial files left behind
+        assert not partial_receptions(data)                               # no partial files left behind
 
 
 @pytest.fixture
@@ -362,7 +362,7 @@ def test_disk_full_answers_failure_listener_survives_then_recovers(fault_corpus,
         assert _store_status(worker.port, files2[0]) == 0x0000
         worker.wait_for(lambda: sqlite3.connect(db_path).execute(
             "select count(*) from results where status='done'").fetchall() == [(2,)], what="both studies scored")
-        assert not list((data / "incoming").iterdir())
+        assert not partial_receptions(data)
 
 
 # -- regression: the outbox commits each accepted SR as it is answered -----------------------------

@@ -56,6 +56,11 @@ def db_rows(data_dir: Path, sql: str, *params) -> list[tuple]:
         con.close()
 
 
+def partial_receptions(data_dir: Path) -> list[Path]:
+    """Files under data_dir's incoming/ (each worker's incoming/<owner>/), its workers' lock files aside."""
+    return [p for p in (Path(data_dir) / "incoming").rglob("*") if p.is_file() and p.name != ".lock"]
+
+
 def url_rows(url: str, sql: str, *params) -> list[tuple]:
     """Rows of a raw SQL query (``?`` placeholders) on any SQLAlchemy database URL (read-only checks)."""
     from sqlalchemy import create_engine, text
