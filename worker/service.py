@@ -75,12 +75,16 @@ class Service:
         self.spool.take_incoming(self.owner)
         shared = not settings.storage.url.startswith("sqlite")
         others = self.spool.live_workers()
-        if others and not shared:
-            raise SettingsError(
-                f"storage.database_url: another cxr-worker is serving {self.spool.root} ({others[0]}) with "
-                "SQLite; several workers on one data_dir need PostgreSQL (storage.database_url = "
-                "'postgresql+psycopg://...'; docs/deployment.md)")
-        self.spool.check_filesystem(require_hard_links=shared)
+        try:
+            if others and not shared:
+                raise SettingsError(
+                    f"storage.database_url: another cxr-worker is serving {self.spool.root} ({others[0]}) with "
+                    "SQLite; several workers on one data_dir need PostgreSQL (storage.database_url = "
+                    "'postgresql+psycopg://...'; docs/deployment.md)")
+            self.spool.check_filesystem(require_hard_links=shared)
+        except SettingsError:
+            self.spool.release_incoming()  # refused: leave no folder behind
+            raise
         if others:
             log.info("sharing %s with %d other running worker(s)", self.spool.root, len(others))
 

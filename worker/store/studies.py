@@ -30,9 +30,13 @@ study back to receiving, as for an instance that arrived meanwhile.
 it is (a claim takes only ready studies; renew, conclude and release act only on studies still
 scoring under the caller's lease).
 
-Claims are safe with several workers on one PostgreSQL: candidates are selected with
-``FOR UPDATE SKIP LOCKED`` and each is taken with a conditional UPDATE (status='ready'), so a study
-has exactly one claimer. On SQLite every write transaction is BEGIN IMMEDIATE (serialised).
+Several workers on one PostgreSQL (docs/deployment.md): claims select candidates ``FOR UPDATE SKIP
+LOCKED`` and take each with a conditional UPDATE (status='ready'), so a study has exactly one
+claimer; the first instances of a new study arriving at two workers at once make one row (``INSERT
+... ON CONFLICT DO NOTHING``, then the row read again, locked); every arrival locks its study row, so
+promotion, claims and conclude see it; promotion and reclaim skip rows other transactions hold, so
+two workers never wait on (or deadlock over) each other's rows. On SQLite every write transaction is
+BEGIN IMMEDIATE (serialised).
 """
 
 from __future__ import annotations
