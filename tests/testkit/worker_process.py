@@ -56,6 +56,14 @@ def db_rows(data_dir: Path, sql: str, *params) -> list[tuple]:
         con.close()
 
 
+def _parent_pid(stat: Path) -> int | None:
+    """The parent pid in a /proc/<pid>/stat file (None when the process is gone)."""
+    try:
+        return int(stat.read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def partial_receptions(data_dir: Path) -> list[Path]:
     """Files under data_dir's incoming/ (each worker's incoming/<owner>/), its workers' lock files aside."""
     return [p for p in (Path(data_dir) / "incoming").rglob("*") if p.is_file() and p.name != ".lock"]
@@ -163,7 +171,11 @@ class WorkerProcess:
         assert self.process is not None
         if not self.launcher:
             return self.process.pid
-        children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children").read_text().split()
+        try:
+            children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children").read_text().split()
+        except OSError:  # a kernel without CONFIG_PROC_CHILDREN: look for the child by its parent pid
+            children = [stat.parent.name for stat in Path("/proc").glob("[0-9]*/stat")
+                        if _parent_pid(stat) == self.process.pid]
         return int(children[0]) if children else self.process.pid
 
     def kill(self) -> None:
