@@ -201,6 +201,7 @@ class Spool:
                 if require_hard_links:
                     raise
                 links = False
+                shutil.copyfile(probe, linked)  # what adopt() does then
                 log.warning("storage.data_dir %s: no hard links from incoming/ to spool/ (%s); received files "
                             "are copied (slower; several workers need hard links)", self.root, exc)
             if links:
@@ -215,9 +216,8 @@ class Spool:
                     raise OSError(errno.EIO, "an existing name was replaced")
             step = "renaming a file over another atomically"
             other.write_bytes(b"replaced")
-            target = linked if links else probe
-            os.replace(other, target)
-            if target.read_bytes() != b"replaced" or other.exists():
+            os.replace(other, linked)
+            if linked.read_bytes() != b"replaced" or other.exists():
                 raise OSError(errno.EIO, "the rename did not replace the name")
             if links and os.stat(probe).st_nlink != 1:
                 raise OSError(errno.EIO, "link count not 1 after the rename")

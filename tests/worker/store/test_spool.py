@@ -69,3 +69,32 @@ def test_clean_incoming_removes_only_what_dead_workers_left(tmp_path):
     finally:
         live.kill()
         live.wait()
+
+
+def test_check_filesystem_without_hard_links_into_spool(tmp_path):
+    """spool/ on another filesystem (tmpfs at /dev/shm): one worker copies instead (False, a WARNING);
+    workers that share data_dir are refused with the step named."""
+    import shutil
+    from pathlib import Path
+
+    import pytest
+
+    from worker.errors import SettingsError
+
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or shm.stat().st_dev == tmp_path.stat().st_dev:
+        pytest.skip("no second filesystem (/dev/shm) to put spool/ on")
+    elsewhere = shm / f"cxr-spool-check-{os.getpid()}"
+    elsewhere.mkdir()
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "spool").symlink_to(elsewhere)
+    try:
+        spool = Spool(tmp_path / "data")
+        spool.take_incoming(f"{HOST}:{os.getpid()}:check")
+        assert spool.check_filesystem(require_hard_links=False) is False
+        with pytest.raises(SettingsError, match=r"storage.data_dir: .*hard-linking incoming/ into spool/ failed"):
+            spool.check_filesystem(require_hard_links=True)
+        assert not [p for p in elsewhere.iterdir()] and [p.name for p in spool.incoming.iterdir()] == [LOCK_NAME]
+        spool.release_incoming()
+    finally:
+        shutil.rmtree(elsewhere, ignore_errors=True)
