@@ -168,8 +168,8 @@ class Spool:
             except OSError:
                 continue
             try:
-                # F_GETLK-like probe without taking the lock: lockf(LOCK_EX) needs a writable descriptor,
-                # so ask with a read lock; a worker's exclusive lock refuses it
+                # a shared lock, taken and dropped at once (close): a live worker's exclusive lock refuses it
+                # (read-only descriptor, so the probe never needs write access to another's file)
                 fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
             except OSError:
                 live.append(os.pread(fd, 256, 0).decode(errors="replace") or folder.name)
