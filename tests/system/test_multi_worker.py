@@ -143,6 +143,18 @@ def _wait_all_done(url: str, n_studies: int, workers: list[WorkerProcess], timeo
                          + "\n".join(w.log()[-1500:] for w in workers))
 
 
+def _status(url: str) -> dict:
+    """What `cxr-worker status --json` reports (worker/cli/reports.py, read in-process)."""
+    from worker.cli.reports import status_report
+    from worker.store.db import Database
+
+    db = Database(url, create=False)
+    try:
+        return status_report(db)
+    finally:
+        db.dispose()
+
+
 def _run(tmp_path: Path, pg_cluster: str, films: list[Path], n_split: int, kills: list[str]) -> None:
     """``kills``: the workers to SIGKILL in turn, each "namespace" (its own PID namespace when possible:
     takeover by lease expiry) or "local" (same namespace: takeover by the dead pid)."""
@@ -191,6 +203,9 @@ def _run(tmp_path: Path, pg_cluster: str, films: list[Path], n_split: int, kills
                 sender = _send(victim.port, rest, f"LATE{k}")          # on its association as it dies
                 held = _kill_while_claiming(victim, owner_of[victim.port], url)
                 killed_at = time.time()
+                if kind == "namespace" and launcher:   # `cxr-worker status` shows whose claims wait, and how long
+                    [lease] = [e for e in _status(url)["leases"] if e["owner"] == owner_of[victim.port]]
+                    assert lease["studies"] + lease["outbox"] >= 1 and lease["expires_in_s"] <= LEASE_SECONDS
                 sender.communicate(timeout=120)
                 taken = _wait_taken_over(url, owner_of[victim.port])
                 if kind == "namespace" and launcher:
@@ -206,6 +221,7 @@ def _run(tmp_path: Path, pg_cluster: str, films: list[Path], n_split: int, kills
                 if workers.index(w) not in kinds:
                     _send_all([(w.port, rest)])
             _wait_all_done(url, len(expected), workers)
+            assert _status(url)["leases"] == []
             # clean stops: exit 0
             assert [w.stop() for w in workers] == [0] * WORKERS
         finally:

@@ -81,6 +81,7 @@ def status_report(db: Database) -> dict:
                    OutboxItem.last_error).where(OutboxItem.status != OutboxState.SENT,
                                                 OutboxItem.last_error.is_not(None))
             .order_by(OutboxItem.next_attempt).limit(5)).all()]
+        leases = _leases(s)
     return {
         "database": db.engine.url.render_as_string(hide_password=True),
         "studies": {state.value: studies.get(state, 0) for state in StudyState},
@@ -90,7 +91,25 @@ def status_report(db: Database) -> dict:
         "models": models,
         "last_errors": errors,
         "delivery_errors": delivery,
+        "leases": leases,
     }
+
+
+def _leases(s) -> list[dict]:
+    """Claims held now, per worker (lease owner ``host~id:pid:token``): scoring studies and SRs being
+    sent, and when the earliest lease expires (negative: expired, waiting to be taken over). With
+    several workers on one database this is every worker's, from any host."""
+    now = time.time()
+    held: dict[str, dict] = {}
+    for table, state, key in ((Study, StudyState.SCORING, "studies"), (OutboxItem, OutboxState.SENDING, "outbox")):
+        for owner, count, expires in s.execute(
+                select(table.lease_owner, func.count(), func.min(table.lease_expires))
+                .where(table.status == state, table.lease_owner.is_not(None)).group_by(table.lease_owner)).all():
+            entry = held.setdefault(owner, {"owner": owner, "studies": 0, "outbox": 0, "expires_in_s": None})
+            entry[key] = count
+            left = round((expires or now) - now, 1)
+            entry["expires_in_s"] = left if entry["expires_in_s"] is None else min(entry["expires_in_s"], left)
+    return sorted(held.values(), key=lambda e: e["owner"])
 
 
 def print_status(db: Database, as_json: bool, out: TextIO = sys.stdout) -> int:
@@ -105,6 +124,9 @@ def print_status(db: Database, as_json: bool, out: TextIO = sys.stdout) -> int:
     out.write("outbox:   " + "  ".join(f"{k}={v}" for k, v in report["outbox"].items()) + "\n")
     for m in report["models"]:
         out.write(f"model:    {m['name']} {m['version']} ({m['uid']}): {m['results']} results\n")
+    for lease in report["leases"]:
+        out.write(f"lease:    {lease['owner']}: {lease['studies']} studies, {lease['outbox']} SRs sending, "
+                  f"expires in {lease['expires_in_s']} s\n")
     for e in report["last_errors"]:
         out.write(f"error:    study {e['study_uid']} [{e['status']}]: {e['error']}\n")
     for e in report["delivery_errors"]:
