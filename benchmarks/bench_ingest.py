@@ -337,13 +337,13 @@ class Scraper(threading.Thread):
         super().__init__(name="scraper", daemon=True)
         self.base, self.every = base, every
         self.count = self.errors = 0
-        self._stop = threading.Event()
+        self._done = threading.Event()
 
     def run(self) -> None:
         import httpx
 
         with httpx.Client(timeout=10) as client:
-            while not self._stop.wait(self.every):
+            while not self._done.wait(self.every):
                 try:
                     ok = client.get(self.base + "/metrics").status_code == 200
                     ok = client.get(self.base + "/readyz").status_code == 200 and ok
@@ -353,8 +353,9 @@ class Scraper(threading.Thread):
                     self.errors += 1
 
     def stop(self) -> None:
-        self._stop.set()
-        self.join(15)
+        self._done.set()
+        if self.ident is not None:
+            self.join(15)
 
 
 def bench_worker(syntax: str, files_dir: Path, n: int, nbytes: int, work: Path, storescu: str, storescp: str, timeout: float,

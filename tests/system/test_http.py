@@ -252,3 +252,25 @@ def test_readiness_fails_while_the_database_is_gone_and_returns_with_it(tmp_path
             postgres.start()
         worker.wait_for(lambda: worker.http_get("/readyz").status_code == 200, timeout=60, what="/readyz 200")
         assert value(worker.metrics(), "cxr_worker_database_up") == 1
+
+
+def test_a_busy_http_port_is_one_line_naming_http_port_before_the_model_loads(tmp_path):
+    import socket
+    import sys
+
+    from testkit.env import REPO_ROOT, free_port
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CXR_WORKER__")}
+        env.update({"CXR_WORKER__HTTP__PORT": str(port), "CXR_WORKER__NETWORK__PORT": str(free_port()),
+                    "CXR_WORKER__NETWORK__BIND_ADDRESS": "127.0.0.1"})
+        run = subprocess.run([sys.executable, "-m", "worker", "serve", "--data-dir", str(tmp_path / "data")],
+                             cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2, run.stderr
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"http.port: cannot listen on 127.0.0.1:{port}" in lines[0], run.stderr
+    assert "CXR_WORKER__HTTP__PORT" in lines[0] and "--http-port" in lines[0]
+    assert not (tmp_path / "data").exists()  # before the service: nothing created, no model loaded
