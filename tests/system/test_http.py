@@ -274,3 +274,23 @@ def test_a_busy_http_port_is_one_line_naming_http_port_before_the_model_loads(tm
     assert len(lines) == 1 and f"http.port: cannot listen on 127.0.0.1:{port}" in lines[0], run.stderr
     assert "CXR_WORKER__HTTP__PORT" in lines[0] and "--http-port" in lines[0]
     assert not (tmp_path / "data").exists()  # before the service: nothing created, no model loaded
+
+
+def test_https_with_the_tls_certificate_of_the_listener(tmp_path):
+    import ssl
+
+    import httpx
+
+    from testkit.pki import make_pki
+
+    (tmp_path / "pki").mkdir()
+    pki = make_pki(tmp_path / "pki")
+    env = {"CXR_WORKER__HTTP__TLS": "true", "CXR_WORKER__TLS__CERTIFICATE": str(pki["server.crt"]),
+           "CXR_WORKER__TLS__PRIVATE_KEY": str(pki["server.key"]), "CXR_WORKER__MODEL__DECODE_PROCESSES": "false"}
+    with WorkerProcess(tmp_path / "data", env=env) as worker:  # DICOM stays plain (tls.enabled = false)
+        url = f"https://127.0.0.1:{worker.http_port}"
+        ready = httpx.get(url + "/readyz", verify=ssl.create_default_context(cafile=str(pki["ca.crt"])), timeout=30)
+        assert ready.status_code == 200 and ready.json()["ready"] is True
+        with pytest.raises(httpx.HTTPError):  # plain HTTP on the HTTPS port gets no answer
+            httpx.get(f"http://127.0.0.1:{worker.http_port}/healthz", timeout=10).raise_for_status()
+    assert worker.process.returncode == 0
