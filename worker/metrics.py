@@ -94,6 +94,7 @@ class Metrics:
         self.instances_received = Counter(
             f"{PREFIX}_instances_received", "Received C-STORE instances by outcome and reason "
             "(reason empty for stored/duplicate/replaced)", ["outcome", "reason"], registry=r)
+        self._received: dict[tuple[Outcome, str], Counter] = {}
         self.studies_scored = Counter(
             f"{PREFIX}_studies_scored", "Studies whose result was committed, by verdict", ["status"], registry=r)
         self.declined = Counter(
@@ -123,7 +124,10 @@ class Metrics:
 
     # -- recording (the flows call these where things happen) -------------------------------------
     def received(self, outcome: Outcome, reason: str = "") -> None:
-        self.instances_received.labels(outcome.value, reason).inc()
+        child = self._received.get((outcome, reason))
+        if child is None:  # labels() costs ~5 us; the children are kept (a handful of label pairs)
+            child = self._received[(outcome, reason)] = self.instances_received.labels(outcome.value, reason)
+        child.inc()
 
     def decoded(self, transfer_syntax: str | None, seconds: float) -> None:
         self.decode_seconds.labels(transfer_syntax or "none").observe(seconds)
