@@ -8,8 +8,8 @@ exactly what was sent.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
-import time
 from pathlib import Path
 
 import pydicom
@@ -185,17 +185,46 @@ def test_patient_data_shown_only_when_turned_on_and_the_token_guards_all_but_hea
     assert worker.process.returncode == 0
 
 
-def test_disk_watermark_refuses_with_a700_keeps_nothing_and_recovers_without_restart(tmp_path, kaggle_jpegs):
-    """A real filesystem really filled: min_free_bytes set 1.5 GB below the free space now, then a 3 GB
-    file allocated (posix_fallocate) on the same filesystem takes free space below it."""
-    data_dir = tmp_path / "data"
-    data_dir.mkdir()
-    st = os.statvfs(data_dir)
-    free = st.f_bavail * st.f_frsize
-    margin = 1_500_000_000
-    if free < 3 * margin:
-        pytest.skip(f"only {free} bytes free")
-    env = {"CXR_WORKER__STORAGE__MIN_FREE_BYTES": str(free - margin), "CXR_WORKER__MODEL__DECODE_PROCESSES": "false"}
+@pytest.fixture
+def small_filesystem(tmp_path):
+    """A 64 MiB tmpfs where root may mount one (CI, this container), else None."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        yield None
+        return
+    out = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m,mode=0700", "tmpfs", str(mnt)],
+                         capture_output=True, text=True)
+    if out.returncode != 0:
+        yield None
+        return
+    try:
+        yield mnt
+    finally:
+        if subprocess.run(["umount", str(mnt)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_disk_watermark_refuses_with_a700_keeps_nothing_and_recovers_without_restart(tmp_path, kaggle_jpegs,
+                                                                                     small_filesystem):
+    """A real filesystem really filled: a 64 MiB tmpfs with min_free_bytes = 32 MiB and a 40 MiB file
+    allocated on it; where no tmpfs can be mounted, the data directory's own filesystem with min_free_bytes
+    1.5 GB below its free space now and a 3 GB file (posix_fallocate) taking free space below that."""
+    if small_filesystem is not None:
+        data_dir = small_filesystem / "data"
+        data_dir.mkdir()
+        min_free, fill = 32 << 20, 40 << 20
+    else:
+        data_dir = tmp_path / "data"
+        data_dir.mkdir()
+        st = os.statvfs(data_dir)
+        free = st.f_bavail * st.f_frsize
+        margin = 1_500_000_000
+        if free < 3 * margin:
+            pytest.skip(f"only {free} bytes free")
+        min_free, fill = free - margin, 2 * margin
+    print(f"watermark test on {'a 64 MiB tmpfs' if small_filesystem is not None else 'the data filesystem'}")
+    env = {"CXR_WORKER__STORAGE__MIN_FREE_BYTES": str(min_free), "CXR_WORKER__MODEL__DECODE_PROCESSES": "false"}
     first = wrap_jpeg(kaggle_jpegs["NORMAL"][3], tmp_path / "refused.dcm", study_uid=generate_uid())
     filler = data_dir / "filler"
     with WorkerProcess(data_dir, env=env) as worker:
@@ -203,7 +232,7 @@ def test_disk_watermark_refuses_with_a700_keeps_nothing_and_recovers_without_res
         try:
             fd = os.open(filler, os.O_CREAT | os.O_WRONLY, 0o600)
             try:
-                os.posix_fallocate(fd, 0, 2 * margin)
+                os.posix_fallocate(fd, 0, fill)
             finally:
                 os.close(fd)
             low = worker.wait_for(lambda: (r := worker.http_get("/readyz")).status_code == 503 and r.json(),
