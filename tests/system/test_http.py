@@ -323,3 +323,15 @@ def test_https_with_the_tls_certificate_of_the_listener(tmp_path):
         with pytest.raises(httpx.HTTPError):  # plain HTTP on the HTTPS port gets no answer
             httpx.get(f"http://127.0.0.1:{worker.http_port}/healthz", timeout=10).raise_for_status()
     assert worker.process.returncode == 0
+
+
+def test_http_enabled_false_serves_dicom_without_an_http_port(tmp_path):
+    import httpx
+
+    env = {"CXR_WORKER__HTTP__ENABLED": "false", "CXR_WORKER__MODEL__DECODE_PROCESSES": "false"}
+    with WorkerProcess(tmp_path / "data", env=env) as worker:
+        assert worker.echo()
+        with pytest.raises(httpx.ConnectError):
+            worker.http_get("/healthz", timeout=5)
+        assert "HTTP on" not in worker.log()
+    assert worker.process.returncode == 0
