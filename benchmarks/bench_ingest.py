@@ -51,6 +51,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -333,10 +334,39 @@ def bench_storescp(syntax: str, files_dir: Path, n: int, nbytes: int, work: Path
     return run
 
 
+class Scraper(threading.Thread):
+    """GET /metrics and /readyz every ``every`` seconds while the worker ingests (a busy Prometheus and a
+    load balancer; Prometheus itself scrapes every 15-60 s)."""
+
+    def __init__(self, base: str, every: float = 1.0) -> None:
+        super().__init__(name="scraper", daemon=True)
+        self.base, self.every = base, every
+        self.count = self.errors = 0
+        self._done = threading.Event()
+
+    def run(self) -> None:
+        import httpx
+
+        with httpx.Client(timeout=10) as client:
+            while not self._done.wait(self.every):
+                try:
+                    ok = client.get(self.base + "/metrics").status_code == 200
+                    ok = client.get(self.base + "/readyz").status_code == 200 and ok
+                    self.count += ok
+                    self.errors += not ok
+                except httpx.HTTPError:
+                    self.errors += 1
+
+    def stop(self) -> None:
+        self._done.set()
+        if self.ident is not None:
+            self.join(15)
+
+
 def bench_worker(syntax: str, files_dir: Path, n: int, nbytes: int, work: Path, storescu: str, storescp: str, timeout: float,
                  quiet: float, receive_only: bool = False, paced_dir: Path | None = None, paced_rate: float = 4.0,
-                 extra_env: dict | None = None, py_spy: Path | None = None) -> Run:
-    name = "worker-rx" if receive_only else "worker"
+                 extra_env: dict | None = None, py_spy: Path | None = None, http: bool = True) -> Run:
+    name = ("worker-rx" if receive_only else "worker") + ("" if http else "-nohttp")
     data = work / name
     dest_out = work / f"{name}-dest"
     dest, dest_port = start_storescp(storescp, dest_out, work / f"{name}-dest.log")
@@ -348,8 +378,12 @@ def bench_worker(syntax: str, files_dir: Path, n: int, nbytes: int, work: Path, 
         "CXR_WORKER__STORAGE__DATA_DIR": f'"{data}"',
         "CXR_WORKER__STUDIES__QUIET_SECONDS": str(3600.0 if receive_only else quiet),
         "CXR_WORKER__DESTINATIONS": f'[{{name="bench", host="127.0.0.1", port={dest_port}, ae_title="{DEST_AET}"}}]',
+        "CXR_WORKER__HTTP__ENABLED": "true" if http else "false",
     })
+    http_port = free_port()
+    env["CXR_WORKER__HTTP__PORT"] = str(http_port)
     env.update(extra_env or {})
+    scraper = Scraper(f"http://127.0.0.1:{http_port}") if http else None
     cmd = [sys.executable, "-m", "worker", "serve"]
     worker = Proc(cmd, work / f"{name}.log", env=env, cwd=REPO)
     spy: Proc | None = None
@@ -361,10 +395,14 @@ def bench_worker(syntax: str, files_dir: Path, n: int, nbytes: int, work: Path, 
             spy = Proc(["py-spy", "record", "--pid", str(worker.pid), "--rate", "200", "--threads", "--idle",
                         "--format", "raw", "-o", str(py_spy)], work / "py-spy.log")
             time.sleep(1.0)
+        if scraper is not None:
+            scraper.start()
         cpu0 = cpu_snapshot(worker.pid)
         wall0, secs = run_storescu(storescu, port, WORKER_AET, files_dir, work / f"storescu-{name}.log", timeout, syntax)
         inst, _, _ = worker_progress(db_path)
         run = Run(name, "", n, nbytes, secs, inst)
+        if scraper is not None:
+            run.stages["http_scrapes_during_burst"] = scraper.count
         if receive_only:
             run.cpu = cpu_per_study(cpu0, cpu_snapshot(worker.pid), n)
             return run
@@ -373,7 +411,7 @@ def bench_worker(syntax: str, files_dir: Path, n: int, nbytes: int, work: Path, 
             run.errors.append(f"timeout: not all studies finished/SRs sent within {timeout:.0f} s")
         run.cpu = cpu_per_study(cpu0, cpu_snapshot(worker.pid), n)
         lat, last_sent, stages = worker_latencies(db_path, burst_uids, quiet)
-        run.latency, run.stages = lat, stages
+        run.latency, run.stages = lat, {**run.stages, **stages}
         run.srs = len(lat)
         run.e2e_s = (last_sent - wall0) if last_sent else None
         if spy is not None:
@@ -404,6 +442,10 @@ def bench_worker(syntax: str, files_dir: Path, n: int, nbytes: int, work: Path, 
         run.dest_files = len(dcm_files(dest_out))
         return run
     finally:
+        if scraper is not None:
+            scraper.stop()
+            if scraper.errors:
+                print(f"  note: {scraper.errors} failed scrapes of {name}'s /metrics", file=sys.stderr)
         if spy is not None:
             spy.stop(grace=60, sig=signal.SIGINT)
         rc = worker.stop(grace=60)
@@ -535,10 +577,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--py-spy", type=Path, help="profile the worker during each burst into DIR (raw collapsed stacks)")
     ap.add_argument("--json", type=Path, help="also write the results as JSON")
     ap.add_argument("--quick", action="store_true", help="smoke test: n=12, 1 repeat, 6 paced studies")
+    ap.add_argument("--http", choices=("on", "off", "both"), default="on",
+                    help="the worker's HTTP face (scraped every second while on); both: each worker receiver "
+                         "also runs as <name>-nohttp, same files, and the ingest ratio on/off is printed")
     args = ap.parse_args(argv)
     if args.quick:
         args.n, args.repeats, args.paced, args.templates = 12, 1, 6, 12
     receivers = [r.strip() for r in args.receivers.split(",") if r.strip()]
+    if args.http != "on":
+        with_off = []
+        for r in receivers:
+            if r in ("worker", "worker-rx"):
+                with_off += [r, f"{r}-nohttp"] if args.http == "both" else [f"{r}-nohttp"]
+            else:
+                with_off.append(r)
+        receivers = with_off
     syntaxes = ["explicit", "jpegll"] if args.syntax == "both" else [args.syntax]
     extra_env = dict(kv.split("=", 1) for kv in args.worker_env)
     storescu, storescp = dcmtk_tool("storescu"), dcmtk_tool("storescp")
@@ -586,11 +639,13 @@ def main(argv: list[str] | None = None) -> int:
                         run = bench_bare(syntax, files_dir, args.n, nbytes, work, storescu, args.timeout)
                     elif rec == "storescp":
                         run = bench_storescp(syntax, files_dir, args.n, nbytes, work, storescu, storescp, args.timeout)
-                    elif rec in ("worker", "worker-rx"):
+                    elif rec.removesuffix("-nohttp") in ("worker", "worker-rx"):
                         spy = args.py_spy / f"{rec}-{syntax}-{rep}.txt" if args.py_spy and rep == 0 else None
                         run = bench_worker(syntax, files_dir, args.n, nbytes, work, storescu, storescp, args.timeout,
-                                           args.quiet, receive_only=rec == "worker-rx", paced_dir=paced_dir,
-                                           paced_rate=args.paced_rate, extra_env=extra_env, py_spy=spy)
+                                           args.quiet, receive_only=rec.startswith("worker-rx"),
+                                           paced_dir=paced_dir if rec == "worker" else None,
+                                           paced_rate=args.paced_rate, extra_env=extra_env, py_spy=spy,
+                                           http=not rec.endswith("-nohttp"))
                     elif rec == "worker2-pg":
                         run = bench_workers_pg(syntax, files_dir, args.n, nbytes, work, storescu, storescp,
                                                args.timeout, args.quiet, pg_url, f"{syntax}{rep}", extra_env=extra_env)
@@ -634,6 +689,13 @@ def main(argv: list[str] | None = None) -> int:
             ratio = recs["worker-rx"].ingest_rate / bare.ingest_rate
             verdicts.append((f"{syntax}: ingest alone (worker-rx) >= {TARGETS['ingest_vs_bare']}x bare pynetdicom SCP",
                              ratio >= TARGETS["ingest_vs_bare"], f"{ratio:.2f}x"))
+        for name in ("worker-rx", "worker"):
+            if name in recs and f"{name}-nohttp" in recs:
+                on, off = recs[name], recs[f"{name}-nohttp"]
+                print(f"{SYNTAX_LABEL[syntax]:<32}{name} ingest HTTP on / off: {on.ingest_rate:.1f} / "
+                      f"{off.ingest_rate:.1f} studies/s = {on.ingest_rate / off.ingest_rate:.3f} "
+                      f"({on.stages.get('http_scrapes_during_burst', 0):.0f} scrapes of /metrics + /readyz during "
+                      "the burst)")
         for name, r in recs.items():
             if r.cpu and name != "worker":
                 print(f"{'':<32}{name} CPU per instance: receiver {r.cpu['worker']:.1f} ms, storescu "

@@ -20,6 +20,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+from .metrics import Metrics
 from .net.associations import AssociationPool
 from .net.tls import destination_context
 from .settings import Settings
@@ -33,8 +34,9 @@ class OutboxLoop(threading.Thread):
     once; ``outbox.poll_seconds`` only paces retries (backoff) and rows of other workers."""
 
     def __init__(self, settings: Settings, db: Database, owner: str, stop: threading.Event,
-                 wake: threading.Event | None = None) -> None:
+                 wake: threading.Event | None = None, metrics: Metrics | None = None) -> None:
         super().__init__(name="outbox", daemon=True)
+        self.metrics = metrics if metrics is not None else Metrics()
         self.settings, self.db, self.owner, self.stop_event = settings, db, owner, stop
         self.wake = wake if wake is not None else stop
         self.sent = 0
@@ -107,8 +109,11 @@ class OutboxLoop(threading.Thread):
         if rest:  # the accepted ones are committed already: no transaction at all in the usual case
             settle(self.db, self.owner, [self._after(item, outcome, error, now, name) for item, outcome in rest], now)
         for item, outcome in zip(group, outcomes):
+            if outcome is None or not outcome.ok:
+                self.metrics.delivery_failed(name)
             if outcome is not None and outcome.ok:
                 self.sent += 1
+                self.metrics.delivered(name)
                 log.info("SR %s of study %s delivered to %s (%.3f s)", item.sr_sop_instance_uid,
                          item.study_uid, name, elapsed)
 

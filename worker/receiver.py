@@ -32,7 +32,8 @@ from pathlib import Path
 from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 
-from .errors import NotDurable, Unreadable
+from .errors import DiskFull, NotDurable, ReceiveError, Unreadable
+from .metrics import Metrics, Outcome
 from .scoring.eligibility import HEADER_REASONS, BrokenEncoding, check, check_encoding, invalid_uid, read_header
 from .settings import Settings
 from .store.db import Database, Instance
@@ -63,10 +64,11 @@ class Received(StrEnum):
 class Receiver:
     """Makes received instances durable and records them (called on the network threads)."""
 
-    def __init__(self, settings: Settings, db: Database, spool: Spool) -> None:
+    def __init__(self, settings: Settings, db: Database, spool: Spool, metrics: Metrics | None = None) -> None:
         self.settings = settings
         self.db = db
         self.spool = spool
+        self.metrics = metrics if metrics is not None else Metrics()
         self.received = 0
         self.duplicates = 0
         self.rejected = 0
@@ -74,23 +76,49 @@ class Receiver:
         self._lock = threading.Lock()
 
     def store(self, tmp: Path, calling_aet: str | None) -> Received:
-        """Make ``tmp`` (a spooled data set) durable and record it; raises Unreadable or NotDurable."""
+        """Make ``tmp`` (a spooled data set) durable and record it; raises Unreadable or NotDurable
+        (DiskFull first of all, before anything is kept, while the disk is below storage.min_free_bytes).
+        Every outcome is counted in ``cxr_worker_instances_received_total``."""
+        try:
+            received = self._store(tmp, calling_aet)
+        except ReceiveError as exc:
+            self.metrics.received(Outcome.REJECTED if isinstance(exc, Unreadable) else Outcome.REFUSED, exc.reason)
+            raise
+        except BaseException as exc:  # the listener answers 0xA700 for these too (a spool OSError, a bug)
+            self.metrics.received(Outcome.REFUSED, "spool" if isinstance(exc, OSError) else "error")
+            raise
+        self.metrics.received(Outcome(received.value))
+        return received
+
+    def refused(self, reason: str) -> None:
+        """Count an instance the listener answered 0xA700 without calling ``store`` (spooling failed)."""
+        self.metrics.received(Outcome.REFUSED, reason)
+
+    def _store(self, tmp: Path, calling_aet: str | None) -> Received:
+        if (low := self.spool.watermark.below()) is not None:
+            # Below the watermark: nothing is kept. The bytes pynetdicom spooled while the data set
+            # arrived are removed before the answer (no fsync was started), so nothing partial remains.
+            tmp.unlink(missing_ok=True)
+            log.warning("refused instance (0xA700): %d bytes free on the data directory's filesystem, below "
+                        "storage.min_free_bytes = %d", low.free_bytes, low.min_free_bytes)
+            raise DiskFull(f"free space {low.free_bytes} below storage.min_free_bytes {low.min_free_bytes}")
         file_sync = fsync_later(tmp)  # the data's fsync runs while the encoding is checked and parsed
         try:
             encoding = check_encoding(tmp)          # every element whole, sequences closed (no values read)
             header = read_header(tmp, SOURCE_TAGS)  # and, in one parse, what its SR will read
         except BrokenEncoding as exc:
             self._settle(file_sync)
-            raise self._quarantine(tmp, f"incomplete or malformed data set: {exc}") from None
+            raise self._quarantine(tmp, f"incomplete or malformed data set: {exc}", "malformed") from None
         except Exception as exc:  # noqa: BLE001 - unparseable: tell the sender, keep listening
             self._settle(file_sync)
-            raise self._quarantine(tmp, f"unreadable DICOM header: {type(exc).__name__}: {exc}") from None
+            raise self._quarantine(tmp, f"unreadable DICOM header: {type(exc).__name__}: {exc}",
+                                   "unreadable_header") from None
         if not header.study_uid or not header.sop_instance_uid:
             self._settle(file_sync)
-            raise self._quarantine(tmp, "missing StudyInstanceUID or SOPInstanceUID")
+            raise self._quarantine(tmp, "missing StudyInstanceUID or SOPInstanceUID", "missing_uid")
         if (bad := invalid_uid(header)) is not None:
             self._settle(file_sync)
-            raise self._quarantine(tmp, bad)
+            raise self._quarantine(tmp, bad, "invalid_uid")
         sr_attributes = self._sr_attributes(header)  # still inside the fsync's shadow
         final = self.spool.instance_path(header.study_uid, header.sop_instance_uid)
         size = tmp.stat().st_size
@@ -163,9 +191,10 @@ class Receiver:
                 self.spool.replace(tmp, final)  # before the commit: the row never describes the old file
         except OperationalError as exc:
             log.warning("database busy/unavailable replacing %s: %s", header.sop_instance_uid, exc)
-            raise NotDurable(f"could not record instance {header.sop_instance_uid} in the database") from None
+            raise NotDurable(f"could not record instance {header.sop_instance_uid} in the database",
+                             "database") from None
         except OSError as exc:
-            raise NotDurable(f"could not replace the spool file of {header.sop_instance_uid}: {exc}") from None
+            raise NotDurable(f"could not replace the spool file of {header.sop_instance_uid}: {exc}", "spool") from None
         self._count("replaced")
         log.info("instance %s (study %s) replaced its stored copy, which could not be used (%s); the study "
                  "is evaluated again", header.sop_instance_uid, header.study_uid, stored.reason)
@@ -204,7 +233,7 @@ class Receiver:
         with self._lock:
             setattr(self, name, getattr(self, name) + 1)
 
-    def _quarantine(self, tmp: Path, why: str) -> Unreadable:
+    def _quarantine(self, tmp: Path, why: str, reason: str) -> Unreadable:
         """Move an unreadable file to rejected/ and return the error to raise."""
         self._count("rejected")
         target = self.spool.root / "rejected"
@@ -214,7 +243,7 @@ class Receiver:
         except OSError:
             tmp.unlink(missing_ok=True)
         log.warning("rejected instance (0xC000): %s", why)
-        return Unreadable(why)
+        return Unreadable(why, reason)
 
     def _record(self, header, final: Path, size: int, calling_aet: str | None,
                 sr_attributes: bytes | None = None, place: Path | None = None) -> Received:
@@ -261,7 +290,7 @@ class Receiver:
                 log.warning("database busy/unavailable storing %s: %s", header.sop_instance_uid, exc)
                 time.sleep(0.2 * (attempt + 1))
         log.error("could not record instance %s; answering 0xA700", header.sop_instance_uid)
-        raise NotDurable(f"could not record instance {header.sop_instance_uid} in the database")
+        raise NotDurable(f"could not record instance {header.sop_instance_uid} in the database", "database")
 
 
 def same_data_set(received: Path, offset: int, stored: Path, chunk: int = 1 << 20) -> bool:

@@ -27,6 +27,7 @@ import numpy as np
 import pydicom
 from sqlalchemy import insert, select, update
 
+from .metrics import Metrics
 from .store import outbox, studies
 from .store.db import Database, Instance, Result, StudyState, clip
 from .scoring.runner import DecodeBatch, Scored, ModelRunner
@@ -68,8 +69,9 @@ class ScorerLoop(threading.Thread):
 
     def __init__(self, settings: Settings, db: Database, spool: Spool, runner: ModelRunner, owner: str,
                  stop: threading.Event, poll_seconds: float = 0.2,
-                 on_committed: Callable[[], None] | None = None) -> None:
+                 on_committed: Callable[[], None] | None = None, metrics: Metrics | None = None) -> None:
         super().__init__(name="scorer", daemon=True)
+        self.metrics = metrics if metrics is not None else Metrics()
         self.settings, self.db, self.spool, self.runner = settings, db, spool, runner
         self.owner, self.stop_event, self.poll = owner, stop, min(poll_seconds, settings.studies.quiet_seconds or 0.2)
         self.poll = max(self.poll, 0.05)
@@ -153,6 +155,8 @@ class ScorerLoop(threading.Thread):
             release(self.db, self.owner, [c.id for c in claimed], f"scoring failed: {type(exc).__name__}: {exc}")
             return
         renew(self.db, self.owner, [c.id for c in claimed], self.settings.studies.lease_seconds)
+        for s in scored:  # here, in this process: the decode processes cannot update its metrics
+            self.metrics.decoded(s.prepared.transfer_syntax, s.prepared.decode_s)
         by_study: dict[int, list[Scored]] = defaultdict(list)
         for s in scored:
             by_study[s.prepared.key[0]].append(s)
@@ -185,6 +189,9 @@ class ScorerLoop(threading.Thread):
                 continue
             self.scored_studies += 1
             self._log_result(item, final)
+            received = [i.received for i in per_study[item.study.id] if i.received]
+            self.metrics.study_concluded(item.result["status"], item.result["total_s"],
+                                         time.time() - min(received) if received else None, item.reasons)
         if self.on_committed is not None and any(c.result["sr_path"] and c.study.id in finals for c in concluded):
             self.on_committed()
 

@@ -20,7 +20,9 @@ import signal
 import threading
 import time
 
+from .metrics import Metrics
 from .store import db as dbm
+from .store import overview
 from .store.db import Database
 from .outbox_loop import OutboxLoop
 from .scorer_loop import ScorerLoop
@@ -45,7 +47,8 @@ class Service:
         os.umask(0o077)
         # TLS files are loaded first: a bad certificate stops start-up (SettingsError, exit 2).
         self.ssl_context = server_context(settings.tls) if settings.tls.enabled else None
-        self.spool = Spool(settings.storage.data_dir)
+        self.spool = Spool(settings.storage.data_dir, settings.storage.min_free_bytes)
+        self.metrics = Metrics()  # this service's own registry (served at /metrics)
         self._check_data_dir(settings)
         # pynetdicom set up for this process, before the slow steps: an untested pynetdicom version
         # stops start-up here (UnsupportedDependency, exit 2).
@@ -60,13 +63,35 @@ class Service:
         m = settings.model
         self.runner = ModelRunner(m.path, m.device, m.precision, m.batch_size, m.decode_threads, m.decode_processes,
                              m.torch_threads)
-        self.receiver = Receiver(settings, self.db, self.spool)
+        self.metrics.set_model(self.runner.info.name, self.runner.info.version, self.runner.info.uid)
+        self.metrics.watch_database(lambda: overview.gauges(self.db))
+        self.metrics.watch_free_space(self._free_space)
+        self.receiver = Receiver(settings, self.db, self.spool, self.metrics)
         self.listener = Listener(settings, self.receiver, self.ssl_context)
         self.sr_ready = threading.Event()  # scorer -> outbox: an SR was committed, send it now
         self.scorer_loop = ScorerLoop(settings, self.db, self.spool, self.runner, self.owner, self.stop_event,
-                                      on_committed=self.sr_ready.set)
-        self.outbox_loop = OutboxLoop(settings, self.db, self.owner, self.stop_event, wake=self.sr_ready)
+                                      on_committed=self.sr_ready.set, metrics=self.metrics)
+        self.outbox_loop = OutboxLoop(settings, self.db, self.owner, self.stop_event, wake=self.sr_ready,
+                                      metrics=self.metrics)
         self.port: int | None = None
+        self.http = self._http_server() if settings.http.enabled else None
+
+    def _free_space(self) -> tuple[int, int]:
+        space = self.spool.watermark.measure()
+        return space.free_bytes, space.min_free_bytes
+
+    def _http_server(self):
+        """The HTTP face (worker/http), its socket bound now: a busy http.port stops start-up here."""
+        from .http import Face, HTTPServer, Readiness, build_app
+
+        readiness = Readiness(self.db, self.spool.watermark, model_loaded=lambda: self.runner.model is not None,
+                              listener_accepting=self.listener.accepting,
+                              flows_alive=lambda: {"scorer": self.scorer_loop.is_alive(),
+                                                   "outbox": self.outbox_loop.is_alive()})
+        info = self.runner.info
+        face = Face(self.settings, self.db, self.spool, self.metrics, readiness,
+                    model={"name": info.name, "version": info.version, "uid": info.uid})
+        return HTTPServer(build_app(face), self.settings)
 
     def _check_data_dir(self, settings: Settings) -> None:
         """This worker's own incoming/<owner>/ (locked while it lives), then the checks that let several
@@ -92,6 +117,8 @@ class Service:
         self.scorer_loop.warm_up()
         self.scorer_loop.start()
         self.outbox_loop.start()
+        if self.http is not None:
+            self.http.start()  # /readyz says "listener not accepting" until the next line
         self.port = self.listener.start()
         return self.port
 
@@ -105,6 +132,8 @@ class Service:
             if thread.is_alive():
                 log.warning("%s thread still busy after %.0f s; its claim will be re-taken on restart",
                             thread.name, grace)
+        if self.http is not None:
+            self.http.stop()
         self.runner.close()
         self.db.dispose()
         self.spool.release_incoming()

@@ -172,6 +172,7 @@ class StorageSettings:
     database_url: str
     sqlite_busy_timeout_ms: int
     writeback_bytes: int
+    min_free_bytes: int
 
     def __post_init__(self) -> None:
         if not str(self.data_dir):
@@ -181,6 +182,7 @@ class StorageSettings:
             raise SettingsError("storage.database_url: expected a string")
         _check_num("storage.sqlite_busy_timeout_ms", self.sqlite_busy_timeout_ms, minimum=0, integer=True)
         _check_num("storage.writeback_bytes", self.writeback_bytes, minimum=0, integer=True)
+        _check_num("storage.min_free_bytes", self.min_free_bytes, minimum=0, integer=True)
 
     @property
     def url(self) -> str:
@@ -259,6 +261,39 @@ class OutboxSettings:
         return min(self.retry_max_seconds, self.retry_base_seconds * 2 ** max(0, min(attempts - 1, 30)))
 
 
+@dataclass(frozen=True)
+class HTTPSettings:
+    """[http]: the HTTP face (worker/http): /healthz, /readyz, /metrics and the web pages."""
+
+    enabled: bool
+    bind_address: str
+    port: int
+    tls: bool
+    bearer_token: str
+    show_patient_data: bool
+    refresh_seconds: int
+    recent_studies: int
+
+    def __post_init__(self) -> None:
+        _check_bool("http.enabled", self.enabled)
+        if not isinstance(self.bind_address, str) or not self.bind_address:
+            raise SettingsError(f"http.bind_address: expected an address, got {self.bind_address!r}")
+        _check_num("http.port", self.port, minimum=0, integer=True)
+        if self.port > 65535:
+            raise SettingsError(f"http.port: {self.port} > 65535")
+        _check_bool("http.tls", self.tls)
+        if not isinstance(self.bearer_token, str):
+            raise SettingsError("http.bearer_token: expected a string (\"\" = no token)")
+        _check_bool("http.show_patient_data", self.show_patient_data)
+        _check_num("http.refresh_seconds", self.refresh_seconds, minimum=0, integer=True)
+        _check_num("http.recent_studies", self.recent_studies, minimum=1, integer=True)
+
+    @property
+    def local_address(self) -> str:
+        """Where a client on this machine reaches the HTTP server."""
+        return "127.0.0.1" if self.bind_address in ("0.0.0.0", "::") else self.bind_address
+
+
 _PACKAGED = "config/worker.toml must define every key (the merged configuration starts from it)"
 
 
@@ -300,7 +335,8 @@ def _destination(index: int, table: Mapping[str, Any]) -> Destination:
 
 #: The TOML tables read into one dataclass each ([logging] and destinations are read by Settings).
 SECTIONS: dict[str, type] = {"network": NetworkSettings, "storage": StorageSettings, "studies": StudySettings,
-                             "model": ModelSettings, "sr": SRSettings, "outbox": OutboxSettings, "tls": TLSSettings}
+                             "model": ModelSettings, "sr": SRSettings, "outbox": OutboxSettings, "tls": TLSSettings,
+                             "http": HTTPSettings}
 
 
 @dataclass(frozen=True)
@@ -314,8 +350,14 @@ class Settings:
     destinations: list[Destination]
     log_level: str                   # [logging] level
     tls: TLSSettings
+    http: HTTPSettings
 
     def __post_init__(self) -> None:
+        if self.http.enabled and self.http.tls:  # HTTPS uses the listener's certificate and key
+            for key in ("certificate", "private_key"):
+                if not getattr(self.tls, key):
+                    raise SettingsError(f"http.tls: needs tls.{key} (HTTPS uses the [tls] certificate and key)")
+                _check_file(f"tls.{key}", getattr(self.tls, key), required=True)
         names = [d.name for d in self.destinations]
         if len(names) != len(set(names)):
             raise SettingsError(f"destinations: names must be unique, got {names}")

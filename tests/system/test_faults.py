@@ -333,7 +333,10 @@ def test_disk_full_answers_failure_listener_survives_then_recovers(fault_corpus,
     data = tiny_filesystem                           # incoming/, spool/, sr/ on the tiny filesystem (log beside it)
     db_path = tmp_path / "db" / "worker.db"          # the database elsewhere (its disk is not full)
     db_path.parent.mkdir()
-    with WorkerProcess(data, env={"CXR_WORKER__STORAGE__DATABASE_URL": f"sqlite:///{db_path}"}) as worker:
+    # the watermark off (storage.min_free_bytes = 0): this is the disk filling while a data set arrives
+    # (the watermark itself: tests/system/test_http.py)
+    with WorkerProcess(data, env={"CXR_WORKER__STORAGE__DATABASE_URL": f"sqlite:///{db_path}",
+                                  "CXR_WORKER__STORAGE__MIN_FREE_BYTES": "0"}) as worker:
         filler = tiny_filesystem / "filler"
         fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
         try:                                          # fill the filesystem to the last byte

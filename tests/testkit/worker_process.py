@@ -95,6 +95,7 @@ class WorkerProcess:
         the worker runs under (e.g. ``unshare --pid --fork --kill-child --mount-proc``)."""
         self.data_dir = Path(data_dir)
         self.port = port or free_port()
+        self.http_port = free_port()  # the HTTP face (/healthz, /readyz, /metrics, pages) on loopback
         self.ae_title = ae_title
         self.tls = tls  # ssl.SSLContext for echo() when the worker listens with DICOM TLS
         self.database_url = database_url
@@ -106,6 +107,8 @@ class WorkerProcess:
             "CXR_WORKER__NETWORK__PORT": str(self.port),
             "CXR_WORKER__NETWORK__BIND_ADDRESS": "127.0.0.1",
             "CXR_WORKER__NETWORK__AE_TITLE": ae_title,
+            "CXR_WORKER__HTTP__PORT": str(self.http_port),
+            "CXR_WORKER__HTTP__BIND_ADDRESS": "127.0.0.1",
             "CXR_WORKER__STUDIES__QUIET_SECONDS": str(quiet),
             "CXR_WORKER__OUTBOX__RETRY_BASE_SECONDS": "0.5",
             "CXR_WORKER__OUTBOX__RETRY_MAX_SECONDS": "1.0",
@@ -150,6 +153,26 @@ class WorkerProcess:
             return echo("127.0.0.1", self.port, self.ae_title, "TEST_SCU", tls=self.tls, timeout=2) == 0
         except Exception:  # noqa: BLE001 - not up yet
             return False
+
+    @property
+    def http_url(self) -> str:
+        """Base URL of the worker's HTTP face (http.port on loopback)."""
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def http_get(self, path: str, **kwargs):
+        """GET ``path`` on the worker's HTTP face (httpx, a real request over loopback)."""
+        import httpx
+
+        return httpx.get(self.http_url + path, timeout=kwargs.pop("timeout", 30), **kwargs)
+
+    def metrics(self) -> dict[tuple[str, tuple], float]:
+        """/metrics parsed with prometheus_client's parser: {(sample name, sorted labels): value}."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        response = self.http_get("/metrics")
+        response.raise_for_status()
+        return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+                for family in text_string_to_metric_families(response.text) for sample in family.samples}
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
         """Signal the worker and wait; returns its exit code."""
@@ -201,7 +224,7 @@ class WorkerProcess:
     def results(self) -> list[dict]:
         """Result rows as `cxr-worker results --json` prints them (same code, read in-process)."""
         from worker.store.db import Database
-        from worker.cli.reports import result_rows
+        from worker.store.overview import result_rows
 
         db = Database(self.database_url or f"sqlite:///{self.data_dir / 'worker.db'}", create=False)
         try:
@@ -244,6 +267,7 @@ class StoreSCP:
         self.out_dir = Path(out_dir)
         self.options = tuple(options)  # extra storescp options, e.g. ("+tls", key, cert, "+cf", ca)
         self.port = port or free_port()
+        self.http_port = free_port()  # the HTTP face (/healthz, /readyz, /metrics, pages) on loopback
         self.ae_title = ae_title
         self.process: subprocess.Popen | None = None
 

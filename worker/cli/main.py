@@ -47,6 +47,8 @@ def _settings(args) -> Settings:
            if v is not None}
     if net:
         settings = dataclasses.replace(settings, network=dataclasses.replace(settings.network, **net))
+    if getattr(args, "http_port", None) is not None:
+        settings = dataclasses.replace(settings, http=dataclasses.replace(settings.http, port=args.http_port))
     if getattr(args, "data_dir", None) is not None:
         settings = dataclasses.replace(settings, storage=dataclasses.replace(settings.storage,
                                                                              data_dir=Path(args.data_dir)))
@@ -78,6 +80,22 @@ def check_listen_address(net: NetworkSettings) -> None:
                                "CXR_WORKER__NETWORK__BIND_ADDRESS)") from None
 
 
+def check_http_address(settings: Settings) -> None:
+    """The same early check for the HTTP face's address (http.bind_address, http.port)."""
+    http = settings.http
+    if not http.enabled or http.port == 0:
+        return
+    family = socket.AF_INET6 if ":" in http.bind_address else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((http.bind_address, http.port))
+        except OSError as exc:
+            raise StartupError(f"http.port: cannot listen on {http.bind_address}:{http.port}: "
+                               f"{exc.strerror or exc}; choose another with serve --http-port N, http.port in the "
+                               "--config file or CXR_WORKER__HTTP__PORT (or http.enabled = false)") from None
+
+
 def check_model_file(path: Path, source: str) -> None:
     """The checkpoint exists and is a cxr-worker checkpoint (its header only; no torch, no weights)."""
     if not path.is_file():
@@ -97,6 +115,7 @@ def cmd_serve(args) -> int:
     # The quick checks first: the port and the model file, before torch is imported (seconds) and the
     # model loaded.
     check_listen_address(settings.network)
+    check_http_address(settings)
     check_model_file(settings.model.path, "model.path")
     setup_logging(settings.log_level)
     from ..service import Service
@@ -211,6 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--bind", metavar="ADDR", help="address to listen on, e.g. 127.0.0.1 for this machine "
                                                       f"only (default: network.bind_address, "
                                                       f"{_packaged('network.bind_address')} = every interface)")
+    serve.add_argument("--http-port", type=int, metavar="N",
+                       help=f"HTTP port of /healthz, /readyz, /metrics and the pages (default: http.port, "
+                            f"{_packaged('http.port')}; http.enabled = false turns it off)")
     _data_dir_argument(serve)
     serve.set_defaults(func=cmd_serve)
 

@@ -1,44 +1,15 @@
-"""`cxr-worker results` and `cxr-worker status`: read-only views of the database."""
+"""`cxr-worker results` and `cxr-worker status`: the read-only views of worker/store/overview.py as text,
+JSON or CSV (the web pages of worker/http read the same functions)."""
 
 from __future__ import annotations
 
 import csv
 import json
 import sys
-import time
 from typing import TextIO
 
-from sqlalchemy import func, select
-
-from ..store.db import Database, Instance, OutboxItem, OutboxState, Result, Study, StudyState
-
-RESULT_COLUMNS = ["study_uid", "accession", "status", "revision", "probability", "label", "threshold",
-                  "model_name", "model_version", "model_uid", "n_instances", "n_scored", "reasons", "error",
-                  "decode_s", "inference_s", "sr_s", "total_s", "device", "sr_sop_instance_uid", "sr_path",
-                  "delivered", "waiting", "created"]
-
-
-def result_rows(db: Database, limit: int | None = None) -> list[dict]:
-    with db.session() as s:
-        query = select(Result).order_by(Result.created.desc(), Result.id.desc())
-        if limit:
-            query = query.limit(limit)
-        results = s.scalars(query).all()
-        sent = dict(s.execute(select(OutboxItem.sr_sop_instance_uid, func.count())
-                              .where(OutboxItem.status == OutboxState.SENT)
-                              .group_by(OutboxItem.sr_sop_instance_uid)).all())
-        waiting = dict(s.execute(select(OutboxItem.sr_sop_instance_uid, func.count())
-                                 .where(OutboxItem.status != OutboxState.SENT)
-                                 .group_by(OutboxItem.sr_sop_instance_uid)).all())
-    rows = []
-    for r in results:
-        row = {c: getattr(r, c) for c in RESULT_COLUMNS if hasattr(r, c)}
-        row["reasons"] = json.loads(r.reasons) if r.reasons else {}
-        row["delivered"] = sent.get(r.sr_sop_instance_uid, 0)
-        row["waiting"] = waiting.get(r.sr_sop_instance_uid, 0)
-        row["created"] = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(r.created))
-        rows.append(row)
-    return rows
+from ..store.db import Database
+from ..store.overview import RESULT_COLUMNS, result_rows, status_report  # noqa: F401 (the one home of the queries)
 
 
 def print_results(db: Database, fmt: str, limit: int | None, out: TextIO = sys.stdout) -> int:
@@ -61,55 +32,6 @@ def print_results(db: Database, fmt: str, limit: int | None, out: TextIO = sys.s
         if not rows:
             out.write("(no results yet)\n")
     return 0
-
-
-def status_report(db: Database) -> dict:
-    with db.session() as s:
-        studies = dict(s.execute(select(Study.status, func.count()).group_by(Study.status)).all())
-        outbox = dict(s.execute(select(OutboxItem.status, func.count()).group_by(OutboxItem.status)).all())
-        instances = s.scalar(select(func.count()).select_from(Instance)) or 0
-        skipped = dict(s.execute(select(Instance.reason, func.count()).where(Instance.eligible.is_(False))
-                                 .group_by(Instance.reason)).all())
-        models = [dict(name=n, version=v, uid=u, results=c) for n, v, u, c in s.execute(
-            select(Result.model_name, Result.model_version, Result.model_uid, func.count())
-            .group_by(Result.model_name, Result.model_version, Result.model_uid)).all()]
-        errors = [dict(study_uid=u, status=st, error=e) for u, st, e in s.execute(
-            select(Study.study_uid, Study.status, Study.error).where(Study.error.is_not(None))
-            .order_by(Study.updated.desc()).limit(5)).all()]
-        delivery = [dict(sr=u, destination=d, attempts=a, error=e) for u, d, a, e in s.execute(
-            select(OutboxItem.sr_sop_instance_uid, OutboxItem.destination, OutboxItem.attempts,
-                   OutboxItem.last_error).where(OutboxItem.status != OutboxState.SENT,
-                                                OutboxItem.last_error.is_not(None))
-            .order_by(OutboxItem.next_attempt).limit(5)).all()]
-        leases = _leases(s)
-    return {
-        "database": db.engine.url.render_as_string(hide_password=True),
-        "studies": {state.value: studies.get(state, 0) for state in StudyState},
-        "instances": instances,
-        "skipped_instances": skipped,
-        "outbox": {state.value: outbox.get(state, 0) for state in OutboxState},
-        "models": models,
-        "last_errors": errors,
-        "delivery_errors": delivery,
-        "leases": leases,
-    }
-
-
-def _leases(s) -> list[dict]:
-    """Claims held now, per worker (lease owner ``host~id:pid:token``): scoring studies and SRs being
-    sent, and when the earliest lease expires (negative: expired, waiting to be taken over). With
-    several workers on one database this is every worker's, from any host."""
-    now = time.time()
-    held: dict[str, dict] = {}
-    for table, state, key in ((Study, StudyState.SCORING, "studies"), (OutboxItem, OutboxState.SENDING, "outbox")):
-        for owner, count, expires in s.execute(
-                select(table.lease_owner, func.count(), func.min(table.lease_expires))
-                .where(table.status == state, table.lease_owner.is_not(None)).group_by(table.lease_owner)).all():
-            entry = held.setdefault(owner, {"owner": owner, "studies": 0, "outbox": 0, "expires_in_s": None})
-            entry[key] = count
-            left = round((expires or now) - now, 1)
-            entry["expires_in_s"] = left if entry["expires_in_s"] is None else min(entry["expires_in_s"], left)
-    return sorted(held.values(), key=lambda e: e["owner"])
 
 
 def print_status(db: Database, as_json: bool, out: TextIO = sys.stdout) -> int:

@@ -77,6 +77,7 @@ def _handle_store(event, receiver: Receiver) -> int:
     failed = spool_file.failure(path)  # the data set could not even be spooled (disk full, I/O error)
     if failed:
         log.error("cannot spool received instance (%s); answering 0xA700", failed)
+        receiver.refused("spool_write_failed")
         return status.OUT_OF_RESOURCES
     try:
         receiver.store(path, event.assoc.requestor.ae_title)
@@ -133,6 +134,10 @@ class Listener:
                  "DICOM TLS" + (", client certificate required" if self.settings.tls.require_client_certificate
                                 else "") if self.ssl_context else "plain TCP, no TLS")
         return port
+
+    def accepting(self) -> bool:
+        """Is the listener serving (started, its accept thread alive, not stopping)? For /readyz."""
+        return self.server is not None and self._thread is not None and self._thread.is_alive()
 
     def stop(self, grace: float = 30.0) -> None:
         """Stop accepting; give established associations up to ``grace`` seconds to finish.

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS, code_to_category
 
-from ..errors import NotDurable, ReceiveError, Unreadable
+from ..errors import DiskFull, NotDurable, ReceiveError, Unreadable
 
 #: Success (PS3.4 Annex B and PS3.7 C).
 SUCCESS = 0x0000
@@ -22,7 +22,7 @@ STORAGE_WARNINGS = frozenset({0xB000, 0xB006, 0xB007})
 #: C-STORE statuses that mean the peer kept the instance.
 ACCEPTED = frozenset({SUCCESS, *STORAGE_WARNINGS})
 
-_STATUS_OF = {Unreadable: CANNOT_UNDERSTAND, NotDurable: OUT_OF_RESOURCES}
+_STATUS_OF = {Unreadable: CANNOT_UNDERSTAND, DiskFull: OUT_OF_RESOURCES, NotDurable: OUT_OF_RESOURCES}
 
 
 def store_status(error: ReceiveError) -> int:

@@ -6,6 +6,7 @@ Layout under the data directory (directories 0700, files 0600):
                                locked (POSIX ``lockf``) for as long as that worker lives
     spool/<study>/<sop>.dcm    received instances, exactly the bytes that were sent (no re-encoding)
     sr/<study>/<sop>.dcm       the SRs the worker wrote
+    heatmaps/<study>/<sop>.png overlays shown on the study page, when present
     worker.db                  the default SQLite database
 
 Several workers may share one data directory (with one PostgreSQL database): each receives into
@@ -25,9 +26,11 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import SettingsError
@@ -113,16 +116,64 @@ def fsync_together(files: Sequence[Path], dirs: Sequence[Path] = (), started: Se
         raise error
 
 
+@dataclass(frozen=True)
+class FreeSpace:
+    """Free space of the data directory's filesystem against the watermark, when it was measured."""
+
+    free_bytes: int
+    min_free_bytes: int
+    measured: float  # time.monotonic()
+
+    @property
+    def below_watermark(self) -> bool:
+        return self.min_free_bytes > 0 and self.free_bytes < self.min_free_bytes
+
+
+class DiskWatermark:
+    """``storage.min_free_bytes`` on the filesystem of ``path``: statvfs at most once per ``max_age``
+    seconds (the C-STORE path asks on every instance: a cached answer costs a lock and a clock read)."""
+
+    def __init__(self, path: Path, min_free_bytes: int, max_age: float = 1.0) -> None:
+        self.path = Path(path)
+        self.min_free_bytes = int(min_free_bytes)
+        self.max_age = max_age
+        self._lock = threading.Lock()
+        self._last: FreeSpace | None = None
+
+    def measure(self) -> FreeSpace:
+        """Free space now (statvfs: blocks available to unprivileged users), cached for ``max_age``."""
+        now = time.monotonic()
+        last = self._last
+        if last is not None and now - last.measured < self.max_age:
+            return last
+        with self._lock:
+            last = self._last
+            if last is not None and now - last.measured < self.max_age:
+                return last
+            st = os.statvfs(self.path)
+            self._last = FreeSpace(st.f_bavail * st.f_frsize, self.min_free_bytes, time.monotonic())
+            return self._last
+
+    def below(self) -> FreeSpace | None:
+        """The measurement when free space is below the watermark, else None (always None when off)."""
+        if self.min_free_bytes <= 0:
+            return None
+        space = self.measure()
+        return space if space.below_watermark else None
+
+
 class Spool:
     """Paths and atomic moves under the data directory."""
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, min_free_bytes: int = 0) -> None:
         self.root = private_dir(Path(data_dir))
         self.incoming_root = private_dir(self.root / "incoming")
         #: Where received data sets are spooled: incoming/ itself until take_incoming gives this worker its own.
         self.incoming = self.incoming_root
         self.spool = private_dir(self.root / "spool")
         self.sr = private_dir(self.root / "sr")
+        self.heatmaps = self.root / "heatmaps"  # <study>/<sop>.png overlays (written by the heatmap issue)
+        self.watermark = DiskWatermark(self.root, min_free_bytes)
         self._lock_fd: int | None = None
 
     # -- several workers on one data directory ------------------------------------------------------------
@@ -239,6 +290,9 @@ class Spool:
 
     def sr_path(self, study_uid: str, sop_uid: str) -> Path:
         return self.sr / safe_name(study_uid) / f"{safe_name(sop_uid)}.dcm"
+
+    def heatmap_path(self, study_uid: str, sop_uid: str) -> Path:
+        return self.heatmaps / safe_name(study_uid) / f"{safe_name(sop_uid)}.png"
 
     def adopt(self, tmp: Path, final: Path, file_sync: Future | None = None) -> bool:
         """Move ``tmp`` to ``final`` without replacing an existing file; durable when it returns True.
