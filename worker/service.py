@@ -28,6 +28,7 @@ from .net.listener import Listener
 from .receiver import Receiver
 from .settings import Settings
 from .store.spool import Spool
+from .store.outbox import CommitmentReport, Recorded, record_commitment
 from .store.studies import reclaim_stale
 from .net.tls import server_context
 
@@ -57,12 +58,20 @@ class Service:
         self.runner = ModelRunner(m.path, m.device, m.precision, m.batch_size, m.decode_threads, m.decode_processes,
                              m.torch_threads)
         self.receiver = Receiver(settings, self.db, self.spool)
-        self.listener = Listener(settings, self.receiver, self.ssl_context)
         self.sr_ready = threading.Event()  # scorer -> outbox: an SR was committed, send it now
+        self.listener = Listener(settings, self.receiver, self.ssl_context, commitments=self._commitment_report)
         self.scorer_loop = ScorerLoop(settings, self.db, self.spool, self.runner, self.owner, self.stop_event,
                                       on_committed=self.sr_ready.set)
         self.outbox_loop = OutboxLoop(settings, self.db, self.owner, self.stop_event, wake=self.sr_ready)
         self.port: int | None = None
+
+    def _commitment_report(self, report: CommitmentReport) -> Recorded:
+        """A Storage Commitment report (the listener's thread): recorded; SRs it lists as failed are
+        sent again at once."""
+        recorded = record_commitment(self.db, report)
+        if recorded.resend:
+            self.sr_ready.set()
+        return recorded
 
     def start(self) -> int:
         self.scorer_loop.warm_up()

@@ -15,7 +15,7 @@ from ..store.db import Database, Instance, OutboxItem, OutboxState, Result, Stud
 RESULT_COLUMNS = ["study_uid", "accession", "status", "revision", "probability", "label", "threshold",
                   "model_name", "model_version", "model_uid", "n_instances", "n_scored", "reasons", "error",
                   "decode_s", "inference_s", "sr_s", "total_s", "device", "sr_sop_instance_uid", "sr_path",
-                  "delivered", "waiting", "created"]
+                  "delivered", "committed", "waiting", "created"]
 
 
 def result_rows(db: Database, limit: int | None = None) -> list[dict]:
@@ -25,16 +25,20 @@ def result_rows(db: Database, limit: int | None = None) -> list[dict]:
             query = query.limit(limit)
         results = s.scalars(query).all()
         sent = dict(s.execute(select(OutboxItem.sr_sop_instance_uid, func.count())
-                              .where(OutboxItem.status == OutboxState.SENT)
+                              .where(OutboxItem.status.in_(OutboxState.delivered()))
                               .group_by(OutboxItem.sr_sop_instance_uid)).all())
+        committed = dict(s.execute(select(OutboxItem.sr_sop_instance_uid, func.count())
+                                   .where(OutboxItem.status == OutboxState.COMMITTED)
+                                   .group_by(OutboxItem.sr_sop_instance_uid)).all())
         waiting = dict(s.execute(select(OutboxItem.sr_sop_instance_uid, func.count())
-                                 .where(OutboxItem.status != OutboxState.SENT)
+                                 .where(OutboxItem.status.not_in(OutboxState.delivered()))
                                  .group_by(OutboxItem.sr_sop_instance_uid)).all())
     rows = []
     for r in results:
         row = {c: getattr(r, c) for c in RESULT_COLUMNS if hasattr(r, c)}
         row["reasons"] = json.loads(r.reasons) if r.reasons else {}
-        row["delivered"] = sent.get(r.sr_sop_instance_uid, 0)
+        row["delivered"] = sent.get(r.sr_sop_instance_uid, 0)     # destinations that accepted the SR
+        row["committed"] = committed.get(r.sr_sop_instance_uid, 0)  # ... of which took responsibility
         row["waiting"] = waiting.get(r.sr_sop_instance_uid, 0)
         row["created"] = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(r.created))
         rows.append(row)
@@ -52,12 +56,12 @@ def print_results(db: Database, fmt: str, limit: int | None, out: TextIO = sys.s
         for row in rows:
             writer.writerow({**row, "reasons": json.dumps(row["reasons"]) if row["reasons"] else ""})
     else:
-        out.write(f"{'created':19}  {'status':18}  {'prob':>6}  {'label':9}  {'sent':>4}  study (accession)\n")
+        out.write(f"{'created':19}  {'status':18}  {'prob':>6}  {'label':9}  {'sent':>4}  {'comm':>4}  study (accession)\n")
         for row in rows:
             prob = f"{row['probability']:.3f}" if row["probability"] is not None else "-"
             acc = f" ({row['accession']})" if row["accession"] else ""
             out.write(f"{row['created']:19}  {row['status']:18}  {prob:>6}  {row['label'] or '-':9}  "
-                      f"{row['delivered']:>4}  {row['study_uid']}{acc}\n")
+                      f"{row['delivered']:>4}  {row['committed']:>4}  {row['study_uid']}{acc}\n")
         if not rows:
             out.write("(no results yet)\n")
     return 0
@@ -78,7 +82,7 @@ def status_report(db: Database) -> dict:
             .order_by(Study.updated.desc()).limit(5)).all()]
         delivery = [dict(sr=u, destination=d, attempts=a, error=e) for u, d, a, e in s.execute(
             select(OutboxItem.sr_sop_instance_uid, OutboxItem.destination, OutboxItem.attempts,
-                   OutboxItem.last_error).where(OutboxItem.status != OutboxState.SENT,
+                   OutboxItem.last_error).where(OutboxItem.status.not_in((OutboxState.SENT, OutboxState.COMMITTED)),
                                                 OutboxItem.last_error.is_not(None))
             .order_by(OutboxItem.next_attempt).limit(5)).all()]
     return {
