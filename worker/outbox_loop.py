@@ -124,6 +124,7 @@ class OutboxLoop(threading.Thread):
     def deliver(self, key: tuple, group: list[OutboxItem]) -> None:
         """Send ``group`` (one destination) and record every outcome; each accepted SR is committed
         as sent the moment it is answered, so a crash re-sends at most one."""
+        from .net.commitment import CONTEXT as COMMITMENT_CONTEXT
         from .net.scu import store_files
 
         host, port, ae_title, name, url = key
@@ -148,9 +149,12 @@ class OutboxLoop(threading.Thread):
                 for outcome in outcomes:
                     accepted(outcome)
             else:
+                d = self._destination(name)
                 outcomes = store_files([Path(i.sr_path) for i in group], host, port, ae_title,
                                        calling_aet=self.settings.network.ae_title, tls=self.tls.get(name),
-                                       timeout=self.settings.outbox.timeout, on_outcome=accepted, pool=self.pool)
+                                       timeout=self.settings.outbox.timeout, on_outcome=accepted, pool=self.pool,
+                                       also_propose=[COMMITMENT_CONTEXT] if d is not None and d.storage_commitment
+                                       else [])
         except Exception as exc:  # noqa: BLE001 - treat as a failed try for every item
             log.warning("delivery to %s failed: %s", name, exc)
             outcomes = [None] * len(group)

@@ -28,12 +28,13 @@ from testkit.env import dcmtk, free_port
 from testkit.dicom_factory import make_dataset, synthetic_radiograph
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, evt
-from pynetdicom.sop_class import Comprehensive3DSRStorage
+from pynetdicom.sop_class import Comprehensive3DSRStorage, StorageCommitmentPushModel
 
 from trainer.checkpoint import ModelInfo, new_model_uid
 from worker.store import db as dbm
 from worker.net.associations import AssociationPool
 from worker.store.db import Database, OutboxItem, OutboxState, Result, Study, StudyState
+from worker.store.outbox import CommitmentReport, record_commitment
 from worker.outbox_loop import OutboxLoop, claim_due
 from worker.net.scu import store_files
 from worker.settings import load_settings
@@ -172,6 +173,8 @@ class PynetdicomPeer:
         self.port = free_port()
         self.ae = AE(ae_title=DEST_AET)
         self.ae.add_supported_context(Comprehensive3DSRStorage, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+        self.ae.add_supported_context(StorageCommitmentPushModel, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+        self.commitment_requests: list[tuple[str, list[str]]] = []  # (Transaction UID, SOP Instance UIDs)
         self.accepted = 0
         self.requests: Counter = Counter()
         self.stored: Counter = Counter()
@@ -191,6 +194,12 @@ class PynetdicomPeer:
         self.stored[uid] += 1
         return 0x0000
 
+    def _on_action(self, event: evt.Event):
+        info = event.action_information
+        self.commitment_requests.append((str(info.TransactionUID),
+                                         [str(r.ReferencedSOPInstanceUID) for r in info.ReferencedSOPSequence]))
+        return 0x0000, None
+
     def release_all(self) -> list:
         """Release every association from our side (the SCP's), as a PACS closing idle ones does."""
         assocs = list(self.server.active_associations)
@@ -198,13 +207,14 @@ class PynetdicomPeer:
             assoc.release()
         return assocs
 
-    def destination(self) -> dict:
-        return {"name": "peer", "host": "127.0.0.1", "port": self.port, "ae_title": DEST_AET}
+    def destination(self, **extra) -> dict:
+        return {"name": "peer", "host": "127.0.0.1", "port": self.port, "ae_title": DEST_AET, **extra}
 
     def __enter__(self) -> "PynetdicomPeer":
         self.server = self.ae.start_server(("127.0.0.1", self.port), block=False,
                                            evt_handlers=[(evt.EVT_ACCEPTED, self._on_accepted),
-                                                         (evt.EVT_C_STORE, self._on_store)])
+                                                         (evt.EVT_C_STORE, self._on_store),
+                                                         (evt.EVT_N_ACTION, self._on_action)])
         return self
 
     def __exit__(self, *exc) -> None:
@@ -244,7 +254,7 @@ class Outbox:
                 s.add(OutboxItem(result_id=self.result_id, study_uid="1.2.3", sr_sop_instance_uid=uid,
                                  sr_path=str(path), destination=d.name, host=d.host, port=d.port,
                                  ae_title=d.ae_title, status=OutboxState.PENDING, attempts=0, next_attempt=now,
-                                 created=now))
+                                 created=now, commitment=d.storage_commitment))
         self.wake.set()
         return uids
 
@@ -463,6 +473,44 @@ def test_kept_association_outlives_the_network_timeout_while_idle(make_srs, tmp_
 
 
 # --- the claim ----------------------------------------------------------------------------------
+
+def test_commitment_requested_over_the_kept_association_failed_resent_unknown_ignored(make_srs, tmp_path):
+    with PynetdicomPeer() as peer, Outbox(tmp_path, peer.destination(storage_commitment=True),
+                                          retry_base_seconds=0.2, retry_max_seconds=0.5) as box:
+        uids = box.add(make_srs(2))
+        wait_until(lambda: len(peer.commitment_requests) == 1, "one commitment request")
+        transaction, referenced = peer.commitment_requests[0]
+        assert sorted(referenced) == sorted(uids) and peer.accepted == 1  # C-STOREs and N-ACTION: one association
+        rows = box.wait(lambda r: all(r[u].status == OutboxState.COMMITTING for u in uids), "committing")
+        assert {r.commitment_uid for r in rows.values()} == {transaction}
+        # The report, as the listener hands it over: an unknown transaction changes nothing.
+        assert not record_commitment(box.db, CommitmentReport(generate_uid(), tuple(uids))).known
+        recorded = record_commitment(box.db, CommitmentReport(transaction, (uids[0],), {uids[1]: 0x0112}))
+        assert (recorded.committed, recorded.resend) == (1, 1)
+        box.wake.set()
+        wait_until(lambda: len(peer.commitment_requests) == 2, "the failed one sent and requested again")
+        again, referenced = peer.commitment_requests[1]
+        assert referenced == [uids[1]] and again != transaction and peer.stored[uids[1]] == 2
+        rows = box.rows()
+        assert rows[uids[0]].status == OutboxState.COMMITTED and rows[uids[0]].committed is not None
+        # The old transaction's report again: superseded, ignored; the new one commits the resent SR.
+        assert not record_commitment(box.db, CommitmentReport(transaction, (uids[1],))).known
+        assert record_commitment(box.db, CommitmentReport(again, (uids[1],))).committed == 1
+        rows = box.rows()
+        assert all(rows[u].status == OutboxState.COMMITTED for u in uids) and peer.stored[uids[0]] == 1
+
+
+def test_commitment_without_report_requested_again_after_timeout_never_committed(make_srs, tmp_path):
+    with PynetdicomPeer() as peer, Outbox(tmp_path, peer.destination(storage_commitment=True, commitment_timeout=1),
+                                          retry_base_seconds=0.2, retry_max_seconds=0.5) as box:
+        [uid] = box.add(make_srs(1))
+        wait_until(lambda: len(peer.commitment_requests) >= 3, "requested three times", timeout=30)
+        transactions = [t for t, _ in peer.commitment_requests]
+        assert len(set(transactions)) == len(transactions) and peer.stored[uid] == 1  # asked again, not resent
+        row = box.rows()[uid]
+        assert row.status != OutboxState.COMMITTED and row.committed is None
+        assert "no storage commitment report" in (row.last_error or "")
+
 
 def _claimers_take_disjoint_rows(url: str, rows: int = 60, claimers: int = 4, returning: bool = True) -> None:
     setup = Database(url)
