@@ -564,3 +564,72 @@ def test_claim_sqlite_each_row_to_one_claimer(tmp_path, returning):
 
 def test_claim_postgres_skip_locked_each_row_to_one_claimer(request):
     _claimers_take_disjoint_rows(request.getfixturevalue("postgres_url"))  # skips without PostgreSQL
+
+
+def _commitment_bookkeeping(url: str, rows: int = 12, claimers: int = 3) -> None:
+    """claim_commitments gives each delivered row to one claimer; reports are recorded by Transaction
+    UID whoever claimed; expiry sends the rest back to sent with backoff; old rows are never asked."""
+    from worker.store.outbox import begin_commitment, claim_commitments, expire_commitments
+
+    setup = Database(url)
+    try:
+        now = time.time()
+        with setup.session() as s, s.begin():
+            s.query(OutboxItem).delete()
+            s.query(Result).delete()
+            s.query(Study).delete()
+            result = _add_scored_study(s, "8.8", "8.7", now)
+            for i in range(rows):
+                s.add(OutboxItem(result_id=result.id, study_uid="8.8", sr_sop_instance_uid=f"8.8.{i}",
+                                 sr_path=f"/nowhere/{i}.dcm", destination="d", host="h", port=1, ae_title="D",
+                                 status=OutboxState.SENT, attempts=1, next_attempt=now - 1, created=now, sent=now,
+                                 commitment=True))
+            s.add(OutboxItem(result_id=result.id, study_uid="8.8", sr_sop_instance_uid="8.8.old",
+                             sr_path="/nowhere/old.dcm", destination="d", host="h", port=1, ae_title="D",
+                             status=OutboxState.SENT, attempts=1, next_attempt=now - 1, created=now, sent=now))
+        taken: dict[str, list[OutboxItem]] = {f"w{k}": [] for k in range(claimers)}
+        barrier = threading.Barrier(claimers)
+
+        def claimer(owner: str) -> None:
+            db = Database(url, create=False)
+            try:
+                barrier.wait()
+                while items := claim_commitments(db, owner, 60, limit=2):
+                    assert all(i.status == OutboxState.COMMITTING and i.lease_owner == owner for i in items)
+                    begin_commitment(db, owner, [i.id for i in items], f"2.25.{owner[1:]}{len(taken[owner])}", 30)
+                    taken[owner] += items
+            finally:
+                db.dispose()
+
+        threads = [threading.Thread(target=claimer, args=(owner,)) for owner in taken]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        every = sorted(i.sr_sop_instance_uid for items in taken.values() for i in items)
+        assert every == sorted(f"8.8.{i}" for i in range(rows))  # each once; the pre-commitment row never
+        with setup.session() as s:
+            by_uid = {r.sr_sop_instance_uid: r for r in s.query(OutboxItem).all()}
+        first = by_uid["8.8.0"]
+        batch = [u for u, r in by_uid.items() if r.commitment_uid == first.commitment_uid]
+        recorded = record_commitment(setup, CommitmentReport(first.commitment_uid, tuple(batch)))
+        assert recorded.committed == len(batch) >= 1 and recorded.resend == 0
+        late = expire_commitments(setup, time.time() + 31, lambda attempts: 100.0 * attempts)
+        assert late == rows - len(batch)
+        with setup.session() as s:
+            states = Counter(r.status for r in s.query(OutboxItem).all())
+            again = s.query(OutboxItem).filter(OutboxItem.status == OutboxState.SENT,
+                                               OutboxItem.sr_sop_instance_uid != "8.8.old").all()
+        assert states == Counter({OutboxState.COMMITTED: len(batch), OutboxState.SENT: rows - len(batch) + 1})
+        assert all(r.attempts == 2 and r.next_attempt > time.time() + 150 and r.lease_owner is None for r in again)
+        assert all("no storage commitment report" in r.last_error for r in again)
+    finally:
+        setup.dispose()
+
+
+def test_commitment_bookkeeping_sqlite(tmp_path):
+    _commitment_bookkeeping(f"sqlite:///{tmp_path / 'commit.db'}")
+
+
+def test_commitment_bookkeeping_postgres_skip_locked(request):
+    _commitment_bookkeeping(request.getfixturevalue("postgres_url"))  # skips without PostgreSQL
