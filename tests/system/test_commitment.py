@@ -117,6 +117,9 @@ def test_no_report_retried_orthanc_down_retried_failed_reference_resent_then_com
             down = worker.wait_for(lambda: (r := _row(worker, study_uid)) and "connect" in (r["error"] or "") and r,
                                    timeout=30, what="request failed while Orthanc is down")
             assert down["status"] in ("sent", "committing") and down["committed"] is None
+            waiting = worker.status()
+            assert waiting["outbox"]["committed"] == 0 and waiting["delivery_errors"]
+            assert waiting["outbox"]["sent"] + waiting["outbox"]["committing"] == 1
             pacs.start()
             # The SR is lost in the PACS (deleted), and its reports reach the worker now: Orthanc
             # reports the reference failed, the SR is sent again, then committed.

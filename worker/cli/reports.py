@@ -82,7 +82,7 @@ def status_report(db: Database) -> dict:
             .order_by(Study.updated.desc()).limit(5)).all()]
         delivery = [dict(sr=u, destination=d, attempts=a, error=e) for u, d, a, e in s.execute(
             select(OutboxItem.sr_sop_instance_uid, OutboxItem.destination, OutboxItem.attempts,
-                   OutboxItem.last_error).where(OutboxItem.status.not_in((OutboxState.SENT, OutboxState.COMMITTED)),
+                   OutboxItem.last_error).where(OutboxItem.status != OutboxState.COMMITTED,  # sent + error: commitment
                                                 OutboxItem.last_error.is_not(None))
             .order_by(OutboxItem.next_attempt).limit(5)).all()]
     return {
