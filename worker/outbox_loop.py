@@ -37,8 +37,8 @@ from .net.associations import AssociationPool, Peer
 from .net.tls import destination_context
 from .settings import Destination, Settings
 from .store.db import Database, OutboxItem
-from .store.outbox import (BATCH, Attempt, begin_commitment, claim_commitments, claim_due, expire_commitments,
-                           mark_sent, not_requested, settle)
+from .store.outbox import (BATCH, Attempt, CommitmentReport, Recorded, begin_commitment, claim_commitments,
+                           claim_due, expire_commitments, mark_sent, not_requested, record_commitment, settle)
 
 log = logging.getLogger("cxr_worker.outbox")
 
@@ -54,9 +54,14 @@ class OutboxLoop(threading.Thread):
         self.sent = 0
         # TLS destinations: contexts built (files loaded) at start-up; a bad file is a SettingsError.
         self.tls = {d.name: destination_context(d, settings.tls.minimum_version) for d in settings.destinations}
-        self.pool = AssociationPool(settings.outbox.idle_release_seconds)
         self.destinations = {d.name: d for d in settings.destinations}
         self.commitment = any(d.storage_commitment for d in settings.destinations)
+        handlers = ()
+        if self.commitment:  # a report on the association that carried the request is taken there
+            from .net.commitment import report_handlers
+
+            handlers = report_handlers(self._record_report)
+        self.pool = AssociationPool(settings.outbox.idle_release_seconds, handlers)
         # dicomweb destinations: their secrets read now (a missing variable is a SettingsError at start-up)
         self.secrets = {d.name: d.secret(os.environ) for d in settings.destinations if d.is_dicomweb}
         self.http: dict[str, object] = {}  # destination name -> httpx.Client, opened on first use
@@ -105,6 +110,13 @@ class OutboxLoop(threading.Thread):
         release_in = self.pool.next_release_in()
         poll = self.settings.outbox.poll_seconds
         return poll if release_in is None else min(poll, release_in)
+
+    def _record_report(self, report: CommitmentReport) -> Recorded:
+        """A Storage Commitment report that came on one of our associations (its reactor thread)."""
+        recorded = record_commitment(self.db, report)
+        if recorded.resend and self.wake is not self.stop_event:
+            self.wake.set()  # the SRs it lists as failed go again at once
+        return recorded
 
     def _destination(self, name: str) -> Destination | None:
         return self.destinations.get(name)

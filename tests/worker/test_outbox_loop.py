@@ -175,6 +175,8 @@ class PynetdicomPeer:
         self.ae.add_supported_context(Comprehensive3DSRStorage, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
         self.ae.add_supported_context(StorageCommitmentPushModel, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
         self.commitment_requests: list[tuple[str, list[str]]] = []  # (Transaction UID, SOP Instance UIDs)
+        self.report_on_same_association = False  # answer each request with an N-EVENT-REPORT right there
+        self.report_status: list[int] = []
         self.accepted = 0
         self.requests: Counter = Counter()
         self.stored: Counter = Counter()
@@ -198,6 +200,19 @@ class PynetdicomPeer:
         info = event.action_information
         self.commitment_requests.append((str(info.TransactionUID),
                                          [str(r.ReferencedSOPInstanceUID) for r in info.ReferencedSOPSequence]))
+        if self.report_on_same_association:
+            assoc = event.assoc
+
+            def report() -> None:  # after our N-ACTION-RSP has gone out
+                from worker.net._pynetdicom.reactor import reactor_parked  # pynetdicom's send race (as ours)
+
+                time.sleep(0.1)
+                with reactor_parked(assoc):
+                    rsp, _ = assoc.send_n_event_report(info, 1, StorageCommitmentPushModel,
+                                                       "1.2.840.10008.1.20.1.1")
+                self.report_status.append(int(rsp.Status) if rsp is not None and "Status" in rsp else -1)
+
+            threading.Thread(target=report, daemon=True).start()
         return 0x0000, None
 
     def release_all(self) -> list:
@@ -498,6 +513,16 @@ def test_commitment_requested_over_the_kept_association_failed_resent_unknown_ig
         assert record_commitment(box.db, CommitmentReport(again, (uids[1],))).committed == 1
         rows = box.rows()
         assert all(rows[u].status == OutboxState.COMMITTED for u in uids) and peer.stored[uids[0]] == 1
+
+
+def test_commitment_report_on_the_same_association_is_taken_there(make_srs, tmp_path):
+    with PynetdicomPeer() as peer, Outbox(tmp_path, peer.destination(storage_commitment=True)) as box:
+        peer.report_on_same_association = True
+        uids = box.add(make_srs(2))
+        rows = box.wait(lambda r: all(r[u].status == OutboxState.COMMITTED for u in uids), "committed", timeout=30)
+        wait_until(lambda: peer.report_status, "the peer's N-EVENT-REPORT answered")
+        assert peer.report_status == [0x0000] and peer.accepted == 1 and len(peer.commitment_requests) == 1
+        assert {r.commitment_uid for r in rows.values()} == {peer.commitment_requests[0][0]}
 
 
 def test_commitment_without_report_requested_again_after_timeout_never_committed(make_srs, tmp_path):

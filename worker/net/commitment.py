@@ -22,6 +22,7 @@ import pydicom
 
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import evt
 from pynetdicom.sop_class import StorageCommitmentPushModel
 
 from ..store.outbox import CommitmentReport, Recorded
@@ -131,16 +132,17 @@ def report_handler(record: Callable[[CommitmentReport], Recorded]) -> Callable:
 
     def handle(event) -> tuple[int, Dataset | None]:
         request = event.request
+        sender = (event.assoc.acceptor if event.assoc.is_requestor else event.assoc.requestor).ae_title
         if request.AffectedSOPClassUID != StorageCommitmentPushModel:
             return status.PROCESSING_FAILURE, None
         try:
             info = event.event_information
         except Exception as exc:  # noqa: BLE001 - an undecodable data set
-            log.warning("storage commitment report from %s: cannot read it: %s", event.assoc.requestor.ae_title, exc)
+            log.warning("storage commitment report from %s: cannot read it: %s", sender, exc)
             return status.PROCESSING_FAILURE, None
         report = parse_report(int(request.EventTypeID or 0), info)
         if isinstance(report, str):
-            log.warning("N-EVENT-REPORT from %s ignored: %s", event.assoc.requestor.ae_title, report)
+            log.warning("N-EVENT-REPORT from %s ignored: %s", sender, report)
             return (NO_SUCH_EVENT_TYPE if "event type" in report else status.PROCESSING_FAILURE), None
         try:
             recorded = record(report)
@@ -149,11 +151,17 @@ def report_handler(record: Callable[[CommitmentReport], Recorded]) -> Callable:
             return status.PROCESSING_FAILURE, None
         if not recorded.known:
             log.info("storage commitment report for unknown or superseded transaction %s from %s ignored",
-                     report.transaction_uid, event.assoc.requestor.ae_title)
+                     report.transaction_uid, sender)
         else:
             log.info("storage commitment transaction %s from %s: %d committed, %d failed%s",
-                     report.transaction_uid, event.assoc.requestor.ae_title, recorded.committed, recorded.resend,
+                     report.transaction_uid, sender, recorded.committed, recorded.resend,
                      " (sent again)" if recorded.resend else "")
         return status.SUCCESS, None  # no Event Reply for this SOP class
 
     return handle
+
+
+def report_handlers(record: Callable[[CommitmentReport], Recorded]) -> tuple:
+    """Handlers for the associations the outbox requests (AssociationPool(handlers=...)): a PACS
+    that sends its report on the association that carried the request is answered there."""
+    return ((evt.EVT_N_EVENT_REPORT, report_handler(record)),)
