@@ -658,3 +658,18 @@ def test_commitment_bookkeeping_sqlite(tmp_path):
 
 def test_commitment_bookkeeping_postgres_skip_locked(request):
     _commitment_bookkeeping(request.getfixturevalue("postgres_url"))  # skips without PostgreSQL
+
+
+def test_dicomweb_secret_missing_from_the_environment_stops_start_up(tmp_path, monkeypatch):
+    from worker.errors import SettingsError
+
+    monkeypatch.delenv("CXR_TEST_NO_SUCH_TOKEN", raising=False)
+    web = {"name": "web", "kind": "dicomweb", "url": "http://127.0.0.1:9/dw", "auth": "bearer",
+           "token_env": "CXR_TEST_NO_SUCH_TOKEN"}
+    with pytest.raises(SettingsError, match=r"^destinations\.web\.token_env: environment variable "
+                                            r"CXR_TEST_NO_SUCH_TOKEN is not set"):
+        Outbox(tmp_path, web)
+    monkeypatch.setenv("CXR_TEST_NO_SUCH_TOKEN", "t0k")
+    box = Outbox(tmp_path, web)
+    assert box.loop.secrets == {"web": "t0k"} and box.destination.is_dicomweb
+    box.db.dispose()
