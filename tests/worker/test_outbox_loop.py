@@ -670,6 +670,6 @@ def test_dicomweb_secret_missing_from_the_environment_stops_start_up(tmp_path, m
                                             r"CXR_TEST_NO_SUCH_TOKEN is not set"):
         Outbox(tmp_path, web)
     monkeypatch.setenv("CXR_TEST_NO_SUCH_TOKEN", "t0k")
-    box = Outbox(tmp_path, web)
+    box = Outbox(tmp_path / "again", web)
     assert box.loop.secrets == {"web": "t0k"} and box.destination.is_dicomweb
     box.db.dispose()
