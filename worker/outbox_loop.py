@@ -65,7 +65,7 @@ class OutboxLoop(threading.Thread):
         # dicomweb destinations: their secrets read now (a missing variable is a SettingsError at start-up)
         self.secrets = {d.name: d.secret(os.environ) for d in settings.destinations if d.is_dicomweb}
         self.http: dict[str, object] = {}  # destination name -> httpx.Client, opened on first use
-        self.committed_requests = 0
+        self.commitment_requests = 0  # N-ACTIONs answered Success
 
     def run(self) -> None:
         try:
@@ -226,7 +226,7 @@ class OutboxLoop(threading.Thread):
         error = request_commitment(peer, transaction_uid,
                                    [(c, item.sr_sop_instance_uid) for item, c in references], pool=self.pool)
         if error is None:
-            self.committed_requests += 1
+            self.commitment_requests += 1
             log.info("storage commitment of %d SR(s) requested from %s (transaction %s)", len(ids), name,
                      transaction_uid)
             return

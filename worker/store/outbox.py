@@ -180,6 +180,9 @@ def claim_commitments(db: Database, owner: str, lease_seconds: float, limit: int
     no Transaction UID yet: ``begin_commitment`` records it before the request goes out)."""
     now = time.time()
     params = dict(now=now, n=limit)
+    with db.engine.connect() as conn:  # a read first: no write transaction (SQLite's lock) when none is due
+        if conn.scalars(_COMMIT_DUE, dict(now=now, n=1)).first() is None:
+            return []
     due = _COMMIT_DUE.with_for_update(skip_locked=True) if db.is_postgres else _COMMIT_DUE
     with db.write() as conn:
         ids = list(conn.scalars(due, params).all())
