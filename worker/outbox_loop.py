@@ -139,7 +139,8 @@ class OutboxLoop(threading.Thread):
         from .net.commitment import CONTEXT as COMMITMENT_CONTEXT
         from .net.scu import store_files
 
-        host, port, ae_title, name, url = key
+        host, port, ae_title, name = key[:4]
+        url = group[0].url  # a dicomweb destination's rows (the group key has it too)
         start = time.perf_counter()
         by_path, done = {Path(i.sr_path): i for i in group}, set()
 
