@@ -33,6 +33,7 @@ from .receiver import Receiver
 from .errors import SettingsError
 from .settings import Settings
 from .store.spool import Spool
+from .store.outbox import CommitmentReport, Recorded, record_commitment
 from .store.studies import reclaim_stale
 from .net.tls import server_context
 
@@ -67,8 +68,8 @@ class Service:
         self.metrics.watch_database(lambda: overview.gauges(self.db))
         self.metrics.watch_free_space(self._free_space)
         self.receiver = Receiver(settings, self.db, self.spool, self.metrics)
-        self.listener = Listener(settings, self.receiver, self.ssl_context)
         self.sr_ready = threading.Event()  # scorer -> outbox: an SR was committed, send it now
+        self.listener = Listener(settings, self.receiver, self.ssl_context, commitments=self._commitment_report)
         self.scorer_loop = ScorerLoop(settings, self.db, self.spool, self.runner, self.owner, self.stop_event,
                                       on_committed=self.sr_ready.set, metrics=self.metrics)
         self.outbox_loop = OutboxLoop(settings, self.db, self.owner, self.stop_event, wake=self.sr_ready,
@@ -112,6 +113,14 @@ class Service:
             raise
         if others:
             log.info("sharing %s with %d other running worker(s)", self.spool.root, len(others))
+
+    def _commitment_report(self, report: CommitmentReport) -> Recorded:
+        """A Storage Commitment report (the listener's thread): recorded; SRs it lists as failed are
+        sent again at once."""
+        recorded = record_commitment(self.db, report)
+        if recorded.resend:
+            self.sr_ready.set()
+        return recorded
 
     def start(self) -> int:
         self.scorer_loop.warm_up()

@@ -68,36 +68,114 @@ def _check_file(key: str, value: Any, *, required: bool = False) -> str:
     return str(path)
 
 
+class DestinationKind:
+    """``destinations[].kind``: how SRs reach the destination."""
+
+    DIMSE = "dimse"          # C-STORE over a DICOM association (worker/net/scu.py)
+    DICOMWEB = "dicomweb"    # STOW-RS over HTTP(S) (worker/net/dicomweb.py)
+    ALL = (DIMSE, DICOMWEB)
+
+
+class DestinationAuth:
+    """``destinations[].auth``: HTTP authentication of a dicomweb destination."""
+
+    NONE = "none"
+    BEARER = "bearer"        # Authorization: Bearer <the value of the variable token_env>
+    BASIC = "basic"          # username + the value of the variable password_env
+    ALL = (NONE, BEARER, BASIC)
+
+
+_ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
 @dataclass(frozen=True)
 class Destination:
-    """One ``[[destinations]]`` table. Its tls_* keys are optional, so their defaults live here: a
-    list entry has no packaged table to take them from."""
+    """One ``[[destinations]]`` table. Its optional keys have their defaults here: a list entry has
+    no packaged table to take them from (config/worker.toml documents them in its comment block)."""
 
     name: str
-    host: str
-    port: int
-    ae_title: str
+    kind: str = DestinationKind.DIMSE
+    host: str = ""                   # dimse: required
+    port: int = 0                    # dimse: required
+    ae_title: str = ""               # dimse: required
     tls: bool = False                # DICOM TLS to this destination (worker/net/tls.py client_context)
-    tls_ca_certificates: str = ""    # CA file that signed its certificate ("" = system CAs)
+    tls_ca_certificates: str = ""    # CA file that signed its certificate ("" = system CAs); dicomweb: https CAs
     tls_certificate: str = ""        # our client certificate, when it requires one ...
     tls_private_key: str = ""        # ... and its (unencrypted) private key
+    storage_commitment: bool = False  # dimse: request Storage Commitment for every delivered SR
+    commitment_timeout: float = 60.0  # seconds to wait for the N-EVENT-REPORT before requesting again
+    url: str = ""                    # dicomweb: the STOW-RS base URL (POST {url}/studies)
+    auth: str = DestinationAuth.NONE  # dicomweb: none | bearer | basic
+    username: str = ""               # dicomweb, basic: the user name
+    token_env: str = ""              # dicomweb, bearer: the environment variable holding the token
+    password_env: str = ""           # dicomweb, basic: the environment variable holding the password
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
             raise SettingsError(f"destinations: name must be a non-empty string, got {self.name!r}")
-        if not isinstance(self.host, str) or not self.host:
-            raise SettingsError(f"destinations.{self.name}.host: must be a host name or address")
-        _check_num(f"destinations.{self.name}.port", self.port, minimum=1, integer=True)
-        if self.port > 65535:
-            raise SettingsError(f"destinations.{self.name}.port: {self.port} > 65535")
-        _check_ae(f"destinations.{self.name}.ae_title", self.ae_title)
-        _check_bool(f"destinations.{self.name}.tls", self.tls)
-        for key in ("tls_ca_certificates", "tls_certificate", "tls_private_key"):
-            object.__setattr__(self, key, _check_file(f"destinations.{self.name}.{key}", getattr(self, key)))
+        key = f"destinations.{self.name}"
+        _check_choice(f"{key}.kind", self.kind, DestinationKind.ALL)
+        if self.kind == DestinationKind.DIMSE:
+            if not isinstance(self.host, str) or not self.host:
+                raise SettingsError(f"{key}.host: must be a host name or address")
+            _check_num(f"{key}.port", self.port, minimum=1, integer=True)
+            if self.port > 65535:
+                raise SettingsError(f"{key}.port: {self.port} > 65535")
+            _check_ae(f"{key}.ae_title", self.ae_title)
+            for other in ("url", "username", "token_env", "password_env"):
+                if getattr(self, other):
+                    raise SettingsError(f"{key}.{other}: only for kind = \"dicomweb\"")
+            if self.auth != DestinationAuth.NONE:
+                raise SettingsError(f"{key}.auth: only for kind = \"dicomweb\"")
+        else:
+            if not isinstance(self.url, str) or not re.match(r"^https?://[^/\s]+", self.url):
+                raise SettingsError(f"{key}.url: expected an http:// or https:// base URL, got {self.url!r}")
+            object.__setattr__(self, "url", self.url.rstrip("/"))
+            if self.storage_commitment:
+                raise SettingsError(f"{key}.storage_commitment: DICOM Storage Commitment needs kind = \"dimse\"")
+            if self.host or self.port or self.ae_title:
+                raise SettingsError(f"{key}: host, port and ae_title are for kind = \"dimse\"; "
+                                    "a dicomweb destination has a url")
+        _check_bool(f"{key}.tls", self.tls)
+        _check_bool(f"{key}.storage_commitment", self.storage_commitment)
+        _check_num(f"{key}.commitment_timeout", self.commitment_timeout, minimum=1)
+        _check_choice(f"{key}.auth", self.auth, DestinationAuth.ALL)
+        for env_key in ("token_env", "password_env"):
+            value = getattr(self, env_key)
+            if not isinstance(value, str) or (value and not _ENV_NAME_RE.match(value)):
+                raise SettingsError(f"{key}.{env_key}: expected the name of an environment variable, got {value!r}")
+        if not isinstance(self.username, str):
+            raise SettingsError(f"{key}.username: expected a string, got {self.username!r}")
+        if self.auth == DestinationAuth.BEARER and not self.token_env:
+            raise SettingsError(f"{key}.token_env: auth = \"bearer\" needs the variable that holds the token")
+        if self.auth == DestinationAuth.BASIC and not (self.username and self.password_env):
+            raise SettingsError(f"{key}: auth = \"basic\" needs username and password_env")
+        for tls_key in ("tls_ca_certificates", "tls_certificate", "tls_private_key"):
+            object.__setattr__(self, tls_key, _check_file(f"{key}.{tls_key}", getattr(self, tls_key)))
         if bool(self.tls_certificate) != bool(self.tls_private_key):
-            raise SettingsError(f"destinations.{self.name}: tls_certificate and tls_private_key go together")
-        if not self.tls and (self.tls_ca_certificates or self.tls_certificate):
-            raise SettingsError(f"destinations.{self.name}: tls_* files given but tls = false")
+            raise SettingsError(f"{key}: tls_certificate and tls_private_key go together")
+        tls_on = self.tls if self.kind == DestinationKind.DIMSE else self.url.startswith("https://")
+        if not tls_on and (self.tls_ca_certificates or self.tls_certificate):
+            raise SettingsError(f"{key}: tls_* files given but " +
+                                ("tls = false" if self.kind == DestinationKind.DIMSE else "the url is not https://"))
+        if self.kind == DestinationKind.DICOMWEB and self.tls:
+            raise SettingsError(f"{key}.tls: a dicomweb destination uses TLS when its url is https://")
+
+    @property
+    def is_dicomweb(self) -> bool:
+        return self.kind == DestinationKind.DICOMWEB
+
+    def secret(self, environ: Mapping[str, str]) -> str:
+        """The token (bearer) or password (basic) from ``environ``; a SettingsError naming the
+        variable when it is not set."""
+        variable = {DestinationAuth.BEARER: self.token_env, DestinationAuth.BASIC: self.password_env}.get(self.auth)
+        if not variable:
+            return ""
+        value = environ.get(variable)
+        if not value:
+            raise SettingsError(f"destinations.{self.name}.{'token_env' if self.auth == DestinationAuth.BEARER else 'password_env'}: "
+                                f"environment variable {variable} is not set")
+        return value
 
 
 @dataclass(frozen=True)
@@ -323,10 +401,12 @@ _DESTINATION_REQUIRED = [f.name for f in fields(Destination) if f.default is MIS
 def _destination(index: int, table: Mapping[str, Any]) -> Destination:
     """One destinations entry, its missing and unknown keys named (not a TypeError of __init__)."""
     label = f"destinations[{index}]" + (f" ({table['name']!r})" if isinstance(table.get("name"), str) else "")
-    missing = [k for k in _DESTINATION_REQUIRED if k not in table]
+    required = _DESTINATION_REQUIRED + (["url"] if table.get("kind") == DestinationKind.DICOMWEB
+                                        else ["host", "port", "ae_title"])
+    missing = [k for k in required if k not in table]
     if missing:
         raise SettingsError(f"{label}: missing key{'s' if len(missing) > 1 else ''} {', '.join(missing)} "
-                            f"(required: {', '.join(_DESTINATION_REQUIRED)})")
+                            f"(required: {', '.join(required)})")
     unknown = sorted(set(table) - set(_DESTINATION_KEYS))
     if unknown:
         raise SettingsError(f"{label}.{unknown[0]}: unknown key (known: {', '.join(_DESTINATION_KEYS)})")

@@ -268,7 +268,7 @@ def test_orthanc_down_srs_wait_in_outbox_then_delivered_once(fault_corpus, tmp_p
                             what="delivery after Orthanc came back")
             time.sleep(1.5)                           # a second delivery would land now
             st = worker.status()
-            assert st["outbox"] == {"pending": 0, "sending": 0, "sent": len(studies)}
+            assert st["outbox"] == {"pending": 0, "sending": 0, "sent": len(studies), "committing": 0, "committed": 0}
             for uid in studies:
                 found = pacs.study_instances(uid)
                 assert len(found) == 1, (uid, found)   # exactly one SR per study in the PACS

@@ -4,11 +4,15 @@
         pacs.upload(path); pacs.store_to_modality("worker", [instance_id])
         pacs.stop(); ...; pacs.start()   # same ports and storage: "destination down, then up"
 
+    OrthancServer(plugins=["dicomweb"])           # STOW-RS at pacs.dicomweb_url (plugin DICOMWEB_PLUGIN)
+    OrthancServer(users={"alice": "secret"})      # HTTP authentication; the REST helpers log in as the first
+
 Tests import it as `from testkit.orthanc import OrthancServer`.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import shutil
 import socket
@@ -20,9 +24,14 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from testkit.env import free_port, require_tool
+import pytest
+
+from testkit.env import IN_CI, free_port, require_tool
 
 ORTHANC = "Orthanc"
+PLUGIN_DIR = Path("/usr/share/orthanc/plugins")
+#: Short plugin names -> the Debian packages' libraries (orthanc-dicomweb, orthanc-webviewer).
+PLUGINS = {"dicomweb": "libOrthancDicomWeb.so", "webviewer": "libOrthancWebViewer.so"}
 START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0
 POLL_S = 0.1
@@ -42,8 +51,20 @@ class OrthancServer:
         *,
         workdir: Path | None = None,
         extra_config: dict[str, Any] | None = None,
+        plugins: list[str] | None = None,
+        users: dict[str, str] | None = None,
     ) -> None:
         require_tool(ORTHANC)
+        libraries = []
+        for name in plugins or []:
+            library = PLUGIN_DIR / PLUGINS.get(name, name)
+            if not library.is_file():
+                message = f"Orthanc plugin not installed: {library}"
+                if IN_CI:
+                    pytest.fail(message + " (CI=true: .ci/run must install it)")
+                pytest.skip(message)
+            libraries.append(str(library))
+        self.users = dict(users or {})
         self.aet = aet
         self.host = "127.0.0.1"
         self.dicom_port = free_port()
@@ -72,14 +93,17 @@ class OrthancServer:
             "AcceptedTransferSyntaxes": ["1.2.840.10008.1.*"],
             "DicomModalities": modalities or {},
             "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False,
-            "Plugins": [],
+            "AuthenticationEnabled": bool(self.users),
+            "RegisteredUsers": self.users,
+            "Plugins": libraries,
             "SaveJobs": False,
             "StableAge": 1,
             "DicomScuTimeout": 5,
             "DicomAssociationCloseDelay": 0,
             "StorageCompression": False,
         }
+        if "dicomweb" in (plugins or []):
+            config["DicomWeb"] = {"Enable": True, "Root": "/dicom-web/"}
         config.update(extra_config or {})
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(json.dumps(config, indent=2))
@@ -90,6 +114,11 @@ class OrthancServer:
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.http_port}"
+
+    @property
+    def dicomweb_url(self) -> str:
+        """The DICOMweb base URL (plugins=["dicomweb"]): STOW-RS is POST {dicomweb_url}/studies."""
+        return f"{self.url}/dicom-web"
 
     @property
     def running(self) -> bool:
@@ -171,6 +200,10 @@ class OrthancServer:
     def _request(self, method: str, path: str, body: bytes | None = None, *, timeout: float = 30,
                  content_type: str = "application/json") -> Any:
         request = urllib.request.Request(self.url + path, data=body, method=method)
+        if self.users:
+            user, password = next(iter(self.users.items()))
+            token = base64.b64encode(f"{user}:{password}".encode()).decode()
+            request.add_header("Authorization", f"Basic {token}")
         if body is not None:
             request.add_header("Content-Type", content_type)
         try:
@@ -225,6 +258,13 @@ class OrthancServer:
     def store_to_modality(self, modality: str, resources: list[str], *, timeout: float = 60) -> Any:
         """C-STORE resources (Orthanc ids) to a configured modality, synchronously."""
         return self.post(f"/modalities/{modality}/store", {"Resources": list(resources), "Synchronous": True}, timeout=timeout)
+
+    def set_modality(self, modality: str, aet: str, host: str, port: int) -> None:
+        """Add or change a DICOM modality while Orthanc runs (PUT /modalities; until its restart)."""
+        self._request("PUT", f"/modalities/{modality}", json.dumps({"AET": aet, "Host": host, "Port": port}).encode())
+
+    def delete_instance(self, instance_id: str) -> None:
+        self._request("DELETE", f"/instances/{instance_id}")
 
     def echo_modality(self, modality: str) -> bool:
         try:

@@ -28,12 +28,13 @@ from testkit.env import dcmtk, free_port
 from testkit.dicom_factory import make_dataset, synthetic_radiograph
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, evt
-from pynetdicom.sop_class import Comprehensive3DSRStorage
+from pynetdicom.sop_class import Comprehensive3DSRStorage, StorageCommitmentPushModel
 
 from trainer.checkpoint import ModelInfo, new_model_uid
 from worker.store import db as dbm
 from worker.net.associations import AssociationPool
 from worker.store.db import Database, OutboxItem, OutboxState, Result, Study, StudyState
+from worker.store.outbox import CommitmentReport, record_commitment
 from worker.outbox_loop import OutboxLoop, claim_due
 from worker.net.scu import store_files
 from worker.settings import load_settings
@@ -172,6 +173,10 @@ class PynetdicomPeer:
         self.port = free_port()
         self.ae = AE(ae_title=DEST_AET)
         self.ae.add_supported_context(Comprehensive3DSRStorage, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+        self.ae.add_supported_context(StorageCommitmentPushModel, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+        self.commitment_requests: list[tuple[str, list[str]]] = []  # (Transaction UID, SOP Instance UIDs)
+        self.report_on_same_association = False  # answer each request with an N-EVENT-REPORT right there
+        self.report_status: list[int] = []
         self.accepted = 0
         self.requests: Counter = Counter()
         self.stored: Counter = Counter()
@@ -191,6 +196,25 @@ class PynetdicomPeer:
         self.stored[uid] += 1
         return 0x0000
 
+    def _on_action(self, event: evt.Event):
+        info = event.action_information
+        self.commitment_requests.append((str(info.TransactionUID),
+                                         [str(r.ReferencedSOPInstanceUID) for r in info.ReferencedSOPSequence]))
+        if self.report_on_same_association:
+            assoc = event.assoc
+
+            def report() -> None:  # after our N-ACTION-RSP has gone out
+                from worker.net._pynetdicom.reactor import reactor_parked  # pynetdicom's send race (as ours)
+
+                time.sleep(0.1)
+                with reactor_parked(assoc):
+                    rsp, _ = assoc.send_n_event_report(info, 1, StorageCommitmentPushModel,
+                                                       "1.2.840.10008.1.20.1.1")
+                self.report_status.append(int(rsp.Status) if rsp is not None and "Status" in rsp else -1)
+
+            threading.Thread(target=report, daemon=True).start()
+        return 0x0000, None
+
     def release_all(self) -> list:
         """Release every association from our side (the SCP's), as a PACS closing idle ones does."""
         assocs = list(self.server.active_associations)
@@ -198,13 +222,14 @@ class PynetdicomPeer:
             assoc.release()
         return assocs
 
-    def destination(self) -> dict:
-        return {"name": "peer", "host": "127.0.0.1", "port": self.port, "ae_title": DEST_AET}
+    def destination(self, **extra) -> dict:
+        return {"name": "peer", "host": "127.0.0.1", "port": self.port, "ae_title": DEST_AET, **extra}
 
     def __enter__(self) -> "PynetdicomPeer":
         self.server = self.ae.start_server(("127.0.0.1", self.port), block=False,
                                            evt_handlers=[(evt.EVT_ACCEPTED, self._on_accepted),
-                                                         (evt.EVT_C_STORE, self._on_store)])
+                                                         (evt.EVT_C_STORE, self._on_store),
+                                                         (evt.EVT_N_ACTION, self._on_action)])
         return self
 
     def __exit__(self, *exc) -> None:
@@ -244,7 +269,7 @@ class Outbox:
                 s.add(OutboxItem(result_id=self.result_id, study_uid="1.2.3", sr_sop_instance_uid=uid,
                                  sr_path=str(path), destination=d.name, host=d.host, port=d.port,
                                  ae_title=d.ae_title, status=OutboxState.PENDING, attempts=0, next_attempt=now,
-                                 created=now))
+                                 created=now, commitment=d.storage_commitment))
         self.wake.set()
         return uids
 
@@ -464,6 +489,54 @@ def test_kept_association_outlives_the_network_timeout_while_idle(make_srs, tmp_
 
 # --- the claim ----------------------------------------------------------------------------------
 
+def test_commitment_requested_over_the_kept_association_failed_resent_unknown_ignored(make_srs, tmp_path):
+    with PynetdicomPeer() as peer, Outbox(tmp_path, peer.destination(storage_commitment=True),
+                                          retry_base_seconds=0.2, retry_max_seconds=0.5) as box:
+        uids = box.add(make_srs(2))
+        wait_until(lambda: len(peer.commitment_requests) == 1, "one commitment request")
+        transaction, referenced = peer.commitment_requests[0]
+        assert sorted(referenced) == sorted(uids) and peer.accepted == 1  # C-STOREs and N-ACTION: one association
+        rows = box.wait(lambda r: all(r[u].status == OutboxState.COMMITTING for u in uids), "committing")
+        assert {r.commitment_uid for r in rows.values()} == {transaction}
+        # The report, as the listener hands it over: an unknown transaction changes nothing.
+        assert not record_commitment(box.db, CommitmentReport(generate_uid(), tuple(uids))).known
+        recorded = record_commitment(box.db, CommitmentReport(transaction, (uids[0],), {uids[1]: 0x0112}))
+        assert (recorded.committed, recorded.resend) == (1, 1)
+        box.wake.set()
+        wait_until(lambda: len(peer.commitment_requests) == 2, "the failed one sent and requested again")
+        again, referenced = peer.commitment_requests[1]
+        assert referenced == [uids[1]] and again != transaction and peer.stored[uids[1]] == 2
+        rows = box.rows()
+        assert rows[uids[0]].status == OutboxState.COMMITTED and rows[uids[0]].committed is not None
+        # The old transaction's report again: superseded, ignored; the new one commits the resent SR.
+        assert not record_commitment(box.db, CommitmentReport(transaction, (uids[1],))).known
+        assert record_commitment(box.db, CommitmentReport(again, (uids[1],))).committed == 1
+        rows = box.rows()
+        assert all(rows[u].status == OutboxState.COMMITTED for u in uids) and peer.stored[uids[0]] == 1
+
+
+def test_commitment_report_on_the_same_association_is_taken_there(make_srs, tmp_path):
+    with PynetdicomPeer() as peer, Outbox(tmp_path, peer.destination(storage_commitment=True)) as box:
+        peer.report_on_same_association = True
+        uids = box.add(make_srs(2))
+        rows = box.wait(lambda r: all(r[u].status == OutboxState.COMMITTED for u in uids), "committed", timeout=30)
+        wait_until(lambda: peer.report_status, "the peer's N-EVENT-REPORT answered")
+        assert peer.report_status == [0x0000] and peer.accepted == 1 and len(peer.commitment_requests) == 1
+        assert {r.commitment_uid for r in rows.values()} == {peer.commitment_requests[0][0]}
+
+
+def test_commitment_without_report_requested_again_after_timeout_never_committed(make_srs, tmp_path):
+    with PynetdicomPeer() as peer, Outbox(tmp_path, peer.destination(storage_commitment=True, commitment_timeout=1),
+                                          retry_base_seconds=0.2, retry_max_seconds=0.5) as box:
+        [uid] = box.add(make_srs(1))
+        wait_until(lambda: len(peer.commitment_requests) >= 3, "requested three times", timeout=30)
+        transactions = [t for t, _ in peer.commitment_requests]
+        assert len(set(transactions)) == len(transactions) and peer.stored[uid] == 1  # asked again, not resent
+        row = box.rows()[uid]
+        assert row.status != OutboxState.COMMITTED and row.committed is None
+        assert "no storage commitment report" in (row.last_error or "")
+
+
 def _claimers_take_disjoint_rows(url: str, rows: int = 60, claimers: int = 4, returning: bool = True) -> None:
     setup = Database(url)
     try:
@@ -516,3 +589,87 @@ def test_claim_sqlite_each_row_to_one_claimer(tmp_path, returning):
 
 def test_claim_postgres_skip_locked_each_row_to_one_claimer(request):
     _claimers_take_disjoint_rows(request.getfixturevalue("postgres_url"))  # skips without PostgreSQL
+
+
+def _commitment_bookkeeping(url: str, rows: int = 12, claimers: int = 3) -> None:
+    """claim_commitments gives each delivered row to one claimer; reports are recorded by Transaction
+    UID whoever claimed; expiry sends the rest back to sent with backoff; old rows are never asked."""
+    from worker.store.outbox import begin_commitment, claim_commitments, expire_commitments
+
+    setup = Database(url)
+    try:
+        now = time.time()
+        with setup.session() as s, s.begin():
+            s.query(OutboxItem).delete()
+            s.query(Result).delete()
+            s.query(Study).delete()
+            result = _add_scored_study(s, "8.8", "8.7", now)
+            for i in range(rows):
+                s.add(OutboxItem(result_id=result.id, study_uid="8.8", sr_sop_instance_uid=f"8.8.{i}",
+                                 sr_path=f"/nowhere/{i}.dcm", destination="d", host="h", port=1, ae_title="D",
+                                 status=OutboxState.SENT, attempts=1, next_attempt=now - 1, created=now, sent=now,
+                                 commitment=True))
+            s.add(OutboxItem(result_id=result.id, study_uid="8.8", sr_sop_instance_uid="8.8.old",
+                             sr_path="/nowhere/old.dcm", destination="d", host="h", port=1, ae_title="D",
+                             status=OutboxState.SENT, attempts=1, next_attempt=now - 1, created=now, sent=now))
+        taken: dict[str, list[OutboxItem]] = {f"w{k}": [] for k in range(claimers)}
+        barrier = threading.Barrier(claimers)
+
+        def claimer(owner: str) -> None:
+            db = Database(url, create=False)
+            try:
+                barrier.wait()
+                while items := claim_commitments(db, owner, 60, limit=2):
+                    assert all(i.status == OutboxState.COMMITTING and i.lease_owner == owner for i in items)
+                    begin_commitment(db, owner, [i.id for i in items], f"2.25.{owner[1:]}{len(taken[owner])}", 30)
+                    taken[owner] += items
+            finally:
+                db.dispose()
+
+        threads = [threading.Thread(target=claimer, args=(owner,)) for owner in taken]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        every = sorted(i.sr_sop_instance_uid for items in taken.values() for i in items)
+        assert every == sorted(f"8.8.{i}" for i in range(rows))  # each once; the pre-commitment row never
+        with setup.session() as s:
+            by_uid = {r.sr_sop_instance_uid: r for r in s.query(OutboxItem).all()}
+        first = by_uid["8.8.0"]
+        batch = [u for u, r in by_uid.items() if r.commitment_uid == first.commitment_uid]
+        recorded = record_commitment(setup, CommitmentReport(first.commitment_uid, tuple(batch)))
+        assert recorded.committed == len(batch) >= 1 and recorded.resend == 0
+        late = expire_commitments(setup, time.time() + 31, lambda attempts: 100.0 * attempts)
+        assert late == rows - len(batch)
+        with setup.session() as s:
+            states = Counter(r.status for r in s.query(OutboxItem).all())
+            again = s.query(OutboxItem).filter(OutboxItem.status == OutboxState.SENT,
+                                               OutboxItem.sr_sop_instance_uid != "8.8.old").all()
+        assert states == Counter({OutboxState.COMMITTED: len(batch), OutboxState.SENT: rows - len(batch) + 1})
+        assert all(r.attempts == 2 and r.next_attempt > time.time() + 150 and r.lease_owner is None for r in again)
+        assert all("no storage commitment report" in r.last_error for r in again)
+    finally:
+        setup.dispose()
+
+
+def test_commitment_bookkeeping_sqlite(tmp_path):
+    _commitment_bookkeeping(f"sqlite:///{tmp_path / 'commit.db'}")
+
+
+def test_commitment_bookkeeping_postgres_skip_locked(request):
+    _commitment_bookkeeping(request.getfixturevalue("postgres_url"))  # skips without PostgreSQL
+
+
+def test_dicomweb_secret_missing_from_the_environment_stops_start_up(tmp_path, monkeypatch):
+    from worker.errors import SettingsError
+
+    monkeypatch.delenv("CXR_TEST_NO_SUCH_TOKEN", raising=False)
+    web = {"name": "web", "kind": "dicomweb", "url": "http://127.0.0.1:9/dw", "auth": "bearer",
+           "token_env": "CXR_TEST_NO_SUCH_TOKEN"}
+    with pytest.raises(SettingsError, match=r"^destinations\.web\.token_env: environment variable "
+                                            r"CXR_TEST_NO_SUCH_TOKEN is not set"):
+        Outbox(tmp_path, web)
+    monkeypatch.setenv("CXR_TEST_NO_SUCH_TOKEN", "t0k")
+    box = Outbox(tmp_path / "again", web)
+    assert box.loop.secrets == {"web": "t0k"} and box.destination.is_dicomweb
+    box.db.dispose()

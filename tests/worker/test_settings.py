@@ -170,6 +170,37 @@ def test_destination_tables_name_their_missing_and_unknown_keys():
         Settings.from_dict(raw)
 
 
+def test_destination_kinds_commitment_and_dicomweb_keys_are_checked_by_name():
+    def one(**table):
+        raw = packaged()
+        raw["destinations"] = [{"name": "d", **table}]
+        return Settings.from_dict(raw).destinations[0]
+
+    dimse = one(host="h", port=104, ae_title="P", storage_commitment=True, commitment_timeout=5)
+    assert dimse.kind == "dimse" and dimse.storage_commitment and not dimse.is_dicomweb
+    web = one(kind="dicomweb", url="https://pacs.example/dicom-web/", auth="bearer", token_env="PACS_TOKEN")
+    assert web.url == "https://pacs.example/dicom-web" and web.is_dicomweb
+    assert web.secret({"PACS_TOKEN": "abc"}) == "abc"
+    with pytest.raises(SettingsError, match=r"^destinations\.d\.token_env: environment variable PACS_TOKEN is not set"):
+        web.secret({})
+    with pytest.raises(SettingsError, match=r"^destinations\[0\] \('d'\): missing key url"):
+        one(kind="dicomweb")
+    with pytest.raises(SettingsError, match=r"^destinations\.d\.kind: expected one of dimse, dicomweb"):
+        one(kind="ftp", host="h", port=1, ae_title="P")
+    with pytest.raises(SettingsError, match=r"^destinations\.d\.url: expected an http:// or https://"):
+        one(kind="dicomweb", url="pacs:8042")
+    with pytest.raises(SettingsError, match=r"^destinations\.d\.storage_commitment: DICOM Storage Commitment needs"):
+        one(kind="dicomweb", url="http://p/dw", storage_commitment=True)
+    with pytest.raises(SettingsError, match=r"^destinations\.d\.commitment_timeout: must be >= 1"):
+        one(host="h", port=104, ae_title="P", commitment_timeout=0)
+    with pytest.raises(SettingsError, match=r"^destinations\.d: auth = \"basic\" needs username and password_env"):
+        one(kind="dicomweb", url="http://p/dw", auth="basic", username="u")
+    with pytest.raises(SettingsError, match=r"^destinations\.d\.url: only for kind = \"dicomweb\""):
+        one(host="h", port=104, ae_title="P", url="http://p/dw")
+    with pytest.raises(SettingsError, match=r"^destinations\.d\.token_env: expected the name of an environment"):
+        one(kind="dicomweb", url="http://p/dw", auth="bearer", token_env="not a name")
+
+
 def test_syntax_errors_are_reported_as_such(tmp_path):
     with pytest.raises(SettingsError, match=r"CXR_WORKER__DESTINATIONS: TOML syntax error .*at column 9"):
         load_settings(environ={"CXR_WORKER__DESTINATIONS": '[{"name": "x"}]'})

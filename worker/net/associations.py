@@ -104,8 +104,11 @@ class NoContextAccepted(str):
                 f"or transfer syntax")
 
 
-def open_association(ae: AE, peer: Peer, pairs: ContextPairs) -> tuple[Association | None, str | None]:
-    """Request an association proposing ``pairs``; returns (assoc, None) or (None, reason)."""
+def open_association(ae: AE, peer: Peer, pairs: ContextPairs,
+                     handlers: tuple = ()) -> tuple[Association | None, str | None]:
+    """Request an association proposing ``pairs``; returns (assoc, None) or (None, reason).
+    ``handlers``: pynetdicom event handlers bound to it (a Storage Commitment report on the same
+    association: worker/net/commitment.report_handlers)."""
     contexts = []
     for abstract, syntaxes in pairs:
         context = PresentationContext()
@@ -127,7 +130,7 @@ def open_association(ae: AE, peer: Peer, pairs: ContextPairs) -> tuple[Associati
             ae_title=peer.called_aet,
             max_pdu=peer.max_pdu,
             tls_args=(peer.tls, peer.host) if peer.tls is not None else None,
-            evt_handlers=[(evt.EVT_CONN_OPEN, on_open)],
+            evt_handlers=[(evt.EVT_CONN_OPEN, on_open), *handlers],
         )
     except (OSError, ValueError, RuntimeError) as exc:
         return None, f"cannot open an association with {where}: {exc}"
@@ -211,8 +214,9 @@ def end_association(assoc: Association) -> None:
 class AssociationPool:
     """At most one open association per Peer, reused until idle for ``idle_release_s`` (0: never kept)."""
 
-    def __init__(self, idle_release_s: float) -> None:
+    def __init__(self, idle_release_s: float, handlers: tuple = ()) -> None:
         self.idle_release_s = idle_release_s
+        self.handlers = tuple(handlers)  # bound to every association it opens (open_association)
         self.opened = 0  # associations requested (established or not), for logs and tests
         self._aes: dict[Peer, AE] = {}
         self._kept: dict[Peer, _Kept] = {}
@@ -240,7 +244,7 @@ class AssociationPool:
         if ae is None:
             ae = self._aes[peer] = make_ae(peer.calling_aet, peer.timeout)
         self.opened += 1
-        assoc, reason = open_association(ae, peer, pairs)
+        assoc, reason = open_association(ae, peer, pairs, self.handlers)
         if assoc is None:
             return None, False, reason
         self._out[id(assoc)] = (peer, set(pairs))

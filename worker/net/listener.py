@@ -17,6 +17,7 @@ import logging
 import ssl
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from pydicom.uid import (
@@ -35,14 +36,16 @@ from pydicom.uid import (
     RLELossless,
 )
 from pynetdicom import AE, evt
-from pynetdicom.sop_class import Verification
+from pynetdicom.sop_class import StorageCommitmentPushModel, Verification
 
 from ..errors import ReceiveError
 from ..receiver import Receiver
 from ..scoring.eligibility import SCORABLE_SOP_CLASSES
 from ..settings import Settings
+from ..store.outbox import CommitmentReport, Recorded
 from . import status
 from ._pynetdicom import spool_file
+from .commitment import report_handler
 from ._pynetdicom.server import NoDelayServer, close_unestablished, make_server
 
 log = logging.getLogger("cxr_worker.scp")
@@ -99,7 +102,11 @@ def _handle_rejected(event) -> None:
 class Listener:
     """The AE and its server thread; stop() stops accepting, lets running associations finish."""
 
-    def __init__(self, settings: Settings, receiver: Receiver, ssl_context: ssl.SSLContext | None = None) -> None:
+    def __init__(self, settings: Settings, receiver: Receiver, ssl_context: ssl.SSLContext | None = None,
+                 commitments: Callable[[CommitmentReport], Recorded] | None = None) -> None:
+        """``commitments`` records a Storage Commitment report (store/outbox.record_commitment); with
+        it the listener accepts the Storage Commitment Push Model context, in the SCU role (the
+        report on an association the PACS requests, as Orthanc sends it) or the SCP role."""
         self.settings = settings
         self.ssl_context = ssl_context
         net = settings.network
@@ -114,9 +121,14 @@ class Listener:
         ae.add_supported_context(Verification)
         for sop_class in SCORABLE_SOP_CLASSES:
             ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
-        self.ae = ae
         self.handlers = [(evt.EVT_C_ECHO, _handle_echo), (evt.EVT_C_STORE, _handle_store, [receiver]),
                          (evt.EVT_REJECTED, _handle_rejected)]
+        if commitments is not None:
+            # The PACS, requesting the association to send its report, proposes the SCP role of the
+            # SOP class (SCP/SCU Role Selection); accept it, and the default roles too.
+            ae.add_supported_context(StorageCommitmentPushModel, scu_role=True, scp_role=True)
+            self.handlers.append((evt.EVT_N_EVENT_REPORT, report_handler(commitments)))
+        self.ae = ae
         self.server: NoDelayServer | None = None
         self._thread: threading.Thread | None = None
 

@@ -164,10 +164,10 @@ def _send_one(assoc, item: _Item) -> StoreOutcome:
 
 
 def _send_batch(link: OneShot | AssociationPool, peer: Peer, batch: list[_Item],
-                record: Callable[[_Item, StoreOutcome], None]) -> None:
+                record: Callable[[_Item, StoreOutcome], None], also: ContextPairs = ()) -> None:
     """Send one batch over one association from ``link``; a kept association that the peer had
     just closed costs no file: its first file is sent again at once over a fresh association."""
-    assoc, reused, reason = link.checkout(peer, _contexts_for(batch))
+    assoc, reused, reason = link.checkout(peer, _contexts_for(batch) + list(also))
     if assoc is None:
         for it in batch:
             why = reason.for_file(it.sop_class, it.transfer_syntax) if isinstance(reason, NoContextAccepted) else reason
@@ -193,7 +193,7 @@ def _send_batch(link: OneShot | AssociationPool, peer: Peer, batch: list[_Item],
     if rest:
         LOG.info("kept association with %s@%s:%s was closed by the peer; sending again on a new one",
                  peer.called_aet, peer.host, peer.port)
-        _send_batch(link, peer, rest, record)  # the pool has none kept now: fresh, so no third try
+        _send_batch(link, peer, rest, record, also)  # the pool has none kept now: fresh, so no third try
 
 
 def store_files(
@@ -209,13 +209,16 @@ def store_files(
     progress: bool = False,
     on_outcome: Callable[[StoreOutcome], None] | None = None,
     pool: AssociationPool | None = None,
+    also_propose: ContextPairs = (),
 ) -> list[StoreOutcome]:
     """C-STORE every file over one association (more only past 128 presentation contexts).
 
     Files are sent in their stored transfer syntax (a compressed one falls back to uncompressed
     only when the peer refuses it). Returns one outcome per path, in order. With ``pool``
     (worker/net/associations.py) the association is taken from it and left open for the next
-    call, so a stream of single files pays association setup and release once.
+    call, so a stream of single files pays association setup and release once. ``also_propose``:
+    presentation contexts proposed besides the files' (Storage Commitment, which the outbox then
+    requests over the same association).
     """
     items = [_read_header(Path(p)) for p in paths]
     outcomes: dict[int, StoreOutcome] = {}
@@ -243,7 +246,7 @@ def store_files(
     link = pool if pool is not None else OneShot()
     try:
         for batch in _batches([it for _, it in pending]):
-            _send_batch(link, peer, batch, record)
+            _send_batch(link, peer, batch, record, also_propose)
     finally:
         if pool is None:
             link.close()

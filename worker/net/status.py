@@ -19,6 +19,8 @@ CANNOT_UNDERSTAND = 0xC000
 #: The storage warnings (coercion of data elements, elements discarded, data set does not match SOP
 #: class): the peer kept the instance.
 STORAGE_WARNINGS = frozenset({0xB000, 0xB006, 0xB007})
+#: Processing Failure (PS3.7 C.4): an N-EVENT-REPORT we could not take now.
+PROCESSING_FAILURE = 0x0110
 #: C-STORE statuses that mean the peer kept the instance.
 ACCEPTED = frozenset({SUCCESS, *STORAGE_WARNINGS})
 

@@ -89,8 +89,9 @@ def client_context(ca_certificates: str = "", certificate: str = "", private_key
 
 
 def destination_context(dest: Destination, minimum_version: str = "TLSv1.2") -> ssl.SSLContext | None:
-    """The client context for an outbox destination, or None when it is plain TCP."""
-    if not dest.tls:
+    """The client context for an outbox destination, or None when it is plain TCP (a dicomweb
+    destination: TLS when its url is https://, with the same CA and client certificate keys)."""
+    if not (dest.url.startswith("https://") if getattr(dest, "is_dicomweb", False) else dest.tls):
         return None
     prefix = f"destinations.{dest.name}."
     return client_context(dest.tls_ca_certificates, dest.tls_certificate, dest.tls_private_key,

@@ -40,11 +40,19 @@ class StudyState(StrEnum):
 
 
 class OutboxState(StrEnum):
-    """``outbox.status``."""
+    """``outbox.status`` (store/outbox.py has the transitions)."""
 
     PENDING = "pending"
     SENDING = "sending"
-    SENT = "sent"
+    SENT = "sent"              # delivered (C-STORE Success / STOW-RS stored); with storage commitment:
+                               # delivered, its commitment request due at next_attempt
+    COMMITTING = "committing"  # storage commitment requested (commitment_uid), the N-EVENT-REPORT awaited
+    COMMITTED = "committed"    # the destination reported it has taken responsibility for the SR
+
+    @classmethod
+    def delivered(cls) -> tuple["OutboxState", ...]:
+        """The states of an SR the destination has accepted."""
+        return (cls.SENT, cls.COMMITTING, cls.COMMITTED)
 
 
 #: Longest error/detail text kept in a column (an exception's message can be any length).
@@ -159,6 +167,12 @@ class OutboxItem(Base):
     last_error: Mapped[str | None] = mapped_column(Text)
     created: Mapped[float] = mapped_column(Float)
     sent: Mapped[float | None] = mapped_column(Float)
+    # Added after the first release (``_add_new_columns``; NULL in older rows = a DIMSE row, no commitment):
+    url: Mapped[str | None] = mapped_column(Text)                  # a dicomweb destination's STOW-RS base URL
+    commitment: Mapped[bool | None] = mapped_column(Boolean)       # storage commitment requested for this row
+    commitment_uid: Mapped[str | None] = mapped_column(String(64))  # Transaction UID of the request in flight
+    commitment_requested: Mapped[float | None] = mapped_column(Float)
+    committed: Mapped[float | None] = mapped_column(Float)
 
 
 class _WriterTurns:

@@ -5,13 +5,26 @@
     sending --settle(retry_at)--> pending      a failed try; worker/outbox_loop.py computes the backoff
     sending --reclaim--> pending               the claimer's lease expired or its process is gone
 
-A claimed row is changed only while its claimer (``owner``) still holds the lease.
+Storage commitment (rows of a destination with ``storage_commitment = true``, ``commitment`` set):
+
+    sent --claim_commitments--> committing     the request is due (next_attempt); the N-ACTION goes out
+                                               with the row's commitment_uid recorded first
+    committing --not_requested--> sent         the N-ACTION failed (peer down, refused): again after backoff
+    committing --record_commitment--> committed  the N-EVENT-REPORT lists the SR as committed
+    committing --record_commitment--> pending    ... lists it as failed: it is sent again, then requested again
+    committing --expire_commitments--> sent    no report within commitment_timeout (or the requester died):
+                                               requested again (a new Transaction UID) after backoff
+
+A claimed row is changed only while its claimer (``owner``) still holds the lease; a commitment
+report is recorded by whichever worker's listener receives it, matched by its Transaction UID
+alone (a report for an unknown or superseded transaction changes nothing).
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 from sqlalchemy import Connection, bindparam, insert, select, update
 
@@ -31,7 +44,8 @@ _CLAIM = {postgres: update(_T).where(_T.c.id.in_(due), _T.c.status == OutboxStat
           .values(**_LEASE).returning(*_T.c)
           for postgres, due in _DUE_FOR.items()}
 _MARK_SENT = (update(_T).where(_T.c.id == bindparam("oid"), _T.c.lease_owner == bindparam("owner"))
-              .values(status=OutboxState.SENT, sent=bindparam("at"), last_error=None, lease_owner=None,
+              .values(status=OutboxState.SENT, sent=bindparam("at"), next_attempt=bindparam("at"),  # commitment due
+                      last_error=None, lease_owner=None,
                       lease_expires=None, attempts=_T.c.attempts + 1, last_status=bindparam("rsp_status")))
 _RETRY = (update(_T).where(_T.c.id == bindparam("oid"), _T.c.lease_owner == bindparam("owner"))
           .values(status=OutboxState.PENDING, next_attempt=bindparam("due"), last_error=bindparam("error"),
@@ -55,9 +69,20 @@ def enqueue(conn: Connection, result_id: int, study_uid: str, sr_sop_instance_ui
     transaction (the scorer's, with its result)."""
     if destinations:
         conn.execute(_NEW, [dict(result_id=result_id, study_uid=study_uid, sr_sop_instance_uid=sr_sop_instance_uid,
-                                 sr_path=sr_path, destination=d.name, host=d.host, port=d.port, ae_title=d.ae_title,
-                                 status=OutboxState.PENDING, attempts=0, next_attempt=now, created=now)
+                                 sr_path=sr_path, destination=d.name, status=OutboxState.PENDING, attempts=0,
+                                 next_attempt=now, created=now, **_address(d))
                             for d in destinations])
+
+
+def _address(d) -> dict:
+    """The outbox columns that say where a destination is: host/port/AE title, or the STOW-RS url
+    (its host and port kept in host/port for the tables; ae_title empty)."""
+    if getattr(d, "is_dicomweb", False):
+        parts = urlsplit(d.url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        return dict(host=parts.hostname or "", port=port, ae_title="", url=d.url, commitment=False)
+    return dict(host=d.host, port=d.port, ae_title=d.ae_title, url=None,
+                commitment=bool(getattr(d, "storage_commitment", False)))
 
 
 def claim_due(db: Database, owner: str, lease_seconds: float, limit: int = BATCH) -> list[OutboxItem]:
@@ -96,17 +121,142 @@ def settle(db: Database, owner: str, attempts: list[Attempt], now: float) -> Non
 
 
 def reclaim(conn: Connection, now: float, postgres: bool = False) -> int:
-    """sending -> pending for rows whose claimer died (lease expired, or a dead pid on this host);
+    """sending -> pending for rows whose claimer died (lease expired, or a dead pid on this host),
+    and committing -> sent (requested again at once) for commitment requests whose requester died;
     part of the caller's write transaction (store/studies.reclaim_stale). PostgreSQL: rows another
     transaction holds are skipped (``FOR UPDATE SKIP LOCKED``), so workers reclaiming at the same time
     never wait on (or deadlock with) each other or the owner's own commit."""
     count = 0
+    committing = select(_T.c.id, _T.c.lease_owner).where(_T.c.status == OutboxState.COMMITTING)
     sending = select(_T.c.id, _T.c.lease_owner, _T.c.lease_expires).where(_T.c.status == OutboxState.SENDING)
     if postgres:
+        committing = committing.with_for_update(skip_locked=True)
         sending = sending.with_for_update(skip_locked=True)
+    for oid, owner in conn.execute(committing).all():
+        if owner_is_dead_here(owner):
+            count += conn.execute(_BACK_TO_SENT, dict(oid=oid, owner=owner, due=now, attempts=0,
+                                                      error="storage commitment requested by a worker "
+                                                            "that stopped; requested again")).rowcount
     for oid, owner, expires in conn.execute(sending).all():
         if (expires or 0) < now or owner_is_dead_here(owner):
             count += conn.execute(update(_T).where(_T.c.id == oid, _T.c.status == OutboxState.SENDING,
                                                    _T.c.lease_owner == owner)
                                   .values(status=OutboxState.PENDING, lease_owner=None, lease_expires=None)).rowcount
+    return count
+
+
+# --- storage commitment -----------------------------------------------------------------------------
+
+#: Why a commitment row went back to sent (``_BACK_TO_SENT``); ``attempts`` is added to the row's count.
+_BACK_TO_SENT = (update(_T).where(_T.c.id == bindparam("oid"), _T.c.status == OutboxState.COMMITTING,
+                                  _T.c.lease_owner == bindparam("owner"))
+                 .values(status=OutboxState.SENT, next_attempt=bindparam("due"), lease_owner=None,
+                         lease_expires=None, attempts=_T.c.attempts + bindparam("attempts"),
+                         last_error=bindparam("error")))
+_COMMIT_DUE = (select(_T.c.id).where(_T.c.status == OutboxState.SENT, _T.c.commitment.is_(True),
+                                     _T.c.next_attempt <= bindparam("now"))
+               .order_by(_T.c.next_attempt, _T.c.id).limit(bindparam("n")))
+
+
+@dataclass(frozen=True)
+class CommitmentReport:
+    """What an N-EVENT-REPORT of Storage Commitment said (built by worker/net/commitment.py):
+    the SOP Instance UIDs committed, and the failed ones with their Failure Reason."""
+
+    transaction_uid: str
+    committed: tuple[str, ...] = ()
+    failed: dict[str, int | None] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """What ``record_commitment`` changed: rows committed, rows to be sent again."""
+
+    committed: int
+    resend: int
+
+    @property
+    def known(self) -> bool:
+        return bool(self.committed or self.resend)
+
+
+def claim_commitments(db: Database, owner: str, lease_seconds: float, limit: int = BATCH) -> list[OutboxItem]:
+    """Lease up to ``limit`` delivered rows whose commitment request is due (sent -> committing;
+    no Transaction UID yet: ``begin_commitment`` records it before the request goes out)."""
+    now = time.time()
+    params = dict(now=now, n=limit)
+    with db.engine.connect() as conn:  # a read first: no write transaction (SQLite's lock) when none is due
+        if conn.scalars(_COMMIT_DUE, dict(now=now, n=1)).first() is None:
+            return []
+    due = _COMMIT_DUE.with_for_update(skip_locked=True) if db.is_postgres else _COMMIT_DUE
+    with db.write() as conn:
+        ids = list(conn.scalars(due, params).all())
+        if not ids:
+            return []
+        conn.execute(update(_T).where(_T.c.id.in_(ids), _T.c.status == OutboxState.SENT)
+                     .values(status=OutboxState.COMMITTING, lease_owner=owner, lease_expires=now + lease_seconds,
+                             commitment_uid=None))
+        rows = conn.execute(select(_T).where(_T.c.id.in_(ids), _T.c.lease_owner == owner,
+                                             _T.c.status == OutboxState.COMMITTING)).mappings().all()
+    return [OutboxItem(**row) for row in sorted(rows, key=lambda r: (r["next_attempt"], r["id"]))]
+
+
+def begin_commitment(db: Database, owner: str, item_ids: list[int], transaction_uid: str, timeout: float) -> None:
+    """Record the Transaction UID of the request about to go out (before it does: the report can
+    arrive before the N-ACTION-RSP has been read) and wait ``timeout`` seconds for its report."""
+    now = time.time()
+    with db.write() as conn:
+        conn.execute(update(_T).where(_T.c.id.in_(item_ids), _T.c.lease_owner == owner,
+                                      _T.c.status == OutboxState.COMMITTING)
+                     .values(commitment_uid=transaction_uid, commitment_requested=now, lease_expires=now + timeout))
+
+
+def not_requested(db: Database, owner: str, item_ids: list[int], retry_at: float, error: str) -> None:
+    """The request did not go out or was refused: back to sent, requested again at ``retry_at``."""
+    with db.write() as conn:
+        for oid in item_ids:
+            conn.execute(_BACK_TO_SENT, dict(oid=oid, owner=owner, due=retry_at, attempts=1, error=clip(error)))
+
+
+def record_commitment(db: Database, report: CommitmentReport) -> Recorded:
+    """An N-EVENT-REPORT, recorded whoever requested it: its committed SRs committed, its failed ones
+    back to pending (sent again at once, then requested again). Only rows waiting on this very
+    transaction change; a report for an unknown or superseded one changes nothing (``known`` False)."""
+    now = time.time()
+    mine = (_T.c.commitment_uid == report.transaction_uid, _T.c.status == OutboxState.COMMITTING)
+    committed = resend = 0
+    with db.write() as conn:
+        if report.committed:
+            committed = conn.execute(update(_T).where(*mine, _T.c.sr_sop_instance_uid.in_(report.committed))
+                                     .values(status=OutboxState.COMMITTED, committed=now, lease_owner=None,
+                                             lease_expires=None, last_error=None)).rowcount
+        for uid, reason in report.failed.items():
+            why = f"storage commitment failed (Failure Reason 0x{reason:04X})" if reason is not None else \
+                "storage commitment failed (no Failure Reason)"
+            resend += conn.execute(update(_T).where(*mine, _T.c.sr_sop_instance_uid == uid)
+                                   .values(status=OutboxState.PENDING, next_attempt=now, lease_owner=None,
+                                           lease_expires=None, commitment_uid=None, last_error=why,
+                                           attempts=_T.c.attempts + 1)).rowcount
+    return Recorded(committed, resend)
+
+
+def expire_commitments(db: Database, now: float, backoff) -> int:
+    """committing -> sent for requests without a report past their deadline (lease_expires), due
+    again after ``backoff(attempts + 1)``; those of a requester that died on this host at once."""
+    rows = []
+    with db.engine.connect() as conn:
+        rows = conn.execute(select(_T.c.id, _T.c.lease_owner, _T.c.lease_expires, _T.c.attempts,
+                                   _T.c.commitment_uid, _T.c.commitment_requested)
+                            .where(_T.c.status == OutboxState.COMMITTING)).all()
+    late = [r for r in rows if (r.lease_expires or 0) < now or owner_is_dead_here(r.lease_owner)]
+    if not late:
+        return 0
+    count = 0
+    with db.write() as conn:
+        for r in late:
+            waited = now - (r.commitment_requested or now)
+            error = (f"no storage commitment report for transaction {r.commitment_uid} after {waited:.0f} s; "
+                     "requested again") if r.commitment_uid else "storage commitment request interrupted"
+            count += conn.execute(_BACK_TO_SENT, dict(oid=r.id, owner=r.lease_owner, due=now + backoff(r.attempts + 1),
+                                                      attempts=1, error=error)).rowcount
     return count

@@ -21,7 +21,7 @@ from .db import Database, Instance, OutboxItem, OutboxState, Result, Study, Stud
 RESULT_COLUMNS = ["study_uid", "accession", "status", "revision", "probability", "label", "threshold",
                   "model_name", "model_version", "model_uid", "n_instances", "n_scored", "reasons", "error",
                   "decode_s", "inference_s", "sr_s", "total_s", "device", "sr_sop_instance_uid", "sr_path",
-                  "delivered", "waiting", "created"]
+                  "delivered", "committed", "waiting", "created"]
 
 
 def _stamp(seconds: float | None) -> str:
@@ -43,15 +43,18 @@ def not_assessed_reason(result) -> str | None:
 
 
 # -- results (`cxr-worker results`) -----------------------------------------------------------------
-def _delivery_counts(s, sr_uids=None) -> tuple[dict, dict]:
-    sent_q = (select(OutboxItem.sr_sop_instance_uid, func.count()).where(OutboxItem.status == OutboxState.SENT)
-              .group_by(OutboxItem.sr_sop_instance_uid))
-    wait_q = (select(OutboxItem.sr_sop_instance_uid, func.count()).where(OutboxItem.status != OutboxState.SENT)
-              .group_by(OutboxItem.sr_sop_instance_uid))
-    if sr_uids is not None:
-        sent_q = sent_q.where(OutboxItem.sr_sop_instance_uid.in_(sr_uids))
-        wait_q = wait_q.where(OutboxItem.sr_sop_instance_uid.in_(sr_uids))
-    return dict(s.execute(sent_q).all()), dict(s.execute(wait_q).all())
+def _delivery_counts(s, sr_uids=None) -> tuple[dict, dict, dict]:
+    """Per SR: destinations that accepted it (sent, committing, committed), of those the ones that
+    took responsibility (committed: storage commitment), and the ones still waiting."""
+    def per_sr(condition):
+        query = (select(OutboxItem.sr_sop_instance_uid, func.count()).where(condition)
+                 .group_by(OutboxItem.sr_sop_instance_uid))
+        if sr_uids is not None:
+            query = query.where(OutboxItem.sr_sop_instance_uid.in_(sr_uids))
+        return dict(s.execute(query).all())
+    return (per_sr(OutboxItem.status.in_(OutboxState.delivered())),
+            per_sr(OutboxItem.status == OutboxState.COMMITTED),
+            per_sr(OutboxItem.status.not_in(OutboxState.delivered())))
 
 
 def result_rows(db: Database, limit: int | None = None) -> list[dict]:
@@ -60,12 +63,13 @@ def result_rows(db: Database, limit: int | None = None) -> list[dict]:
         if limit:
             query = query.limit(limit)
         results = s.scalars(query).all()
-        sent, waiting = _delivery_counts(s)
+        sent, committed, waiting = _delivery_counts(s)
     rows = []
     for r in results:
         row = {c: getattr(r, c) for c in RESULT_COLUMNS if hasattr(r, c)}
         row["reasons"] = json.loads(r.reasons) if r.reasons else {}
-        row["delivered"] = sent.get(r.sr_sop_instance_uid, 0)
+        row["delivered"] = sent.get(r.sr_sop_instance_uid, 0)       # destinations that accepted the SR
+        row["committed"] = committed.get(r.sr_sop_instance_uid, 0)  # ... of which took responsibility
         row["waiting"] = waiting.get(r.sr_sop_instance_uid, 0)
         row["created"] = _stamp(r.created)
         rows.append(row)
@@ -88,7 +92,7 @@ def status_report(db: Database) -> dict:
             .order_by(Study.updated.desc()).limit(5)).all()]
         delivery = [dict(sr=u, destination=d, attempts=a, error=e) for u, d, a, e in s.execute(
             select(OutboxItem.sr_sop_instance_uid, OutboxItem.destination, OutboxItem.attempts,
-                   OutboxItem.last_error).where(OutboxItem.status != OutboxState.SENT,
+                   OutboxItem.last_error).where(OutboxItem.status != OutboxState.COMMITTED,  # sent + error: commitment
                                                 OutboxItem.last_error.is_not(None))
             .order_by(OutboxItem.next_attempt).limit(5)).all()]
         leases = _leases(s)
@@ -139,12 +143,13 @@ class StudyRow:
     error: str | None
 
 
-def _delivery_state(sent: int, waiting: int, has_sr: bool) -> str:
+def _delivery_state(sent: int, waiting: int, has_sr: bool, committed: int = 0) -> str:
     if not has_sr:
         return "-"
     if not sent and not waiting:
         return "kept (no destination)"
-    return f"sent {sent}/{sent + waiting}" + (f", {waiting} waiting" if waiting else "")
+    return (f"sent {sent}/{sent + waiting}" + (f", {committed} committed" if committed else "")
+            + (f", {waiting} waiting" if waiting else ""))
 
 
 def _latest_results(s, study_uids) -> dict[str, Result]:
@@ -161,7 +166,7 @@ def recent_studies(db: Database, limit: int = 50) -> list[StudyRow]:
         studies = s.scalars(select(Study).order_by(Study.last_received.desc(), Study.id.desc()).limit(limit)).all()
         results = _latest_results(s, [st.study_uid for st in studies]) if studies else {}
         sr_uids = [r.sr_sop_instance_uid for r in results.values() if r.sr_sop_instance_uid]
-        sent, waiting = _delivery_counts(s, sr_uids) if sr_uids else ({}, {})
+        sent, committed, waiting = _delivery_counts(s, sr_uids) if sr_uids else ({}, {}, {})
     rows = []
     for st in studies:
         r = results.get(st.study_uid)
@@ -170,7 +175,8 @@ def recent_studies(db: Database, limit: int = 50) -> list[StudyRow]:
             study_uid=st.study_uid, accession=st.accession, state=st.status, received=_stamp(st.last_received),
             n_instances=st.n_instances, probability=r.probability if r is not None else None,
             label=r.label if r is not None else None, not_assessed=not_assessed_reason(r),
-            delivery=_delivery_state(sent.get(sr, 0), waiting.get(sr, 0), bool(sr)), error=st.error))
+            delivery=_delivery_state(sent.get(sr, 0), waiting.get(sr, 0), bool(sr), committed.get(sr, 0)),
+            error=st.error))
     return rows
 
 
@@ -208,12 +214,14 @@ def study_detail(db: Database, study_uid: str) -> StudyDetail | None:
                                sent=_stamp(o.sent)) for o in s.scalars(
                 select(OutboxItem).where(OutboxItem.sr_sop_instance_uid == r.sr_sop_instance_uid)
                 .order_by(OutboxItem.destination)).all()]
-    sent = sum(1 for d in deliveries if d["state"] == OutboxState.SENT)
+    sent = sum(1 for d in deliveries if d["state"] in OutboxState.delivered())
+    committed = sum(1 for d in deliveries if d["state"] == OutboxState.COMMITTED)
     row = StudyRow(study_uid=st.study_uid, accession=st.accession, state=st.status,
                    received=_stamp(st.last_received), n_instances=st.n_instances,
                    probability=r.probability if r is not None else None, label=r.label if r is not None else None,
                    not_assessed=not_assessed_reason(r),
-                   delivery=_delivery_state(sent, len(deliveries) - sent, bool(r is not None and r.sr_sop_instance_uid)),
+                   delivery=_delivery_state(sent, len(deliveries) - sent, bool(r is not None and r.sr_sop_instance_uid),
+                                            committed),
                    error=st.error)
     result = None
     if r is not None:
@@ -242,7 +250,7 @@ def gauges(db: Database, now: float | None = None) -> DatabaseGauges:
             select(OutboxItem.destination, OutboxItem.status, func.count())
             .group_by(OutboxItem.destination, OutboxItem.status)).all()}
         oldest = dict(conn.execute(select(OutboxItem.destination, func.min(OutboxItem.created))
-                                   .where(OutboxItem.status != OutboxState.SENT)
+                                   .where(OutboxItem.status.not_in(OutboxState.delivered()))
                                    .group_by(OutboxItem.destination)).all())
     destinations = {d for d, _ in outbox}
     return DatabaseGauges(

@@ -42,7 +42,7 @@ def count(db) -> int:
 
 def test_states_are_stored_as_the_same_strings(database, path):
     assert [s.value for s in StudyState] == ["receiving", "ready", "scoring", "done", "no_eligible_images", "failed"]
-    assert [s.value for s in OutboxState] == ["pending", "sending", "sent"]
+    assert [s.value for s in OutboxState] == ["pending", "sending", "sent", "committing", "committed"]
     with database.write() as conn:
         conn.execute(insert(STUDIES), new_study("1.1"))
     with sqlite3.connect(path) as raw:
