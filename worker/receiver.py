@@ -33,6 +33,7 @@ from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from .errors import NotDurable, Unreadable
+from .scoring.intended_use import for_model
 from .scoring.eligibility import HEADER_REASONS, BrokenEncoding, check, check_encoding, invalid_uid, read_header
 from .settings import Settings
 from .store.db import Database, Instance
@@ -65,6 +66,7 @@ class Receiver:
 
     def __init__(self, settings: Settings, db: Database, spool: Spool) -> None:
         self.settings = settings
+        self.intended_use = for_model(settings.intended_use, settings.model.path)  # the header checks
         self.db = db
         self.spool = spool
         self.received = 0
@@ -141,7 +143,7 @@ class Receiver:
         """One transaction: the row rewritten for the new file, the file put in place, the study
         re-evaluated (store/studies.record_arrival with ``replacing``)."""
         st = self.settings.studies
-        eligible, reason, detail = check(header, st.allowed_body_parts, st.excluded_view_positions)
+        eligible, reason, detail = check(header, self.intended_use)
         now = time.time()
         try:
             with self.db.write() as conn:
@@ -227,7 +229,7 @@ class Receiver:
         for our answer), and the ORM's unit of work cost ~1-2 ms more per instance.
         """
         st = self.settings.studies
-        checked = check(header, st.allowed_body_parts, st.excluded_view_positions)
+        checked = check(header, self.intended_use)
         for attempt in range(5):
             now = time.time()
             eligible, reason, detail = checked
