@@ -32,8 +32,10 @@ from pathlib import Path
 from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 
+from trainer.model_info import read_model_info
+
 from .errors import NotDurable, Unreadable
-from .scoring.intended_use import for_model
+from .scoring.intended_use import IntendedUse, site_values
 from .scoring.eligibility import HEADER_REASONS, BrokenEncoding, check, check_encoding, invalid_uid, read_header
 from .settings import Settings
 from .store.db import Database, Instance
@@ -66,7 +68,9 @@ class Receiver:
 
     def __init__(self, settings: Settings, db: Database, spool: Spool) -> None:
         self.settings = settings
-        self.intended_use = for_model(settings.intended_use, settings.model.path)  # the header checks
+        # the header checks: the site's [intended_use] over the checkpoint's (its header only, no torch)
+        self.intended_use = IntendedUse.resolve(site_values(settings.intended_use),
+                                                read_model_info(settings.model.path).intended_use)
         self.db = db
         self.spool = spool
         self.received = 0

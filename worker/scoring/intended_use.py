@@ -40,6 +40,7 @@ class NotAssessed(str, enum.Enum):
     NOT_ELIGIBLE = "not_eligible"
 
 
+_CODES = frozenset(code.value for code in NotAssessed)
 #: The codes a header check gives.
 HEADER_CODES = (NotAssessed.MODALITY, NotAssessed.BODY_PART, NotAssessed.VIEW_POSITION, NotAssessed.AGE)
 
@@ -163,12 +164,21 @@ def site_values(section: Any) -> dict[str, Any]:
                                                    "max_age_years", "outside")}
 
 
-def for_model(section: Any, model_path: Any) -> IntendedUse:
-    """The intended use the worker applies: the site's [intended_use] over the checkpoint's (its header
-    only is read, trainer/model_info.py, no torch)."""
-    from trainer.model_info import read_model_info
 
-    return IntendedUse.resolve(site_values(section), read_model_info(model_path).intended_use)
+#: Reasons stored before [intended_use] existed, and the code each means now.
+_LEGACY = {"not_chest": NotAssessed.BODY_PART.value, "lateral_view": NotAssessed.VIEW_POSITION.value}
+_NOT_ELIGIBLE = frozenset(("wrong_sop_class", "late_arrival"))
+
+
+def not_assessed_code(reason: str | None) -> str:
+    """An instance's stored reason (instances.reason) as a NotAssessed code: the header and pixel
+    codes as they are, the SOP class / late arrival as ``not_eligible``, every decoding reason of
+    dicom_io (no_pixel_data, truncated_pixel_data, decode_failed, ...) as ``undecodable``."""
+    if reason in _CODES:
+        return str(reason)
+    if reason in _LEGACY:
+        return _LEGACY[reason]
+    return NotAssessed.NOT_ELIGIBLE.value if reason in _NOT_ELIGIBLE else NotAssessed.UNDECODABLE.value
 
 
 @dataclass(frozen=True)

@@ -143,6 +143,7 @@ class Result(Base):
     ood_score: Mapped[float | None] = mapped_column(Float)
     ood_threshold: Mapped[float | None] = mapped_column(Float)
     raw_probability: Mapped[float | None] = mapped_column(Float)
+    outside_intended_use: Mapped[str | None] = mapped_column(Text)   # JSON list (outside = flag), else NULL
 
 
 class OutboxItem(Base):
