@@ -46,7 +46,13 @@ class FeatureTap:
 
     def __init__(self, model: nn.Module) -> None:
         self.features: torch.Tensor | None = None
-        self._handle = last_linear(model).register_forward_pre_hook(self._keep)
+        self._layer = last_linear(model)
+        self._handle = None
+        self.attach()
+
+    def attach(self) -> None:
+        if self._handle is None:
+            self._handle = self._layer.register_forward_pre_hook(self._keep)
 
     def _keep(self, _module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
         self.features = args[0].detach()
@@ -58,7 +64,9 @@ class FeatureTap:
         return features.float().reshape(features.shape[0], -1)
 
     def remove(self) -> None:
-        self._handle.remove()
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
 
 
 @dataclass
