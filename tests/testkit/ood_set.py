@@ -119,3 +119,17 @@ def build_ood_set(out_dir: str | Path) -> list[OODCase]:
 if __name__ == "__main__":
     for case in build_ood_set(sys.argv[1] if len(sys.argv) > 1 else "runs/ood_set"):
         print(case.dicom, case.description)
+
+
+def checkpoint_without_detector(path: str | Path) -> Path:
+    """The shipped weights as a format-1 checkpoint (no intended use, calibrator or detector), for
+    tests whose images are synthetic pictures on purpose (hostile bytes, not pixels): the detector
+    would, rightly, decline them. The real model's behaviour is tests/system/test_intended_use.py's."""
+    from dataclasses import asdict
+
+    from trainer.checkpoint import ModelInfo, read_model_info, rewrite_checkpoint
+    from worker.settings import DEFAULT_MODEL
+
+    info = read_model_info(DEFAULT_MODEL)
+    plain = ModelInfo(**{**asdict(info), "intended_use": {}, "calibration": {}, "ood": {}, "format_version": 1})
+    return rewrite_checkpoint(DEFAULT_MODEL, plain, Path(path))
