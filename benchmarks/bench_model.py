@@ -430,8 +430,7 @@ def detector_cost(args, inputs: np.ndarray) -> dict | None:
     runner = ModelRunner(args.model, device="cpu", decode_threads=1)
     try:
         if runner.detector is None:
-            print("
-DETECTOR: the checkpoint has none")
+            print("\nDETECTOR: the checkpoint has none")
             return None
         x = batch_of(inputs, args.detector_batch).numpy()
         detector, tap = runner.detector, runner._tap

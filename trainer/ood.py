@@ -102,8 +102,9 @@ class MahalanobisDetector:
 
     def score(self, features: torch.Tensor) -> torch.Tensor:
         """(N, D) features -> (N,) distances to the nearer class mean (fp32)."""
-        diff = features.float().unsqueeze(1) - self.means.unsqueeze(0)          # (N, C, D)
-        squared = torch.einsum("ncd,de,nce->nc", diff, self.precision, diff)     # (N, C)
+        n, classes = features.shape[0], self.means.shape[0]
+        diff = (features.float().unsqueeze(1) - self.means.unsqueeze(0)).reshape(n * classes, -1)  # (N*C, D)
+        squared = ((diff @ self.precision) * diff).sum(dim=1).reshape(n, classes)
         return squared.clamp_min(0).min(dim=1).values.sqrt()
 
     def score_numpy(self, features: np.ndarray) -> np.ndarray:
