@@ -140,3 +140,26 @@ def test_orthanc_accepts_the_not_analysed_sr(ood_set, tmp_path):
             assert sr.Modality == "SR" and sr.StudyInstanceUID == study_uid
             assert read_pneumonia_sr(sr)["assessed"] is False
         assert worker.process.returncode == 0
+
+
+def test_outside_flag_scores_the_adult_film_and_marks_it(kaggle_jpegs, tmp_path, destination):
+    """intended_use.outside = "flag": a chest film of a 40-year-old (by birth date) is scored, its
+    result and classify line marked "age"; a lateral view likewise. The pixel check still declines."""
+    from worker.sr import read_pneumonia_sr
+
+    env = {"CXR_WORKER__INTENDED_USE__OUTSIDE": "flag"}
+    with WorkerProcess(tmp_path / "data", destinations=[destination.destination()], env=env) as worker:
+        study_uid = generate_uid()
+        adult = wrap_jpeg(kaggle_jpegs["PNEUMONIA"][5], tmp_path / "adult.dcm", study_uid=study_uid,
+                          PatientBirthDate="19800101", ViewPosition="LL")
+        assert storescu(worker.port, adult).returncode == 0
+        row = worker.wait_for(lambda: next((r for r in worker.results() if r["study_uid"] == study_uid
+                                            and r["delivered"] >= 1), None), what="flagged study")
+        assert row["status"] == "done" and row["assessed"] is True and row["not_assessed_reasons"] == []
+        assert row["outside_intended_use"] == ["view_position", "age"] and row["label"] in ("NORMAL", "PNEUMONIA")
+        sr = next(ds for ds in destination.files() if ds.SOPInstanceUID == row["sr_sop_instance_uid"])
+        assert read_pneumonia_sr(sr)["probability"] == pytest.approx(row["probability"], abs=1e-4)
+        out = worker.cli("classify", "--json", str(adult))
+        line = json.loads(out.stdout)
+        assert line["assessed"] is True and line["outside_intended_use"] == ["view_position", "age"]
+    assert worker.process.returncode == 0
