@@ -30,7 +30,7 @@ import numpy as np
 import pydicom
 from sqlalchemy import insert, select, update
 
-from .scoring.intended_use import (IntendedUse, NotAssessed, Outside, check_header, not_assessed_code,
+from .scoring.intended_use import (IntendedUse, NotAssessed, Outside, assess, check_header, not_assessed_code,
                                    site_values)
 from .store import outbox, studies
 from .store.db import Database, Instance, Result, StudyState, clip
@@ -203,16 +203,14 @@ class ScorerLoop(threading.Thread):
         declined: dict[int, tuple[list[str], float | None]] = {
             i.id: ([not_assessed_code(i.reason)], i.ood_score) for i in instances if not i.eligible}
         ok: list[Scored] = []
-        for s in scored:
-            key = s.prepared.key[1]
-            if s.probability is None:
-                reasons[s.prepared.error_reason or "decode_failed"] += 1
-                declined[key] = ([NotAssessed.UNDECODABLE.value], None)
-            elif s.in_distribution is False:
-                reasons[NotAssessed.OUT_OF_DISTRIBUTION.value] += 1
-                declined[key] = ([NotAssessed.OUT_OF_DISTRIBUTION.value], s.ood_score)
-            else:
+        for s in scored:  # the header checks were the receiver's (decline) or are _flags' (flag)
+            verdict = assess([], s.in_distribution, s.probability is not None, self.intended_use)
+            if verdict.assessed:
                 ok.append(s)
+                continue
+            reasons[s.prepared.error_reason or "decode_failed" if s.probability is None
+                    else NotAssessed.OUT_OF_DISTRIBUTION.value] += 1
+            declined[s.prepared.key[1]] = (list(verdict.reasons), s.ood_score)
         flags = self._flags([inst_by_id[s.prepared.key[1]] for s in ok])
         codes = list(dict.fromkeys(code for codes_, _ in declined.values() for code in codes_))
         scores = [s.ood_score for s in scored if s.ood_score is not None]
