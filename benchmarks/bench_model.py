@@ -20,6 +20,12 @@ path within tolerance (by the geometric mean of images/s over the batch sizes).
 channels_last against eager fp32 over N real films (half NORMAL, half PNEUMONIA), max and mean
 |p_bf16 - p_fp32| and the decisions that flip at the model's threshold.
 
+Detector (--detector-batch, on by default; --no-detector skips it): the worker's own ModelRunner
+(worker/scoring/runner.py, precision "auto") timed with the out-of-distribution score computed in the
+same forward pass (features from a pre-hook, Mahalanobis distance) against the same runner with the
+hook removed and no detector, in alternating windows of the same run; plus the distance alone on
+(batch, 512) features. Printed as ms per image and the ratio to the model alone.
+
 Timing: torch.inference_mode, torch.set_num_threads(all cores), warm-up, then --repeats timed
 windows of at least --min-time seconds each; the median window gives images/s. Run it on an
 otherwise idle machine: anything else using the cores makes the numbers meaningless. The script
@@ -332,6 +338,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--deviation-batch", type=int, default=8, help="batch size of that comparison")
     ap.add_argument("--busy-threshold", type=float, default=0.10,
                     help="warn when other processes use more than this share of all cores (default 0.10)")
+    ap.add_argument("--no-detector", action="store_true", help="skip the out-of-distribution detector's cost")
+    ap.add_argument("--detector-batch", type=int, default=16, help="batch of the detector timing (model.batch_size)")
     ap.add_argument("--json", type=Path, help="also write the results as JSON here")
     args = ap.parse_args(argv)
     if args.compile and args.no_compile:
@@ -411,7 +419,52 @@ def main(argv: list[str] | None = None) -> int:
         if r.other_load is not None and r.other_load > args.busy_threshold:
             busy_notes.append(f"while timing {r.name}: other processes used {r.other_load:.0%} of the cores")
     deviation = deviation_check(fresh, args, minfo.threshold) if args.deviation_images > 0 else None
-    return report(results, batches, args, info, inputs, minfo, busy_notes, before, deviation)
+    detector = None if args.no_detector else detector_cost(args, inputs)
+    return report(results, batches, args, info, inputs, minfo, busy_notes, before, deviation, detector)
+
+
+def detector_cost(args, inputs: np.ndarray) -> dict | None:
+    """ms per image of the worker's forward pass with and without the out-of-distribution score."""
+    from worker.scoring.runner import ModelRunner
+
+    runner = ModelRunner(args.model, device="cpu", decode_threads=1)
+    try:
+        if runner.detector is None:
+            print("\nDETECTOR: the checkpoint has none")
+            return None
+        x = batch_of(inputs, args.detector_batch).numpy()
+        detector, tap = runner.detector, runner._tap
+
+        def window(fn) -> float:
+            fn()
+            start, n = time.perf_counter(), 0
+            while time.perf_counter() - start < args.min_time:
+                fn()
+                n += 1
+            return (time.perf_counter() - start) / n / len(x) * 1000.0
+
+        features = torch.randn(len(x), detector.means.shape[1])
+        with_ood, without, alone = [], [], []
+        for _ in range(max(3, args.repeats)):  # alternate, so drift in the machine's load hits both
+            runner.detector, runner._tap = detector, tap
+            tap.attach()
+            with_ood.append(window(lambda: runner.predict_with_ood(x)))
+            tap.remove()  # the model alone: no hook, no distance
+            runner.detector, runner._tap = None, None
+            without.append(window(lambda: runner.predict_with_ood(x)))
+            with torch.inference_mode():
+                alone.append(window(lambda: detector.score(features)))
+        runner.detector, runner._tap = detector, tap
+        tap.attach()
+        out = {"batch": len(x), "precision": runner.precision, "model_ms_per_image": statistics.median(without),
+               "with_detector_ms_per_image": statistics.median(with_ood),
+               "distance_alone_ms_per_image": statistics.median(alone),
+               "windows": {"with": with_ood, "without": without, "alone": alone}}
+        out["added_ms_per_image"] = out["with_detector_ms_per_image"] - out["model_ms_per_image"]
+        out["ratio"] = out["with_detector_ms_per_image"] / out["model_ms_per_image"]
+        return out
+    finally:
+        runner.close()
 
 
 def deviation_check(fresh: Callable[[], torch.nn.Module], args, threshold: float) -> dict:
@@ -473,7 +526,7 @@ def run_paths(paths, inputs: np.ndarray, batches: list[int], args, p_ref: np.nda
 
 
 def report(results: list[PathResult], batches: list[int], args, info: dict, inputs: np.ndarray, minfo,
-           busy_notes: list[str], before: float | None, deviation: dict | None) -> int:
+           busy_notes: list[str], before: float | None, deviation: dict | None, detector: dict | None = None) -> int:
 
     # ------------------------------------------------------------------------------------- table
     base = next(r for r in results if r.name == "eager fp32")
@@ -529,9 +582,18 @@ def report(results: list[PathResult], batches: list[int], args, info: dict, inpu
               f"({args.data}, batch {deviation['batch']}): max |p_bf16 - p_fp32| = {deviation['max_abs_dp']:.4f}, "
               f"mean {deviation['mean_abs_dp']:.1e}, {deviation['flips']} decision flips at threshold "
               f"{deviation['threshold']:.4f} ({deviation['seconds']:.0f} s)")
+    if detector:
+        print(f"\nDETECTOR (worker ModelRunner, {detector['precision']}, batch {detector['batch']}): model alone "
+              f"{detector['model_ms_per_image']:.2f} ms/image, with the out-of-distribution score "
+              f"{detector['with_detector_ms_per_image']:.2f} ms/image (x{detector['ratio']:.3f}, "
+              f"{detector['added_ms_per_image']:+.3f} ms); the distance alone "
+              f"{detector['distance_alone_ms_per_image'] * 1000:.1f} us/image; windows (ms/image) with "
+              + ", ".join(f"{w:.2f}" for w in detector["windows"]["with"]) + " / without "
+              + ", ".join(f"{w:.2f}" for w in detector["windows"]["without"]))
     if args.json:
         args.json.write_text(json.dumps({"machine": info, "quick": args.quick, "busy": busy_notes,
                                          "other_load_before": before, "deviation_check": deviation,
+                                         "detector": detector,
                                          "model": str(args.model), "images": len(inputs),
                                          "tolerance": args.tolerance, "batches": batches,
                                          "recommended": best.name if best else None,

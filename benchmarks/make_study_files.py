@@ -106,7 +106,7 @@ def build_dataset(pixels: np.ndarray, sop_class: str = DX_PRESENTATION) -> Datas
     ds.SeriesDescription = "PA"
     ds.PatientName = "BENCH^PATIENT"
     ds.PatientID = "BENCH0"
-    ds.PatientBirthDate = "19700101"
+    ds.PatientBirthDate = "19700101"  # restamp makes every study's patient a child of 3
     ds.PatientSex = "O"
     ds.BodyPartExamined = "CHEST"
     ds.ViewPosition = "PA"
@@ -192,6 +192,10 @@ def restamp(template: Path, out: Path, tag: str, index: int) -> Path:
     ds.AccessionNumber = f"B{tag}{index:05d}"[:16]
     ds.PatientID = f"P{tag}{index:05d}"[:64]
     ds.StudyID = str(index + 1)
+    # a child of 3 at the study date: inside the shipped model's intended use (1-5 years), so every
+    # study is scored (templates cached by older versions carry an adult's birth date)
+    studied = dt.datetime.strptime(str(ds.StudyDate), "%Y%m%d")
+    ds.PatientBirthDate = (studied - dt.timedelta(days=3 * 365)).strftime("%Y%m%d")
     ds.save_as(out, enforce_file_format=True)
     return out
 

@@ -12,7 +12,7 @@ import cxr_config
 
 from .augment import AugmentSettings
 
-SUBCOMMANDS = ("train", "evaluate")
+SUBCOMMANDS = ("train", "evaluate", "fit-ood")
 
 
 class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -73,17 +73,41 @@ def _evaluate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar (default: shown)")
 
 
+def _fit_ood_parser(sub: argparse._SubParsersAction, defaults: dict) -> None:
+    d, t, o = defaults["data"], defaults["train"], defaults["ood"]
+    p = sub.add_parser("fit-ood", help="give a checkpoint an out-of-distribution detector and a calibrator",
+                       description="Fit the Mahalanobis detector on the train split's penultimate features, its "
+                       "threshold and the calibrator on the patient-grouped validation split (the same split "
+                       "training used), and write a new model version: same weights, new version and model UID, "
+                       "the intended use of config/train.toml [intended_use].",
+                       formatter_class=_DefaultsFormatter)
+    p.add_argument("--model", required=True, help="checkpoint to extend (.safetensors)")
+    p.add_argument("--data", default=d["root"], help="dataset root (Kaggle layout) the model was trained on")
+    p.add_argument("--out", default="", help="new checkpoint (default: MODEL with the new version in its name)")
+    p.add_argument("--model-version", default="", help="new version (default: the next minor version)")
+    p.add_argument("--ood", default="", help="folder of out-of-distribution files: compare detectors by AUROC")
+    p.add_argument("--report-dir", default="", help="write ood_report.json and calibration.png here")
+    p.add_argument("--val-fraction", type=float, default=d["val_fraction"], help="as in training")
+    p.add_argument("--seed", type=int, default=t["seed"], help="the training seed (the split)")
+    p.add_argument("--cache-dir", default=d["cache_dir"] or "runs/cache", help="decoded-image cache")
+    p.add_argument("--target-rejection", type=float, default=o["target_rejection"],
+                   help="share of validation films the detector may decline")
+    p.add_argument("--calibration", default=o["calibration"], choices=["platt", "temperature"], help="calibrator")
+    p.add_argument("--limit", type=int, default=0, help="the --limit the model was trained with (0 = all)")
+
+
 def build_parser(defaults: dict) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cxr-train", description=(
         "Offline (re)training and evaluation of the cxr-worker pneumonia models. Defaults come from "
         "config/train.toml, a file given with --config, and CXR_TRAIN__SECTION__KEY variables."),
         epilog="train is the default subcommand (`cxr-train --epochs 5` = `cxr-train train --epochs 5`). "
-        "Every option: cxr-train train --help and cxr-train evaluate --help.")
+        "Every option: cxr-train train --help, cxr-train evaluate --help, cxr-train fit-ood --help.")
     parser.add_argument("--config", metavar="FILE", help="site TOML file overriding config/train.toml")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _train_parser(sub, defaults)
     _evaluate_parser(sub)
+    _fit_ood_parser(sub, defaults)
     return parser
 
 
@@ -115,13 +139,28 @@ def main(argv: list[str] | None = None) -> int:
         metrics = evaluate_folder(args.model, args.data, args.output, args.batch_size, args.progress)
         print(json.dumps(metrics, indent=2))
         return 0
+    if args.command == "fit-ood":
+        from .fit_ood import fit_ood, next_version
+        from .model_info import read_model_info
+        version = args.model_version or next_version(read_model_info(args.model).version)
+        model = Path(args.model)
+        out = args.out or str(model.with_name(f"{model.stem}-{version}{model.suffix}"))
+        report = fit_ood(args.model, args.data, out, val_fraction=args.val_fraction, seed=args.seed,
+                         cache_dir=args.cache_dir, intended_use=defaults["intended_use"],
+                         target_rejection=args.target_rejection, calibration_method=args.calibration,
+                         version=version, ood_dir=args.ood or None, report_dir=args.report_dir or None,
+                         limit=args.limit)
+        report["ood"].get("ood_set", {}).pop("scores", None)
+        print(json.dumps(report, indent=2))
+        return 0
     from .train import TrainSettings, train
     settings = TrainSettings(
         data_root=args.data, output=args.output, arch=args.arch, epochs=args.epochs, batch_size=args.batch_size,
         lr=args.lr, weight_decay=args.weight_decay, seed=args.seed, patience=args.patience, amp=args.amp,
         half=args.half, val_fraction=args.val_fraction, cache_dir=args.cache_dir,
         min_sensitivity=args.min_sensitivity, limit=args.limit, model_name=args.name,
-        model_version=args.model_version, progress=args.progress,
+        model_version=args.model_version, progress=args.progress, intended_use=defaults["intended_use"],
+        ood_target_rejection=defaults["ood"]["target_rejection"], calibration=defaults["ood"]["calibration"],
         augment=AugmentSettings(**{k: getattr(args, f"aug_{k}") for k in defaults["augment"]}))
     if not (Path(args.data) / "train").is_dir():
         print(f"cxr-train: {args.data}/train not found (expected the Kaggle layout)", file=sys.stderr)

@@ -115,3 +115,34 @@ def plot_all(out_dir: str | Path, labels: np.ndarray, probs: np.ndarray, thresho
     _save(fig, out / "calibration.png")
     written.append(out / "calibration.png")
     return written
+
+
+def plot_reliability(path: str | Path, labels: np.ndarray, raw: np.ndarray, calibrated: np.ndarray, bins: int,
+                     *, threshold: float, calibrated_threshold: float) -> Path:
+    """Reliability diagram before and after calibration (equal-width bins, films per bin shown)."""
+    from .ood import expected_calibration_error
+
+    path = Path(path)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 5), sharey=True)
+    for ax, probs, cut, name in ((axes[0], raw, threshold, "raw"), (axes[1], calibrated, calibrated_threshold,
+                                                                     "calibrated")):
+        edges = np.linspace(0, 1, bins + 1)
+        index = np.clip(np.digitize(probs, edges[1:-1]), 0, bins - 1)
+        centres, observed, counts = [], [], []
+        for b in range(bins):
+            inside = index == b
+            if inside.any():
+                centres.append(float(probs[inside].mean()))
+                observed.append(float(np.asarray(labels)[inside].mean()))
+                counts.append(int(inside.sum()))
+        ax.plot([0, 1], [0, 1], "k--", lw=0.8, label="perfectly calibrated")
+        ax.plot(centres, observed, marker="o", label=f"{name}: ECE {expected_calibration_error(labels, probs, bins):.3f}")
+        for x, y, n in zip(centres, observed, counts):
+            ax.annotate(str(n), (x, y), textcoords="offset points", xytext=(0, 6), fontsize=7, ha="center")
+        ax.axvline(cut, color="red", lw=0.8, label=f"decision threshold {cut:.3f}")
+        ax.set_xlabel(f"mean predicted probability ({bins} equal bins; films per bin)")
+        ax.set_title(f"Reliability, {name} (validation, n={len(labels)})")
+        ax.legend(loc="upper left", fontsize=8)
+    axes[0].set_ylabel("observed fraction PNEUMONIA")
+    _save(fig, path)
+    return path

@@ -9,6 +9,7 @@ trainer/checkpoint.py writes and loads whole checkpoints and re-exports these na
 from __future__ import annotations
 
 import json
+import math
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,8 +19,12 @@ from safetensors import safe_open
 
 from dicom_io.model_input import INPUT_SIZE, NORM_MEAN, NORM_STD
 
-FORMAT_VERSION = 1
+#: 2: intended_use, calibration and ood (with the ``ood.*`` tensors); format 1 files still load.
+FORMAT_VERSION = 2
 METADATA_KEY = "cxr_model"
+#: What the shipped training population was (config/train.toml [intended_use] writes it into new
+#: checkpoints; the Kaggle set: paediatric AP chest films, children aged 1-5, one centre).
+INTENDED_USE_KEYS = ("modalities", "body_parts", "view_positions", "min_age_years", "max_age_years")
 #: The architectures a checkpoint may name; trainer/models.py's zoo builds each of them
 #: (tests/trainer/test_model_info.py checks that the two lists agree).
 ARCHITECTURES = ("simplecnn", "resnet18")
@@ -43,6 +48,14 @@ class ModelInfo:
     threshold_rule: str = ""
     created: str = ""
     format_version: int = FORMAT_VERSION
+    #: modalities / body_parts / view_positions (lists of DICOM code strings), min_age_years /
+    #: max_age_years (the training population); empty = not stated (format 1 checkpoints).
+    intended_use: dict[str, Any] = field(default_factory=dict)
+    #: trainer/ood.py Calibration as a dict (scale, bias, method); empty = uncalibrated (identity).
+    calibration: dict[str, Any] = field(default_factory=dict)
+    #: the out-of-distribution detector's metadata (method, threshold, target_rejection, validation
+    #: rates); its tensors are ``ood.*`` in the same file. Empty = no detector.
+    ood: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHITECTURES:
@@ -55,10 +68,38 @@ class ModelInfo:
             raise ValueError("exactly two class names expected (negative, positive)")
         if self.input_size != INPUT_SIZE or self.norm_mean != NORM_MEAN or self.norm_std != NORM_STD:
             raise ValueError("checkpoint input/normalisation differs from dicom_io's model input")
+        unknown = set(self.intended_use) - set(INTENDED_USE_KEYS)
+        if unknown:
+            raise ValueError(f"intended_use has unknown keys {sorted(unknown)}")
+        if self.calibration and not float(self.calibration.get("scale", 0)) > 0:
+            raise ValueError(f"calibration scale must be > 0, got {self.calibration}")
+        if self.ood and not float(self.ood.get("threshold", 0)) > 0:
+            raise ValueError(f"ood threshold must be > 0, got {self.ood}")
 
     @property
     def positive_class(self) -> str:
         return self.class_names[1]
+
+    @property
+    def has_detector(self) -> bool:
+        return bool(self.ood)
+
+    @property
+    def ood_threshold(self) -> float | None:
+        return float(self.ood["threshold"]) if self.ood else None
+
+    def calibrate(self, raw_probability: float) -> float:
+        """A raw probability on the calibrated scale: sigmoid(scale * logit + bias) (identity when uncalibrated)."""
+        if not self.calibration:
+            return float(raw_probability)
+        p = min(max(float(raw_probability), 1e-12), 1 - 1e-12)
+        z = float(self.calibration["scale"]) * math.log(p / (1 - p)) + float(self.calibration["bias"])
+        return 0.5 * (1.0 + math.tanh(0.5 * z))
+
+    @property
+    def calibrated_threshold(self) -> float:
+        """The decision threshold on the calibrated scale: the same decisions as ``threshold`` on raw ones."""
+        return self.calibrate(self.threshold)
 
 
 def new_model_uid() -> str:

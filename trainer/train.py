@@ -11,7 +11,7 @@ import json
 import logging
 import platform
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ from .checkpoint import ModelInfo, load_checkpoint, new_model_uid, save_checkpoi
 from .data import CLASS_NAMES, grouped_split, load_images, scan_split
 from .engine import Runtime, iterate_batches, predict_logits, setup_runtime, sigmoid, to_input
 from .evaluate import binary_metrics, choose_threshold, plot_all
+from .fit_ood import fit_extras
 from .models import build_model
 
 log = logging.getLogger("cxr_train")
@@ -58,6 +59,10 @@ class TrainSettings:
     model_name: str
     model_version: str
     progress: bool
+    #: config/train.toml [intended_use] and [ood]: written into the checkpoint with the detector
+    intended_use: dict[str, Any] = field(default_factory=dict)
+    ood_target_rejection: float = 0.005
+    calibration: str = "platt"
 
 
 def _balanced_limit(labels: np.ndarray, limit: int, seed: int) -> np.ndarray:
@@ -180,7 +185,7 @@ def train(settings: TrainSettings) -> dict[str, Any]:
     report: dict[str, Any] = {}
     if runtime.is_main:
         model.load_state_dict(best["state"])
-        report = _finish(model, settings, runtime, val_x, val_y, history, best["epoch"], data_fingerprint,
+        report = _finish(model, settings, runtime, train_x, train_y, val_x, val_y, history, best["epoch"], data_fingerprint,
                          files, train_idx, val_idx, decode_seconds, time.perf_counter() - started)
     if runtime.distributed:
         dist.barrier()
@@ -188,7 +193,8 @@ def train(settings: TrainSettings) -> dict[str, Any]:
     return report
 
 
-def _finish(model: nn.Module, settings: TrainSettings, runtime: Runtime, val_x: np.ndarray, val_y: np.ndarray,
+def _finish(model: nn.Module, settings: TrainSettings, runtime: Runtime, train_x: np.ndarray, train_y: np.ndarray,
+            val_x: np.ndarray, val_y: np.ndarray,
             history: list[dict[str, Any]], best_epoch: int, data_fingerprint: str, files, train_idx, val_idx,
             decode_seconds: float, train_seconds: float) -> dict[str, Any]:
     """Save the best epoch, re-load it exactly as the worker will, choose the threshold, report, plot."""
@@ -204,9 +210,16 @@ def _finish(model: nn.Module, settings: TrainSettings, runtime: Runtime, val_x: 
     threshold = choose_threshold(val_y, probs, settings.min_sensitivity)
     metrics = binary_metrics(val_y, probs, threshold)
     rule = f"highest threshold with validation sensitivity >= {settings.min_sensitivity} (best specificity)"
+    # the out-of-distribution detector and the calibrator, fitted as `cxr-train fit-ood` fits them
+    detector, ood_meta, calibration, extras = fit_extras(
+        shipped, runtime, train_x, train_y, val_x, val_y, threshold, target_rejection=settings.ood_target_rejection,
+        calibration_method=settings.calibration)
+    for key in ("_raw_val", "_calibrated_val", "_val_y"):
+        extras.pop(key)
     info = ModelInfo(**{**asdict(provisional), "threshold": threshold, "threshold_rule": rule,
-                        "validation": {k: metrics[k] for k in ("n", "auc", "accuracy", "sensitivity", "specificity")}})
-    save_checkpoint(shipped, info, ckpt_path, half=settings.half)
+                        "validation": {k: metrics[k] for k in ("n", "auc", "accuracy", "sensitivity", "specificity")},
+                        "intended_use": dict(settings.intended_use), "calibration": calibration, "ood": ood_meta})
+    save_checkpoint(shipped, info, ckpt_path, half=settings.half, detector=detector)
     plots = plot_all(out, val_y, probs, threshold, history, title="patient-grouped validation",
                      class_names=CLASS_NAMES)
     report = {
@@ -220,6 +233,8 @@ def _finish(model: nn.Module, settings: TrainSettings, runtime: Runtime, val_x: 
         "best_epoch": best_epoch,
         "history": history,
         "validation": metrics,
+        "calibration": extras["calibration"],
+        "ood": extras["ood"],
         "timings": {"decode_seconds": decode_seconds, "total_seconds": train_seconds,
                     "epoch_seconds_mean": float(np.mean([h["seconds"] for h in history]))},
         "environment": {"torch": torch.__version__, "device": str(runtime.device),

@@ -15,7 +15,7 @@ this registry.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -98,8 +98,11 @@ class Metrics:
         self.studies_scored = Counter(
             f"{PREFIX}_studies_scored", "Studies whose result was committed, by verdict", ["status"], registry=r)
         self.declined = Counter(
-            f"{PREFIX}_instances_declined", "Images of scored studies that were not scored, by reason "
-            "(header check or decoding)", ["reason"], registry=r)
+            f"{PREFIX}_instances_declined", "Images of scored studies that were not assessed, by reason "
+            "(header check, decoding, out of distribution)", ["reason"], registry=r)
+        self.studies_not_assessed = Counter(
+            f"{PREFIX}_studies_not_assessed", "Studies that got a 'not analysed' SR, by coded reason (a study "
+            "counts once under each of its reasons)", ["reason"], registry=r)
         self.scoring_seconds = Histogram(
             f"{PREFIX}_scoring_seconds", "Claim of a study to its committed result", registry=r,
             buckets=LATENCY_BUCKETS)
@@ -133,13 +136,15 @@ class Metrics:
         self.decode_seconds.labels(transfer_syntax or "none").observe(seconds)
 
     def study_concluded(self, status: str, scoring_s: float, end_to_end_s: float | None,
-                        declined: Mapping[str, int]) -> None:
+                        declined: Mapping[str, int], not_assessed: Sequence[str] = ()) -> None:
         self.studies_scored.labels(status).inc()
         self.scoring_seconds.observe(max(0.0, scoring_s))
         if end_to_end_s is not None:
             self.end_to_end_seconds.observe(max(0.0, end_to_end_s))
         for reason, count in declined.items():
             self.declined.labels(reason).inc(count)
+        for reason in not_assessed:
+            self.studies_not_assessed.labels(reason).inc()
 
     def delivered(self, destination: str) -> None:
         self.deliveries.labels(destination).inc()

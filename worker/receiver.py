@@ -32,8 +32,11 @@ from pathlib import Path
 from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 
+from trainer.model_info import read_model_info
+
 from .errors import DiskFull, NotDurable, ReceiveError, Unreadable
 from .metrics import Metrics, Outcome
+from .scoring.intended_use import IntendedUse, site_values
 from .scoring.eligibility import HEADER_REASONS, BrokenEncoding, check, check_encoding, invalid_uid, read_header
 from .settings import Settings
 from .store.db import Database, Instance
@@ -66,6 +69,9 @@ class Receiver:
 
     def __init__(self, settings: Settings, db: Database, spool: Spool, metrics: Metrics | None = None) -> None:
         self.settings = settings
+        # the header checks: the site's [intended_use] over the checkpoint's (its header only, no torch)
+        self.intended_use = IntendedUse.resolve(site_values(settings.intended_use),
+                                                read_model_info(settings.model.path).intended_use)
         self.db = db
         self.spool = spool
         self.metrics = metrics if metrics is not None else Metrics()
@@ -169,7 +175,7 @@ class Receiver:
         """One transaction: the row rewritten for the new file, the file put in place, the study
         re-evaluated (store/studies.record_arrival with ``replacing``)."""
         st = self.settings.studies
-        eligible, reason, detail = check(header, st.allowed_body_parts, st.excluded_view_positions)
+        eligible, reason, detail = check(header, self.intended_use)
         now = time.time()
         try:
             with self.db.write() as conn:
@@ -256,7 +262,7 @@ class Receiver:
         for our answer), and the ORM's unit of work cost ~1-2 ms more per instance.
         """
         st = self.settings.studies
-        checked = check(header, st.allowed_body_parts, st.excluded_view_positions)
+        checked = check(header, self.intended_use)
         for attempt in range(5):
             now = time.time()
             eligible, reason, detail = checked

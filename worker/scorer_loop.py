@@ -3,7 +3,10 @@
 Runs beside the network threads, never on them. Per claimed batch of studies:
   1. eligible instances of every study are decoded (dicom_io, in the runner's decode processes) and
      scored together (worker/scoring/runner.ModelRunner);
-  2. study probability = max over its scored images, label by the checkpoint threshold;
+  2. an image is assessed when it was decoded, scored and is in distribution (the checkpoint's
+     detector; worker/scoring/intended_use.assess); study probability (calibrated) = max over its
+     assessed images, label by the checkpoint threshold on the calibrated scale. A study with no
+     assessed image gets the "not analysed" SR (label NOT_ASSESSED, the reasons, no probability);
   3. the SR (worker.sr, from the source attributes kept at receive time) is written atomically under
      sr/, with UIDs derived from (study, model UID, revision) (worker.sr.sr_uids), so a
      crash-and-retry rewrites the same SR instead of a new one;
@@ -28,6 +31,8 @@ import pydicom
 from sqlalchemy import insert, select, update
 
 from .metrics import Metrics
+from .scoring.intended_use import (IntendedUse, NotAssessed, Outside, assess, check_header, not_assessed_code,
+                                   site_values)
 from .store import outbox, studies
 from .store.db import Database, Instance, Result, StudyState, clip
 from .scoring.runner import DecodeBatch, Scored, ModelRunner
@@ -79,6 +84,7 @@ class ScorerLoop(threading.Thread):
         self.scored_studies = 0
         self._finisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scorer-finish")
         self._finishing: Future | None = None
+        self.intended_use = IntendedUse.resolve(site_values(settings.intended_use), runner.info.intended_use)
 
     def run(self) -> None:
         last_reclaim = 0.0
@@ -191,47 +197,85 @@ class ScorerLoop(threading.Thread):
             self._log_result(item, final)
             received = [i.received for i in per_study[item.study.id] if i.received]
             self.metrics.study_concluded(item.result["status"], item.result["total_s"],
-                                         time.time() - min(received) if received else None, item.reasons)
+                                         time.time() - min(received) if received else None, item.reasons,
+                                         json.loads(item.result["not_assessed_reasons"] or "[]"))
         if self.on_committed is not None and any(c.result["sr_path"] and c.study.id in finals for c in concluded):
             self.on_committed()
 
     def conclude(self, study: ClaimedStudy, instances: list[Instance], scored: list[Scored]) -> Concluded:
-        """The study's result (max probability over its scored images) and its SR file; no database."""
+        """The study's result (max calibrated probability over its assessed images) and its SR file
+        (the "not analysed" variant when no image was assessed); no database."""
         model = self.runner.info
         inst_by_id = {i.id: i for i in instances}
         reasons = Counter(i.reason for i in instances if not i.eligible and i.reason)
-        ok = [s for s in scored if s.probability is not None]
-        for s in scored:
-            if s.probability is None:
-                reasons[s.prepared.error_reason or "decode_failed"] += 1
+        declined: dict[int, tuple[list[str], float | None]] = {
+            i.id: ([not_assessed_code(i.reason)], i.ood_score) for i in instances if not i.eligible}
+        ok: list[Scored] = []
+        for s in scored:  # the header checks were the receiver's (decline) or are _flags' (flag)
+            verdict = assess([], s.in_distribution, s.probability is not None, self.intended_use)
+            if verdict.assessed:
+                ok.append(s)
+                continue
+            reasons[s.prepared.error_reason or "decode_failed" if s.probability is None
+                    else NotAssessed.OUT_OF_DISTRIBUTION.value] += 1
+            declined[s.prepared.key[1]] = (list(verdict.reasons), s.ood_score)
+        flags = self._flags([inst_by_id[s.prepared.key[1]] for s in ok])
+        codes = list(dict.fromkeys(code for codes_, _ in declined.values() for code in codes_))
+        scores = [s.ood_score for s in scored if s.ood_score is not None]
         revision = study.revision + 1
         result = dict(study_uid=study.study_uid, accession=study.accession, revision=revision,
                       threshold=self.runner.threshold, model_name=model.name, model_version=model.version,
                       model_uid=model.uid, n_instances=len(instances), n_scored=len(ok),
                       reasons=json.dumps(dict(reasons), sort_keys=True) if reasons else None,
                       decode_s=sum(s.prepared.decode_s for s in scored),
-                      inference_s=sum(s.inference_s for s in ok), device=str(self.runner.device),
+                      inference_s=sum(s.inference_s for s in scored if s.probability is not None),
+                      device=str(self.runner.device),
                       probability=None, label=None, positive=None, error=None, sr_path=None,
-                      sr_sop_instance_uid=None, sr_series_uid=None, best_instance_uid=None, sr_s=0.0)
-        if ok:
-            best = max(ok, key=lambda s: s.probability)
+                      sr_sop_instance_uid=None, sr_series_uid=None, best_instance_uid=None, sr_s=0.0,
+                      assessed=bool(ok), not_assessed_reasons=json.dumps([] if ok else codes),
+                      ood_score=max(scores) if scores else None, ood_threshold=self.runner.ood_threshold,
+                      raw_probability=None, outside_intended_use=json.dumps(flags) if flags else None)
+        best = max(ok, key=lambda s: s.probability) if ok else None
+        if best is not None:
             label, positive = self.runner.label(best.probability)
             result.update(status=StudyState.DONE, probability=best.probability, label=label, positive=positive,
+                          raw_probability=best.raw_probability, ood_score=best.ood_score,
                           best_instance_uid=inst_by_id[best.prepared.key[1]].sop_instance_uid)
-            t0 = time.perf_counter()
-            try:
-                sr_file, series_uid, instance_uid = self._write_sr(study, [inst_by_id[s.prepared.key[1]] for s in ok],
-                                                                   best.probability, positive, revision)
-                result.update(sr_path=str(sr_file), sr_sop_instance_uid=instance_uid, sr_series_uid=series_uid)
-            except Exception as exc:  # noqa: BLE001 - recorded on the result; the study is 'failed'
-                log.exception("study %s: SR could not be built", study.study_uid)
-                result.update(status=StudyState.FAILED, error=f"sr_failed: {type(exc).__name__}: {exc}")
-            result["sr_s"] = time.perf_counter() - t0
         else:
-            result.update(status=StudyState.NO_ELIGIBLE,
+            positive = None
+            result.update(status=StudyState.NO_ELIGIBLE, label="NOT_ASSESSED",
                           error="no eligible image: " + ", ".join(f"{k}={v}" for k, v in sorted(reasons.items())))
+        t0 = time.perf_counter()
+        try:
+            sr = self._write_sr(study, [inst_by_id[s.prepared.key[1]] for s in ok],
+                                best.probability if best else None, positive, revision,
+                                [(inst_by_id[key], codes_, score) for key, (codes_, score) in declined.items()],
+                                best.ood_score if best else None)
+            if sr is not None:
+                sr_file, series_uid, instance_uid = sr
+                result.update(sr_path=str(sr_file), sr_sop_instance_uid=instance_uid, sr_series_uid=series_uid)
+        except Exception as exc:  # noqa: BLE001 - recorded on the result; the study is 'failed'
+            log.exception("study %s: SR could not be built", study.study_uid)
+            result.update(status=StudyState.FAILED, error=f"sr_failed: {type(exc).__name__}: {exc}")
+        result["sr_s"] = time.perf_counter() - t0
         result["total_s"] = time.time() - study.claimed_at
         return Concluded(study, result, scored, dict(reasons))
+
+    def _flags(self, assessed: list[Instance]) -> list[str]:
+        """outside = flag: the header codes the assessed images were scored despite (the receiver
+        declined them under decline)."""
+        if self.intended_use.outside is not Outside.FLAG:
+            return []
+        from .sr import source_dataset
+
+        found: list[str] = []
+        for inst in assessed:
+            header = source_dataset(inst.sr_attributes, inst.path)
+            values = {k: header.get(k) for k in ("PatientAge", "PatientBirthDate", "StudyDate", "AcquisitionDate",
+                                                 "ContentDate")}
+            values.update(Modality=inst.modality, BodyPartExamined=inst.body_part, ViewPosition=inst.view_position)
+            found += [code.value for code, _ in check_header(values, self.intended_use)]
+        return list(dict.fromkeys(found))
 
     def _log_result(self, item: Concluded, final_status: str) -> None:
         result, study = item.result, item.study
@@ -242,22 +286,39 @@ class ScorerLoop(threading.Thread):
                  result["inference_s"], result["sr_s"], result["total_s"],
                  f" reasons={item.reasons}" if item.reasons else "")
 
-    def _write_sr(self, study: ClaimedStudy, sources: list[Instance], probability: float, positive: bool,
-                  revision: int):
-        from .sr import PneumoniaReport, encode_pneumonia_sr, source_dataset, sr_uids
+    def _write_sr(self, study: ClaimedStudy, sources: list[Instance], probability: float | None,
+                  positive: bool | None, revision: int, declined: list, ood_score: float | None):
+        """The SR file, or None when there is nothing to say (no image that an SR can reference)."""
+        from .sr import DeclinedImage, PneumoniaReport, encode_pneumonia_sr, sr_uids
 
-        # what the receiver kept of each header (rows from before that: the file's header, parsed again)
-        headers = [source_dataset(inst.sr_attributes, inst.path) for inst in sources]
-        for inst, header in zip(sources, headers):  # a data set without them was stored under the C-STORE's
-            header.SOPClassUID = header.get("SOPClassUID") or inst.sop_class_uid            # Affected SOP
-            header.SOPInstanceUID = header.get("SOPInstanceUID") or inst.sop_instance_uid   # Class/Instance
+        headers = [self._header(inst) for inst in sources]
+        declined_images = []
+        for inst, codes_, score in declined:
+            header = self._header(inst)
+            if all(header.get(k) for k in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID",
+                                            "Rows", "Columns")):  # what an SR must reference an image by
+                declined_images.append(DeclinedImage(header, tuple(codes_), score))
+        if not headers and not declined_images:
+            return None
         series_uid, instance_uid = sr_uids(study.study_uid, self.runner.info.uid, revision)
         data = encode_pneumonia_sr(PneumoniaReport(
             headers, probability, positive, self.runner.info, manufacturer=self.settings.sr.manufacturer,
             series_number=self.settings.sr.series_number, instance_number=revision, sr_series_uid=series_uid,
-            sr_instance_uid=instance_uid))
+            sr_instance_uid=instance_uid, declined=declined_images, ood_threshold=self.runner.ood_threshold,
+            ood_score=ood_score))
         path = self.spool.write_bytes(self.spool.sr_path(study.study_uid, instance_uid), data)
         return path, series_uid, instance_uid
+
+    @staticmethod
+    def _header(inst: Instance):
+        from .sr import source_dataset
+
+        # what the receiver kept of each header (rows from before that: the file's header, parsed again)
+        header = source_dataset(inst.sr_attributes, inst.path)
+        # a data set without them was stored under the C-STORE's Affected SOP Class/Instance
+        header.SOPClassUID = header.get("SOPClassUID") or inst.sop_class_uid
+        header.SOPInstanceUID = header.get("SOPInstanceUID") or inst.sop_instance_uid
+        return header
 
     def _commit(self, concluded: list[Concluded]) -> dict[int, StudyState]:
         """Record the batch in one transaction (one fsync for all of it); returns study id -> final
@@ -281,10 +342,15 @@ class ScorerLoop(threading.Thread):
                     outbox.enqueue(conn, result_id, study.study_uid, result["sr_sop_instance_uid"], result["sr_path"],
                                    self.settings.destinations, now)
                 for sc in item.scored:
-                    values = ({"probability": sc.probability, "frame": sc.prepared.frame}
-                              if sc.probability is not None else
-                              {"eligible": False, "reason": sc.prepared.error_reason,
-                               "detail": clip(sc.prepared.error_message or "")})
+                    if sc.probability is None:
+                        values = {"eligible": False, "reason": sc.prepared.error_reason,
+                                  "detail": clip(sc.prepared.error_message or "")}
+                    else:
+                        values = {"probability": sc.probability, "frame": sc.prepared.frame, "ood_score": sc.ood_score}
+                        if sc.in_distribution is False:  # scored, not assessed: the pixel check declined it
+                            values.update(eligible=False, reason=NotAssessed.OUT_OF_DISTRIBUTION.value,
+                                          detail=f"out-of-distribution score {sc.ood_score:.2f} above the "
+                                                 f"threshold {sc.ood_threshold:.2f}")
                     conn.execute(update(Instance).where(Instance.id == sc.prepared.key[1]).values(**values))
                 if final == StudyState.RECEIVING:
                     log.info("study %s: instances arrived while scoring; it will be scored again", study.study_uid)

@@ -271,19 +271,35 @@ class StorageSettings:
 class StudySettings:
     quiet_seconds: float
     lease_seconds: float
-    allowed_body_parts: list[str]
-    excluded_view_positions: list[str]
     rescore_late_arrivals: bool
 
     def __post_init__(self) -> None:
         _check_num("studies.quiet_seconds", self.quiet_seconds, minimum=0)
         _check_num("studies.lease_seconds", self.lease_seconds, minimum=1)
-        object.__setattr__(self, "allowed_body_parts",
-                           [v.upper() for v in _check_str_list("studies.allowed_body_parts", self.allowed_body_parts)])
-        object.__setattr__(self, "excluded_view_positions",
-                           [v.upper() for v in _check_str_list("studies.excluded_view_positions",
-                                                               self.excluded_view_positions)])
         _check_bool("studies.rescore_late_arrivals", self.rescore_late_arrivals)
+
+
+@dataclass(frozen=True)
+class IntendedUseSettings:
+    """[intended_use]: the site's word over the checkpoint's intended use (worker/scoring/intended_use.py)."""
+
+    modalities: list[str]
+    body_parts: list[str]
+    view_positions: list[str]
+    min_age_years: float
+    max_age_years: float
+    outside: str
+
+    def __post_init__(self) -> None:
+        for key in ("modalities", "body_parts", "view_positions"):
+            object.__setattr__(self, key, [v.upper() for v in _check_str_list(f"intended_use.{key}",
+                                                                               getattr(self, key))])
+        _check_num("intended_use.min_age_years", self.min_age_years)
+        _check_num("intended_use.max_age_years", self.max_age_years)
+        if 0 <= self.max_age_years < self.min_age_years:
+            raise SettingsError(f"intended_use.max_age_years {self.max_age_years} is below min_age_years "
+                                f"{self.min_age_years}")
+        _check_choice("intended_use.outside", self.outside, ("decline", "flag"))
 
 
 @dataclass(frozen=True)
@@ -415,8 +431,8 @@ def _destination(index: int, table: Mapping[str, Any]) -> Destination:
 
 #: The TOML tables read into one dataclass each ([logging] and destinations are read by Settings).
 SECTIONS: dict[str, type] = {"network": NetworkSettings, "storage": StorageSettings, "studies": StudySettings,
-                             "model": ModelSettings, "sr": SRSettings, "outbox": OutboxSettings, "tls": TLSSettings,
-                             "http": HTTPSettings}
+                             "intended_use": IntendedUseSettings, "model": ModelSettings, "sr": SRSettings,
+                             "outbox": OutboxSettings, "tls": TLSSettings, "http": HTTPSettings}
 
 
 @dataclass(frozen=True)
@@ -424,6 +440,7 @@ class Settings:
     network: NetworkSettings
     storage: StorageSettings
     studies: StudySettings
+    intended_use: IntendedUseSettings
     model: ModelSettings
     sr: SRSettings
     outbox: OutboxSettings

@@ -47,6 +47,7 @@ from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from testkit.dicom_factory import MULTIFRAME_GRAYSCALE_WORD_SC, make_dataset, make_rgb_dataset, synthetic_radiograph
+from testkit.ood_set import checkpoint_without_detector
 from testkit.worker_process import WorkerProcess, wrap_jpeg
 
 DX = "1.2.840.10008.5.1.4.1.1.1.1"
@@ -57,7 +58,11 @@ CT = "1.2.840.10008.5.1.4.1.1.2"
 @pytest.fixture(scope="module")
 def worker(tmp_path_factory, destination):
     root = tmp_path_factory.mktemp("hostile")
-    with WorkerProcess(root / "data", quiet=0.5, destinations=[destination.destination()]) as proc:
+    # synthetic pictures (hostile bytes, not pixels): the same weights without the detector, which
+    # would rightly decline them (the detector: tests/system/test_intended_use.py)
+    model = checkpoint_without_detector(root / "model.safetensors")
+    with WorkerProcess(root / "data", quiet=0.5, destinations=[destination.destination()],
+                       env={"CXR_WORKER__MODEL__PATH": str(model)}) as proc:
         yield proc
     assert proc.process.returncode == 0, proc.log()[-3000:]   # never crashed, clean stop
 

@@ -14,6 +14,8 @@ client certificates from that CA and from a rogue CA) with the `cryptography` pa
 
 from __future__ import annotations
 
+import datetime
+
 import os
 import socket
 import stat
@@ -164,12 +166,14 @@ def test_unknown_calling_aet_rejected_pynetdicom(worker):
 
 PHI_NAME = "Müller^Zoë"
 PHI_ID = "PID-Ø-730518"
-PHI_BIRTH = "19230405"
+#: A child's birth date (3 years ago): inside the shipped model's intended use, so the study is scored.
+_BORN = datetime.date.today() - datetime.timedelta(days=3 * 365)
+PHI_BIRTH = _BORN.strftime("%Y%m%d")
 #: The patient data and renderings a log could carry (str, repr/ascii escapes, transliterations,
 #: UTF-8 read as Latin-1, other date formats).
 PHI_FORMS = (PHI_NAME, "Müller", "Muller", "Mueller", "MÃ¼ller", "M\\xfcller", "M\\u00fcller",
              "M\\xc3\\xbcller", "Zoë", "Zoe^", "^Zoe", "Zo\\xeb", PHI_ID, "730518", PHI_BIRTH,
-             "1923-04-05", "05.04.1923", "04/05/1923")
+             _BORN.strftime("%Y-%m-%d"), _BORN.strftime("%d.%m.%Y"), _BORN.strftime("%m/%d/%Y"), "05.04.1923")
 
 
 def test_no_patient_data_in_info_log_also_for_bad_instances(worker, kaggle_jpegs, tmp_path):

@@ -3,6 +3,8 @@ SR destination. One worker for the module; each test uses its own studies."""
 
 from __future__ import annotations
 
+import datetime
+
 import os
 import time
 import subprocess
@@ -18,7 +20,8 @@ pytestmark = pytest.mark.dcmtk
 
 PHI_NAME = "Zyxwvut^Phiname"
 PHI_ID = "PHIID-918273"
-PHI_BIRTH = "19230405"
+#: A child's birth date (3 years ago): inside the shipped model's intended use (1-5 years), so scored.
+PHI_BIRTH = (datetime.date.today() - datetime.timedelta(days=3 * 365)).strftime("%Y%m%d")
 
 
 @pytest.fixture(scope="module")
@@ -139,8 +142,10 @@ def test_bad_instances_recorded_listener_survives(worker, kaggle_jpegs, tmp_path
     assert sent.returncode == 0, sent.stderr
     row = result_for(worker, study_uid)[0]
     assert row["status"] == "no_eligible_images"
-    assert row["probability"] is None and row["delivered"] == 0 and row["sr_sop_instance_uid"] is None
-    assert set(row["reasons"]) >= {"lateral_view", "not_chest"} and sum(row["reasons"].values()) == 4
+    # no image assessed: a "not analysed" SR, no probability
+    assert row["probability"] is None and row["sr_sop_instance_uid"] and row["label"] == "NOT_ASSESSED"
+    assert row["assessed"] is False and {"view_position", "body_part", "undecodable"} <= set(row["not_assessed_reasons"])
+    assert set(row["reasons"]) >= {"view_position", "body_part"} and sum(row["reasons"].values()) == 4
     reasons = dict(worker.db_rows("select path, reason from instances where study_uid=?", study_uid))
     assert all(reasons.values()) and len(reasons) == 4
     assert all(os.path.exists(p) for p in reasons)  # kept on disk

@@ -12,7 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.checkpoint import ModelInfo, load_checkpoint, new_model_uid, read_model_info, save_checkpoint
+from safetensors import safe_open
+
+from trainer.checkpoint import (ModelInfo, load_checkpoint, load_detector, new_model_uid, read_model_info,
+                                save_checkpoint)
 from trainer.data import grouped_split, patient_id, scan_split
 from trainer.evaluate import binary_metrics, choose_threshold
 from trainer.models import build_model
@@ -117,6 +120,28 @@ def test_short_training_run_learns(kaggle_root: Path, tmp_path: Path) -> None:
     _, info = load_checkpoint(out / "model.safetensors")
     assert info.threshold == pytest.approx(report["validation"]["threshold"])
     assert info.data_fingerprint == report["model"]["data_fingerprint"]
+    # training writes the intended use, the detector and the calibrator (as fit-ood does)
+    assert info.intended_use["body_parts"] == ["CHEST"] and info.intended_use["max_age_years"] == 5.0
+    detector = load_detector(out / "model.safetensors", info)
+    assert detector is not None and detector.means.shape == (2, 512)
+    assert info.ood["threshold"] == pytest.approx(detector.threshold) and info.ood["validation_declined"] <= 0.02
+    assert info.calibration["scale"] > 0 and report["calibration"]["decisions_changed"] == 0
+
+    # fit-ood on that checkpoint: same weights, new version and UID, a detector
+    refit = tmp_path / "refit.safetensors"
+    result = subprocess.run(
+        [sys.executable, "-m", "trainer", "fit-ood", "--model", str(out / "model.safetensors"), "--data",
+         str(kaggle_root), "--limit", "300", "--out", str(refit), "--cache-dir", str(out / "cache"),
+         "--target-rejection", "0.01", "--calibration", "temperature"],
+        capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    new = read_model_info(refit)
+    assert new.version == "1.1.0" and new.uid != info.uid and new.threshold == info.threshold
+    assert new.ood["target_rejection"] == 0.01 and new.calibration["method"] == "temperature"
+    assert new.calibration["bias"] == 0.0
+    with safe_open(str(out / "model.safetensors"), framework="pt") as a, safe_open(str(refit), framework="pt") as b:
+        weights = [k for k in a.keys() if not k.startswith("ood.")]
+        assert weights and all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in weights)
 
 
 def test_ddp_two_cpu_processes_write_one_checkpoint(kaggle_root: Path, tmp_path: Path) -> None:

@@ -1,4 +1,9 @@
-"""`cxr-worker classify`: score files offline through exactly the server's scoring code."""
+"""`cxr-worker classify`: score files offline through exactly the server's scoring code.
+
+A DICOM file gets the same header checks of the intended use as `serve` (worker/scoring/intended_use.py:
+Modality, BodyPartExamined, ViewPosition, age); a JPEG/PNG has no header, so only the pixel check
+(the checkpoint's out-of-distribution detector) applies to it.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,9 @@ import sys
 from pathlib import Path
 from typing import Iterator, TextIO
 
+from dicom_io import is_image_file
+
+from ..scoring.intended_use import IntendedUse, NotAssessed, assess, check_header
 from ..scoring.runner import Scored, ModelRunner
 
 CHUNK = 64  # files decoded and scored per round, so output streams for long lists
@@ -22,15 +30,46 @@ def expand(paths: list[str]) -> Iterator[Path]:
             yield path
 
 
-def record(scored: Scored, runner: ModelRunner) -> dict:
+def header_check(path: Path, use: IntendedUse) -> list[tuple[NotAssessed, str]]:
+    """The header checks for a DICOM file ([] for JPEG/PNG, or a header that cannot be read: decoding reports it)."""
+    if is_image_file(path):
+        return []
+    import pydicom
+
+    from ..scoring.eligibility import HEADER_TAGS
+
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=HEADER_TAGS)
+    except Exception:  # noqa: BLE001 - the decoder names what is wrong with the file
+        return []
+    return check_header(ds, use)
+
+
+def record(scored: Scored, runner: ModelRunner, use: IntendedUse | None = None) -> dict:
     item = scored.prepared
     out: dict = {"path": str(item.path)}
+    outside = header_check(Path(item.path), use) if use is not None else []
+    verdict = assess(outside, scored.in_distribution, scored.probability is not None,
+                     use or IntendedUse((), (), (), None, None))
+    common = dict(assessed=verdict.assessed, not_assessed_reasons=list(verdict.reasons),
+                  in_distribution=scored.in_distribution,
+                  ood_score=round(scored.ood_score, 4) if scored.ood_score is not None else None,
+                  ood_threshold=runner.ood_threshold)
+    if runner.detector is None:
+        common["ood"] = "no detector"
     if scored.probability is None:
-        out.update(error=item.error_reason, message=item.error_message)
+        out.update(error=item.error_reason, message=item.error_message, **common)
         return out
     label, positive = runner.label(scored.probability)
-    out.update(probability=round(scored.probability, 6), label=label, positive=positive,
-               threshold=runner.threshold, model=runner.info.name, model_version=runner.info.version)
+    if not verdict.assessed:
+        label, positive = "NOT_ASSESSED", None
+    out.update(probability=round(scored.probability, 6), raw_probability=round(scored.raw_probability, 6),
+               label=label, positive=positive, threshold=runner.threshold, **common,
+               model=runner.info.name, model_version=runner.info.version)
+    if verdict.flags:
+        out["outside_intended_use"] = list(verdict.flags)
+    if outside:
+        out["intended_use_detail"] = "; ".join(detail for _, detail in outside)
     if item.transfer_syntax:
         out["transfer_syntax"] = item.transfer_syntax
     if item.number_of_frames > 1 or item.frame is not None:
@@ -40,21 +79,24 @@ def record(scored: Scored, runner: ModelRunner) -> dict:
     return out
 
 
-def run(paths: list[str], runner: ModelRunner, as_json: bool, out: TextIO = sys.stdout) -> int:
-    """Print one line per file; return 0 when every file was scored, 1 otherwise."""
+def run(paths: list[str], runner: ModelRunner, as_json: bool, out: TextIO = sys.stdout,
+        use: IntendedUse | None = None) -> int:
+    """Print one line per file; return 0 when every file was scored, 1 otherwise (a file that was
+    scored but not assessed is not a failure: its line says why)."""
     files = list(expand(paths))
     failures = 0
     for start in range(0, len(files), CHUNK):
         chunk = files[start:start + CHUNK]
         for scored in runner.score([(p, p) for p in chunk]):
-            rec = record(scored, runner)
+            rec = record(scored, runner, use)
             failures += "error" in rec
             if as_json:
                 out.write(json.dumps(rec) + "\n")
             elif "error" in rec:
                 out.write(f"{rec['path']}\tERROR\t{rec['error']}: {rec['message']}\n")
             else:
-                out.write(f"{rec['path']}\t{rec['probability']:.4f}\t{rec['label']}\n")
+                why = f"\t{','.join(rec['not_assessed_reasons'])}" if rec["not_assessed_reasons"] else ""
+                out.write(f"{rec['path']}\t{rec['probability']:.4f}\t{rec['label']}{why}\n")
         out.flush()
     if not files:
         sys.stderr.write("classify: no files given\n")

@@ -143,9 +143,12 @@ def cmd_classify(args) -> int:
     setup_logging("DEBUG" if args.debug else "WARNING")
     from . import classify
 
+    from ..scoring.intended_use import IntendedUse, site_values
+
     runner = classify_runner(args)
+    use = IntendedUse.resolve(site_values(_settings(args).intended_use), runner.info.intended_use)
     try:
-        return classify.run([str(p) for p in args.paths], runner, args.json)
+        return classify.run([str(p) for p in args.paths], runner, args.json, use=use)
     finally:
         runner.close()
 

@@ -43,6 +43,9 @@ def print_status(db: Database, as_json: bool, out: TextIO = sys.stdout) -> int:
     out.write("studies:  " + "  ".join(f"{k}={v}" for k, v in report["studies"].items()) + "\n")
     out.write(f"instances: {report['instances']}  skipped: "
               + (", ".join(f"{k}={v}" for k, v in report["skipped_instances"].items()) or "none") + "\n")
+    out.write(f"not assessed: {report['not_assessed_studies']} studies"
+              + (" (" + ", ".join(f"{k}={v}" for k, v in report["not_assessed_reasons"].items()) + ")"
+                 if report["not_assessed_reasons"] else "") + "\n")
     out.write("outbox:   " + "  ".join(f"{k}={v}" for k, v in report["outbox"].items()) + "\n")
     for m in report["models"]:
         out.write(f"model:    {m['name']} {m['version']} ({m['uid']}): {m['results']} results\n")

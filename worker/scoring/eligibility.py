@@ -29,6 +29,8 @@ from pydicom.uid import (
     SecondaryCaptureImageStorage,
 )
 
+from .intended_use import HEADER_CODES, IntendedUse, Outside, check_header
+
 #: The SOP classes the listener accepts and the scorer scores, with their names.
 SCORABLE_SOP_CLASSES = {uid: uid.name for uid in (
     ComputedRadiographyImageStorage,
@@ -40,7 +42,9 @@ SCORABLE_SOP_CLASSES = {uid: uid.name for uid in (
 )}
 
 HEADER_TAGS = ["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID", "Modality",
-               "BodyPartExamined", "ViewPosition", "AccessionNumber"]
+               "BodyPartExamined", "ViewPosition", "AccessionNumber",
+               # the age check of the intended use (worker/scoring/intended_use.py)
+               "PatientAge", "PatientBirthDate", "StudyDate", "AcquisitionDate", "ContentDate"]
 #: As tags, once: dcmread converts each keyword of specific_tags on every call (~40 us a file).
 _HEADER_TAGS = tuple(Tag(keyword) for keyword in HEADER_TAGS)
 
@@ -48,7 +52,9 @@ _HEADER_TAGS = tuple(Tag(keyword) for keyword in HEADER_TAGS)
 #: Reasons ``check`` gives from the header. Every other reason of a not-eligible instance came from
 #: decoding its pixels (dicom_io's DicomInputError reasons): the stored copy is unusable, and a resend
 #: with different content replaces it (worker/receiver.py).
-HEADER_REASONS = ("wrong_sop_class", "not_chest", "lateral_view")
+HEADER_REASONS = ("wrong_sop_class", *(code.value for code in HEADER_CODES),
+                  # stored by versions before [intended_use] (body part and lateral view checks)
+                  "not_chest", "lateral_view")
 
 
 @dataclass
@@ -96,14 +102,16 @@ def read_header(path: str | Path, also: Sequence[BaseTag] = ()) -> Header:
     )
 
 
-def check(header: Header, allowed_body_parts: list[str], excluded_views: list[str]) -> tuple[bool, str | None, str | None]:
-    """(eligible, reason, detail). Reasons are short codes stored in the database."""
+def check(header: Header, use: IntendedUse) -> tuple[bool, str | None, str | None]:
+    """(eligible, reason, detail). Reasons are short codes stored in the database: ``wrong_sop_class``,
+    or the first header code of intended_use.check_header when ``use.outside`` is decline (flag: the
+    image is scored and the scorer marks the result)."""
     if header.sop_class_uid not in SCORABLE_SOP_CLASSES:
         return False, "wrong_sop_class", f"SOP Class {header.sop_class_uid} is not a radiograph class"
-    if header.body_part and allowed_body_parts and header.body_part.upper() not in allowed_body_parts:
-        return False, "not_chest", f"BodyPartExamined is {header.body_part!r}"
-    if header.view_position and header.view_position.upper() in excluded_views:
-        return False, "lateral_view", f"ViewPosition is {header.view_position!r}"
+    if use.outside is Outside.DECLINE and header.dataset is not None:
+        outside = check_header(header.dataset, use)
+        if outside:
+            return False, outside[0][0].value, "; ".join(detail for _, detail in outside)
     return True, None, None
 
 

@@ -1,7 +1,9 @@
 """The model runner shared by `cxr-worker classify` and the server's scorer thread.
 
 Files -> dicom_io (decode, display image, the one model-input function) -> batches -> model ->
-sigmoid -> probability. CUDA when present (fp16/bf16 autocast), CPU otherwise (bf16 autocast where
+sigmoid -> raw probability -> the checkpoint's calibrator -> probability; in the same forward pass
+the penultimate features (a pre-hook on the last linear layer, trainer/ood.py FeatureTap) -> the
+checkpoint's out-of-distribution detector -> ood_score (None for a checkpoint without one). CUDA when present (fp16/bf16 autocast), CPU otherwise (bf16 autocast where
 the CPU has native bf16 and it agrees with fp32 within 0.01, else fp32). Decoding runs on a few
 threads, or processes (`serve`: decoders hold the GIL, see worker/scoring/prepare.py), ahead of the model.
 """
@@ -22,7 +24,8 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-from trainer.checkpoint import ModelInfo, load_checkpoint
+from trainer.checkpoint import ModelInfo, load_checkpoint, load_detector
+from trainer.ood import FeatureTap
 from trainer.models import cpu_supports_bf16
 
 from .prepare import Prepared, child_init, prepare, prepare_item, ready
@@ -53,8 +56,16 @@ class DecodeBatch:
 @dataclass
 class Scored:
     prepared: Prepared
-    probability: float | None = None
+    probability: float | None = None        # calibrated (ModelInfo.calibrate); compare with runner.threshold
     inference_s: float = 0.0
+    raw_probability: float | None = None    # the model's sigmoid, uncalibrated
+    ood_score: float | None = None          # Mahalanobis distance; None = the checkpoint has no detector
+    ood_threshold: float | None = None      # the detector's; above it the image is out of distribution
+
+    @property
+    def in_distribution(self) -> bool | None:
+        """None when unknown (no detector, or not scored)."""
+        return None if self.ood_score is None or self.ood_threshold is None else self.ood_score <= self.ood_threshold
 
 
 def resolve_device(device: str) -> torch.device:
@@ -96,9 +107,14 @@ class ModelRunner:
         model, info = load_checkpoint(self.model_path, self.device)
         self.model: torch.nn.Module = model.to(memory_format=torch.channels_last)
         self.info: ModelInfo = info
+        detector = load_detector(self.model_path, info)
+        self.detector = detector.to(self.device) if detector is not None else None
+        self._tap = FeatureTap(self.model) if self.detector is not None else None
         self._pool: Executor = self._new_pool()
-        log.info("model %s %s (uid %s, threshold %.4f) on %s, precision %s", info.name, info.version,
-                 info.uid, info.threshold, self.device, self.precision)
+        log.info("model %s %s (uid %s, threshold %.4f%s) on %s, precision %s; %s", info.name, info.version,
+                 info.uid, self.threshold, " calibrated" if info.calibration else "", self.device, self.precision,
+                 f"out-of-distribution detector, threshold {self.ood_threshold:.3f}" if self.detector
+                 else "no out-of-distribution detector")
 
     def _new_pool(self) -> Executor:
         if not self.decode_processes:
@@ -113,7 +129,12 @@ class ModelRunner:
 
     @property
     def threshold(self) -> float:
-        return float(self.info.threshold)
+        """The decision threshold on the calibrated scale (the same decisions as the raw threshold)."""
+        return float(self.info.calibrated_threshold)
+
+    @property
+    def ood_threshold(self) -> float | None:
+        return self.detector.threshold if self.detector is not None else None
 
     def label(self, probability: float) -> tuple[str, bool]:
         positive = probability >= self.threshold
@@ -126,16 +147,23 @@ class ModelRunner:
         return torch.autocast(device_type=self.device.type, dtype=dtype)
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
-        """float32 (N, 1, 224, 224) -> probabilities (N,) as float64."""
+        """float32 (N, 1, 224, 224) -> raw (uncalibrated) probabilities (N,) as float64."""
+        return self.predict_with_ood(batch)[0]
+
+    def predict_with_ood(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """float32 (N, 1, 224, 224) -> raw probabilities (N,) and out-of-distribution scores (N,) or None
+        (no detector), both float64, from one forward pass."""
         if batch.shape[0] == 0:
-            return np.zeros((0,), dtype=np.float64)
+            return np.zeros((0,), dtype=np.float64), (np.zeros((0,)) if self.detector else None)
         with torch.inference_mode():
             x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))
             x = x.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
             with self._autocast():
                 logits = self.model(x)
             probs = torch.sigmoid(logits.float().reshape(-1))
-        return probs.cpu().numpy().astype(np.float64)
+            scores = self.detector.score(self._tap.take()) if self.detector is not None else None
+        return (probs.cpu().numpy().astype(np.float64),
+                scores.cpu().numpy().astype(np.float64) if scores is not None else None)
 
     def decode_async(self, items: Iterable[tuple[object, Path]]) -> DecodeBatch:
         """Start decoding ``(key, path)`` items on the pool and return at once (collect() waits).
@@ -197,11 +225,14 @@ class ModelRunner:
             if not pending:
                 return
             start = time.perf_counter()
-            probs = self.predict(np.stack([s.prepared.tensor for s in pending]))
+            probs, ood = self.predict_with_ood(np.stack([s.prepared.tensor for s in pending]))
             share = (time.perf_counter() - start) / len(pending)
-            for scored, prob in zip(pending, probs):
-                scored.probability = float(prob)
+            for index, (scored, prob) in enumerate(zip(pending, probs)):
+                scored.raw_probability = float(prob)
+                scored.probability = self.info.calibrate(float(prob))
                 scored.inference_s = share
+                if ood is not None:
+                    scored.ood_score, scored.ood_threshold = float(ood[index]), self.ood_threshold
             pending.clear()
 
         for prepared in prepared_items:
@@ -216,7 +247,7 @@ class ModelRunner:
 
     def describe(self) -> dict:
         return {"name": self.info.name, "version": self.info.version, "uid": self.info.uid,
-                "threshold": self.threshold, "device": str(self.device), "precision": self.precision,
+                "threshold": self.threshold, "ood_threshold": self.ood_threshold, "device": str(self.device), "precision": self.precision,
                 "path": str(self.model_path)}
 
     def close(self) -> None:

@@ -46,6 +46,34 @@ PROCESSING_EQUIPMENT: Code = codes.DCM.ProcessingEquipment
 #: Observer type (CID 270) for the model.
 DEVICE_OBSERVER: Code = codes.DCM.Device
 
+#: "Not analysed": TID 1501 qualitative evaluations of the study group (and of each declined image's
+#: group). DCM 111017 "CAD Processing and Findings Summary" takes a CID 6047 value: 111245 "No
+#: algorithms succeeded; without findings" (no image assessed), 111244 / 111243 "Not all algorithms
+#: succeeded; with / without findings" (a study mixing assessed and declined images).
+CAD_SUMMARY: Code = codes.DCM.CADProcessingAndFindingsSummary
+NONE_SUCCEEDED: Code = codes.DCM.NoAlgorithmsSucceededWithoutFindings
+NOT_ALL_WITH_FINDINGS: Code = codes.DCM.NotAllAlgorithmsSucceededWithFindings
+NOT_ALL_WITHOUT_FINDINGS: Code = codes.DCM.NotAllAlgorithmsSucceededWithoutFindings
+#: Why an image was not assessed. DICOM has a code for an image that could not be read
+#: (DCM 110531 "Insufficient quality for interpretation", CID 9303); for the others this worker's
+#: local coding scheme (99CXRW, "99" = private per PS3.16 8.2), the code values being the short codes
+#: of worker/scoring/intended_use.NotAssessed (SH: at most 16 characters).
+LOCAL_SCHEME = "99CXRW"
+REASON_NOT_ASSESSED = Code("not-assessed", LOCAL_SCHEME, "Reason not assessed")
+REASON_CODES: dict[str, Code] = {
+    "undecodable": codes.DCM.InsufficientQualityForInterpretation,
+    "out_of_distribution": Code("ood", LOCAL_SCHEME, "Image unlike the training population (out of distribution)"),
+    "modality": Code("modality", LOCAL_SCHEME, "Modality outside the intended use"),
+    "body_part": Code("body-part", LOCAL_SCHEME, "Body part outside the intended use"),
+    "view_position": Code("view-position", LOCAL_SCHEME, "View position outside the intended use"),
+    "age": Code("age", LOCAL_SCHEME, "Patient age outside the intended use"),
+    "not_eligible": Code("not-eligible", LOCAL_SCHEME, "Image not eligible for the algorithm"),
+}
+#: The detector's score of an image (a Mahalanobis distance, no units); its threshold is an algorithm parameter.
+OOD_SCORE = Code("ood-score", LOCAL_SCHEME, "Out-of-distribution score")
+STUDY_TRACKING_ID = "pneumonia"
+DECLINED_TRACKING_ID = "pneumonia not assessed"
+
 SR_SERIES_DESCRIPTION = "AI pneumonia triage"
 #: Type 2 patient/study attributes highdicom reads from the first source; absent ones become empty.
 TYPE2_FROM_SOURCE = (
@@ -113,6 +141,62 @@ def library_copy(ds: pydicom.Dataset) -> pydicom.Dataset:
     return _detached_copy(ds, {} if usable and modality else {"Modality": "OT"})
 
 
+def _reason_evaluations(reasons) -> list[hd.sr.QualitativeEvaluation]:
+    return [hd.sr.QualitativeEvaluation(name=REASON_NOT_ASSESSED, value=REASON_CODES.get(code, REASON_CODES["not_eligible"]))
+            for code in dict.fromkeys(reasons)]
+
+
+def _study_group(report: PneumoniaReport, algorithm) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """The study's group: the finding (probability and present/absent) from the assessed images; or,
+    with none assessed, "no algorithms succeeded; without findings" and the reasons."""
+    sources = report.sources
+    measurements, evaluations = [], []
+    if report.assessed:
+        measurements.append(hd.sr.Measurement(
+            name=CERTAINTY_OF_FINDING,
+            value=report.probability * 100.0,
+            unit=PERCENT,
+            algorithm_id=algorithm,
+            referenced_images=[hd.sr.SourceImageForMeasurement.from_source_image(ds) for ds in sources],
+        ))
+        evaluations.append(hd.sr.QualitativeEvaluation(name=PNEUMONIA, value=PRESENT if report.positive else ABSENT))
+        if report.declined:
+            evaluations.append(hd.sr.QualitativeEvaluation(
+                name=CAD_SUMMARY, value=NOT_ALL_WITH_FINDINGS if report.positive else NOT_ALL_WITHOUT_FINDINGS))
+    else:
+        sources = report.all_sources
+        evaluations.append(hd.sr.QualitativeEvaluation(name=CAD_SUMMARY, value=NONE_SUCCEEDED))
+        evaluations += _reason_evaluations(code for item in report.declined for code in item.reasons)
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=report.tracking_uid, identifier=STUDY_TRACKING_ID),
+        finding_type=PNEUMONIA,
+        algorithm_id=algorithm,
+        measurements=measurements or None,
+        qualitative_evaluations=evaluations,
+        source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(ds) for ds in sources],
+    )
+
+
+def _declined_group(report: PneumoniaReport, index: int, item, algorithm) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """One declined image: no finding, its reasons, and its out-of-distribution score if it was scored."""
+    measurements = []
+    if item.ood_score is not None:
+        measurements.append(hd.sr.Measurement(
+            name=OOD_SCORE, value=float(item.ood_score), unit=NO_UNITS, algorithm_id=algorithm,
+            referenced_images=[hd.sr.SourceImageForMeasurement.from_source_image(item.source)]))
+    uid = pydicom.uid.generate_uid(prefix="2.25.", entropy_srcs=[report.sr_instance_uid, "declined",
+                                                                  str(item.source.SOPInstanceUID)])
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=uid, identifier=f"{DECLINED_TRACKING_ID} {index + 1}"),
+        finding_type=PNEUMONIA,
+        algorithm_id=algorithm,
+        measurements=measurements or None,
+        qualitative_evaluations=[hd.sr.QualitativeEvaluation(name=CAD_SUMMARY, value=NONE_SUCCEEDED),
+                                 *_reason_evaluations(item.reasons)],
+        source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(item.source)],
+    )
+
+
 def build_pneumonia_sr(report: PneumoniaReport, *, reference: bool = False) -> pydicom.Dataset:
     """Build the pneumonia SR that `report` describes, with highdicom.
 
@@ -120,33 +204,22 @@ def build_pneumonia_sr(report: PneumoniaReport, *, reference: bool = False) -> p
     slow; the same bytes, see _highdicom.content_stub).
     """
     sources, model, manufacturer = report.sources, report.model, report.manufacturer
-    evidence = [evidence_copy(ds) for ds in sources]
+    everything = report.all_sources
+    evidence = [evidence_copy(ds) for ds in everything]
+    parameters = [f"arch={model.arch}", f"threshold={model.threshold:g}"]
+    if model.calibration:  # the probability is calibrated: say so, and the threshold on that scale
+        parameters.append(f"calibrated_threshold={model.calibrated_threshold:.6g}")
+    if report.ood_threshold is not None:
+        parameters.append(f"ood_threshold={report.ood_threshold:.6g}")
     algorithm = hd.sr.AlgorithmIdentification(
         name=model.name,
         version=model.version,
-        parameters=[f"arch={model.arch}", f"threshold={model.threshold:g}"],
+        parameters=parameters,
         family=ALGORITHM_FAMILY,
         manufacturer=manufacturer,
     )
-    probability_measurement = hd.sr.Measurement(
-        name=CERTAINTY_OF_FINDING,
-        value=report.probability * 100.0,
-        unit=PERCENT,
-        algorithm_id=algorithm,
-        referenced_images=[hd.sr.SourceImageForMeasurement.from_source_image(ds) for ds in sources],
-    )
-    group = hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=report.tracking_uid, identifier="pneumonia"
-        ),
-        finding_type=PNEUMONIA,
-        algorithm_id=algorithm,
-        measurements=[probability_measurement],
-        qualitative_evaluations=[
-            hd.sr.QualitativeEvaluation(name=PNEUMONIA, value=PRESENT if report.positive else ABSENT)
-        ],
-        source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(ds) for ds in sources],
-    )
+    groups = [_study_group(report, algorithm)]
+    groups += [_declined_group(report, index, item, algorithm) for index, item in enumerate(report.declined)]
     observer = hd.sr.ObserverContext(
         observer_type=CodedConcept.from_code(DEVICE_OBSERVER),
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
@@ -159,7 +232,7 @@ def build_pneumonia_sr(report: PneumoniaReport, *, reference: bool = False) -> p
     measurement_report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
         procedure_reported=PROCEDURE_REPORTED,
-        imaging_measurements=[group],
+        imaging_measurements=groups,
         referenced_images=[library_copy(ds) for ds in evidence],
     )
     equipment = hd.ContributingEquipment(

@@ -17,12 +17,20 @@ from pydicom.sr.coding import Code
 
 from .builder import (
     ABSENT,
+    CAD_SUMMARY,
     CERTAINTY_OF_FINDING,
     DEVICE_OBSERVER,
+    NONE_SUCCEEDED,
+    OOD_SCORE,
     PERCENT,
     PNEUMONIA,
     PRESENT,
+    REASON_CODES,
+    REASON_NOT_ASSESSED,
+    STUDY_TRACKING_ID,
 )
+
+_REASONS = {(c.scheme_designator, c.value): name for name, c in REASON_CODES.items()}
 
 
 def _code_tuple(concept: Any) -> tuple[str, str]:
@@ -48,10 +56,12 @@ def read_pneumonia_sr(ds: pydicom.Dataset) -> dict[str, Any]:
     """
     sr = hd.sr.Comprehensive3DSR.from_dataset(ds, copy=True)
     report = sr.content
-    groups = [g for g in report.get_image_measurement_groups(finding_type=PNEUMONIA)]
+    every = list(report.get_image_measurement_groups(finding_type=PNEUMONIA))
+    groups = [g for g in every if _tracking_id(g) in (STUDY_TRACKING_ID, None)]
     if len(groups) != 1:
         raise ValueError(f"expected one pneumonia measurement group, found {len(groups)}")
     group = groups[0]
+    declined = [_declined(g) for g in every if g is not group]
     evaluations = group.get_qualitative_evaluations(name=PNEUMONIA)
     presence = None
     if evaluations:
@@ -77,7 +87,7 @@ def read_pneumonia_sr(ds: pydicom.Dataset) -> dict[str, Any]:
     return {
         "finding": PNEUMONIA.meaning if group.finding_type == PNEUMONIA else str(group.finding_type.meaning),
         "presence": presence,
-        "positive": presence == "present",
+        "positive": None if presence is None else presence == "present",
         "probability": probability,
         "model_uid": model_uid,
         "model_name": algorithm_name,
@@ -85,4 +95,39 @@ def read_pneumonia_sr(ds: pydicom.Dataset) -> dict[str, Any]:
         "referenced_sop_instance_uids": referenced,
         "study_instance_uid": str(ds.StudyInstanceUID),
         "sr_instance_uid": str(ds.SOPInstanceUID),
+        # "not analysed": assessed is False when the study group says no algorithm succeeded
+        "assessed": _summary(group) != _code_tuple(NONE_SUCCEEDED),
+        "summary": _summary_meaning(group),
+        "not_assessed_reasons": _reasons(group),
+        "declined_images": declined,
     }
+
+
+def _tracking_id(group) -> str | None:
+    for item in group[0].get("ContentSequence", []):
+        concept = item.get("ConceptNameCodeSequence")
+        if item.get("ValueType") == "TEXT" and concept and concept[0].CodeValue == "112039":  # Tracking Identifier
+            return str(item.TextValue)
+    return None
+
+
+def _summary(group) -> tuple[str, str] | None:
+    found = group.get_qualitative_evaluations(name=CAD_SUMMARY)
+    return _code_tuple(found[0].value) if found else None
+
+
+def _summary_meaning(group) -> str | None:
+    found = group.get_qualitative_evaluations(name=CAD_SUMMARY)
+    return str(found[0].value.meaning) if found else None
+
+
+def _reasons(group) -> list[str]:
+    return [_REASONS.get(_code_tuple(e.value), str(e.value.value))
+            for e in group.get_qualitative_evaluations(name=REASON_NOT_ASSESSED)]
+
+
+def _declined(group) -> dict[str, Any]:
+    scores = group.get_measurements(name=OOD_SCORE)
+    images = [str(item.referenced_sop_instance_uid) for item in group.source_images]
+    return {"sop_instance_uids": images, "reasons": _reasons(group), "summary": _summary_meaning(group),
+            "ood_score": float(scores[0].value) if scores else None}

@@ -10,6 +10,7 @@ so both SR paths start from the same validated values.
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -37,18 +38,38 @@ _UID_PATTERN = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+")
 
 
 @dataclass(frozen=True)
+class DeclinedImage:
+    """An image of the study that got no finding: its header, the reason codes
+    (worker/scoring/intended_use.NotAssessed values) and its out-of-distribution score if it was scored."""
+
+    source: pydicom.Dataset
+    reasons: tuple[str, ...]
+    ood_score: float | None = None
+
+    def __post_init__(self) -> None:
+        reasons = tuple(str(r) for r in self.reasons)
+        if not reasons or not all(reasons):
+            raise ValueError('Argument "reasons" must hold at least one non-empty reason code.')
+        object.__setattr__(self, "reasons", reasons)
+        if self.ood_score is not None and not math.isfinite(float(self.ood_score)):
+            raise ValueError(f'Argument "ood_score" must be a finite number, got {self.ood_score}.')
+
+
+@dataclass(frozen=True)
 class PneumoniaReport:
     """The content and identity of one pneumonia SR (TID 1500, one measurement group).
 
-    `sources` are the study's scored images (headers suffice), `probability` the model's output in
-    [0, 1] (stored as Certainty of Finding in %), `positive` the thresholded decision, `model` the
-    observer device and algorithm. Pass `sr_series_uid`/`sr_instance_uid` (derived from the study)
+    `sources` are the study's assessed images (headers suffice), `probability` the model's calibrated
+    output in [0, 1] (stored as Certainty of Finding in %), `positive` the thresholded decision, `model` the
+    observer device and algorithm. `declined`: the study's images that got no finding, each with its
+    reasons; with no assessed image at all, `sources` is empty and `probability`/`positive` are None:
+    the "not analysed" SR (the algorithm ran, produced no finding, and says why). Pass `sr_series_uid`/`sr_instance_uid` (derived from the study)
     so that a retry produces the same SR instead of a duplicate; left None, new UIDs are made here.
     """
 
     sources: Sequence[pydicom.Dataset]
-    probability: float
-    positive: bool
+    probability: float | None
+    positive: bool | None
     model: ModelInfo
     manufacturer: str = "cxr-worker"
     software_version: str = PACKAGE_VERSION
@@ -56,15 +77,29 @@ class PneumoniaReport:
     instance_number: int = 1
     sr_series_uid: str | None = None
     sr_instance_uid: str | None = None
+    declined: Sequence[DeclinedImage] = ()
+    #: the detector's threshold (None: the model has none) and the assessed image's score
+    ood_threshold: float | None = None
+    ood_score: float | None = None
 
     def __post_init__(self) -> None:
         assign = object.__setattr__  # frozen: the checked values replace the given ones once, here
-        assign(self, "sources", _checked_sources(self.sources))
-        probability = float(self.probability)
-        if not 0.0 <= probability <= 1.0:  # also rejects NaN
-            raise ValueError(f'Argument "probability" must lie in [0, 1], got {probability}.')
-        assign(self, "probability", probability)
-        assign(self, "positive", bool(self.positive))
+        declined = tuple(self.declined)
+        if not all(isinstance(d, DeclinedImage) for d in declined):
+            raise TypeError('Argument "declined" must hold DeclinedImage items.')
+        assign(self, "declined", declined)
+        sources = tuple(self.sources)
+        _checked_sources(sources + tuple(d.source for d in declined))
+        assign(self, "sources", sources)
+        if not sources:
+            if self.probability is not None or self.positive is not None:
+                raise ValueError('Arguments "probability" and "positive" must be None when no image was assessed.')
+        else:
+            probability = float(self.probability)
+            if not 0.0 <= probability <= 1.0:  # also rejects NaN
+                raise ValueError(f'Argument "probability" must lie in [0, 1], got {probability}.')
+            assign(self, "probability", probability)
+            assign(self, "positive", bool(self.positive))
         if not isinstance(self.model, ModelInfo):
             raise TypeError('Argument "model" must be a trainer.model_info.ModelInfo, '
                             f"got {type(self.model).__name__}.")
@@ -77,6 +112,15 @@ class PneumoniaReport:
             raise ValueError('Arguments "sr_series_uid" and "sr_instance_uid" must differ.')
         assign(self, "sr_series_uid", series_uid)
         assign(self, "sr_instance_uid", instance_uid)
+
+    @property
+    def assessed(self) -> bool:
+        """True when the study has a finding (at least one assessed image)."""
+        return bool(self.sources)
+
+    @property
+    def all_sources(self) -> tuple[pydicom.Dataset, ...]:
+        return tuple(self.sources) + tuple(d.source for d in self.declined)
 
     @property
     def tracking_uid(self) -> str:

@@ -138,6 +138,8 @@ class _Study:
     """What one report's SR depends on, gathered the way build_pneumonia_sr gathers it."""
 
     def __init__(self, report: PneumoniaReport) -> None:
+        if report.declined or not report.assessed:  # the "not analysed" variants: highdicom builds them
+            raise _Unfit("a report with declined images")
         self.sources = sources = report.sources
         self.probability = report.probability
         model = report.model

@@ -104,8 +104,9 @@ class Instance(Base):
     eligible: Mapped[bool] = mapped_column(Boolean)          # header check at receive; decode may revoke
     reason: Mapped[str | None] = mapped_column(String(64))   # why not eligible (short code)
     detail: Mapped[str | None] = mapped_column(Text)
-    probability: Mapped[float | None] = mapped_column(Float)
+    probability: Mapped[float | None] = mapped_column(Float)   # calibrated (see Result.probability)
     frame: Mapped[int | None] = mapped_column(Integer)
+    ood_score: Mapped[float | None] = mapped_column(Float)     # out-of-distribution score; NULL = no detector
     # What the SR reads from this image, kept at receive time (worker.sr.pack_source, a few hundred
     # bytes); NULL for rows stored before the column existed: the SR then reads the file.
     sr_attributes: Mapped[bytes | None] = mapped_column(LargeBinary)
@@ -142,6 +143,16 @@ class Result(Base):
     sr_sop_instance_uid: Mapped[str | None] = mapped_column(String(64))
     sr_series_uid: Mapped[str | None] = mapped_column(String(64))
     created: Mapped[float] = mapped_column(Float)
+    # intended use and calibration (#10). NULL in rows from before: read as assessed when probability
+    # is set. probability is calibrated, raw_probability the model's own sigmoid; threshold is on the
+    # calibrated scale. ood_score: the assessed image's (the one the probability is from), else the
+    # study's most unusual image's; ood_threshold the detector's (NULL = no detector).
+    assessed: Mapped[bool | None] = mapped_column(Boolean)
+    not_assessed_reasons: Mapped[str | None] = mapped_column(Text)   # JSON list of codes, "[]" when assessed
+    ood_score: Mapped[float | None] = mapped_column(Float)
+    ood_threshold: Mapped[float | None] = mapped_column(Float)
+    raw_probability: Mapped[float | None] = mapped_column(Float)
+    outside_intended_use: Mapped[str | None] = mapped_column(Text)   # JSON list (outside = flag), else NULL
 
 
 class OutboxItem(Base):

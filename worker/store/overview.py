@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from dataclasses import dataclass
 
 from sqlalchemy import func, select
@@ -21,25 +22,49 @@ from .db import Database, Instance, OutboxItem, OutboxState, Result, Study, Stud
 RESULT_COLUMNS = ["study_uid", "accession", "status", "revision", "probability", "label", "threshold",
                   "model_name", "model_version", "model_uid", "n_instances", "n_scored", "reasons", "error",
                   "decode_s", "inference_s", "sr_s", "total_s", "device", "sr_sop_instance_uid", "sr_path",
-                  "delivered", "committed", "waiting", "created"]
+                  "delivered", "committed", "waiting", "created",
+                  # intended use and calibration (#10): probability is calibrated, raw_probability the
+                  # model's own; in_distribution from ood_score/ood_threshold (None: no detector)
+                  "assessed", "not_assessed_reasons", "in_distribution", "ood_score", "ood_threshold",
+                  "raw_probability", "outside_intended_use"]
 
 
 def _stamp(seconds: float | None) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(seconds)) if seconds else ""
 
 
-def not_assessed_reason(result) -> str | None:
-    """Why a study was not assessed (no probability), or None when it was.
+def assessed(result) -> bool:
+    """Whether the study's result states a finding. Rows from before #10 (``assessed`` NULL): when done or
+    a probability was recorded."""
+    flag = getattr(result, "assessed", None)
+    if flag is not None:
+        return bool(flag)
+    return result.status == StudyState.DONE or getattr(result, "probability", None) is not None
 
-    ``result``: a Result row (or anything with ``status``, ``reasons`` and ``error``). Today the
-    reasons are the skipped images' ``Result.reasons`` (JSON {reason: count}) and ``Result.error``.
-    """
-    if result is None or result.status == StudyState.DONE:
-        return None
+
+def not_assessed_reasons(result) -> list[str]:
+    """The coded reasons a study has no finding (``results.not_assessed_reasons``); empty when it has one.
+    A failed study (e.g. its SR could not be built) gives its error's code. Rows from before #10: the
+    skipped images' reasons (``Result.reasons``)."""
+    if result is None:
+        return []
+    if result.status == StudyState.FAILED:
+        first = (result.error or "").split(":")[0]
+        return [first or StudyState.FAILED.value]
+    if assessed(result):
+        return []
+    if getattr(result, "not_assessed_reasons", None):
+        return json.loads(result.not_assessed_reasons)
     reasons = json.loads(result.reasons) if result.reasons else {}
     if reasons:
-        return ", ".join(sorted(reasons))
-    return (result.error or result.status or "").split(":")[0] or None
+        return sorted(reasons)
+    first = (result.error or result.status or "").split(":")[0]
+    return [first] if first else []
+
+
+def not_assessed_reason(result) -> str | None:
+    """Why a study was not assessed, as the pages show it (the codes joined), or None when it was."""
+    return ", ".join(not_assessed_reasons(result)) or None
 
 
 # -- results (`cxr-worker results`) -----------------------------------------------------------------
@@ -68,6 +93,11 @@ def result_rows(db: Database, limit: int | None = None) -> list[dict]:
     for r in results:
         row = {c: getattr(r, c) for c in RESULT_COLUMNS if hasattr(r, c)}
         row["reasons"] = json.loads(r.reasons) if r.reasons else {}
+        row["assessed"] = assessed(r)
+        row["not_assessed_reasons"] = not_assessed_reasons(r)
+        row["outside_intended_use"] = json.loads(r.outside_intended_use) if r.outside_intended_use else []
+        row["in_distribution"] = (None if r.ood_score is None or r.ood_threshold is None
+                                  else r.ood_score <= r.ood_threshold)
         row["delivered"] = sent.get(r.sr_sop_instance_uid, 0)       # destinations that accepted the SR
         row["committed"] = committed.get(r.sr_sop_instance_uid, 0)  # ... of which took responsibility
         row["waiting"] = waiting.get(r.sr_sop_instance_uid, 0)
@@ -87,6 +117,10 @@ def status_report(db: Database) -> dict:
         models = [dict(name=n, version=v, uid=u, results=c) for n, v, u, c in s.execute(
             select(Result.model_name, Result.model_version, Result.model_uid, func.count())
             .group_by(Result.model_name, Result.model_version, Result.model_uid)).all()]
+        not_assessed = Counter()
+        for (codes,) in s.execute(select(Result.not_assessed_reasons).where(Result.assessed.is_(False))).all():
+            not_assessed.update(json.loads(codes) if codes else ["unknown"])
+        declined_studies = s.scalar(select(func.count()).select_from(Result).where(Result.assessed.is_(False))) or 0
         errors = [dict(study_uid=u, status=st, error=e) for u, st, e in s.execute(
             select(Study.study_uid, Study.status, Study.error).where(Study.error.is_not(None))
             .order_by(Study.updated.desc()).limit(5)).all()]
@@ -101,6 +135,9 @@ def status_report(db: Database) -> dict:
         "studies": {state.value: studies.get(state, 0) for state in StudyState},
         "instances": instances,
         "skipped_instances": skipped,
+        # studies that got a "not analysed" SR, and how often each reason occurs among them
+        "not_assessed_studies": declined_studies,
+        "not_assessed_reasons": dict(sorted(not_assessed.items())),
         "outbox": {state.value: outbox.get(state, 0) for state in OutboxState},
         "models": models,
         "last_errors": errors,

@@ -121,6 +121,14 @@ def test_not_assessed_reason_is_one_function():
     assert overview.not_assessed_reason(done) is None
     assert overview.not_assessed_reason(none_eligible) == "not_chest"
     assert overview.not_assessed_reason(failed) == "sr_failed"
+    # results since #10 carry their coded reasons
+    declined = SimpleNamespace(status="no_eligible_images", reasons=json.dumps({"body_part": 1}), error=None,
+                               assessed=False, probability=None,
+                               not_assessed_reasons=json.dumps(["body_part", "out_of_distribution"]))
+    assert overview.not_assessed_reason(declined) == "body_part, out_of_distribution"
+    scored = SimpleNamespace(status="done", reasons=None, error=None, assessed=True, probability=0.9,
+                             not_assessed_reasons="[]")
+    assert overview.not_assessed_reason(scored) is None
 
 
 def test_decode_and_study_metrics_accumulate():

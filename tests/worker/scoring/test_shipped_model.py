@@ -59,3 +59,7 @@ def test_classify_gives_the_jpeg_probability_for_a_12_bit_dicom_of_it(kaggle_jpe
     probs = np.array([row["probability"] for row in rows])
     assert np.allclose(probs[:2], probs[2:], atol=1e-6), probs
     assert [row["label"] for row in rows[:2]] == [row["label"] for row in rows[2:]]
+    # and the same out-of-distribution score: the detector sees the same picture (a JPEG has no header)
+    scores = np.array([row["ood_score"] for row in rows])
+    assert np.allclose(scores[:2], scores[2:], atol=1e-3), scores
+    assert all(row["assessed"] and row["in_distribution"] for row in rows)

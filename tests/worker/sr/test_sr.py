@@ -774,3 +774,59 @@ def test_the_receiver_keeps_what_the_sr_reads(model, tmp_path):
                                                                         **arguments))), reference)
     finally:
         db.dispose()
+
+
+# -- the "not analysed" variants ------------------------------------------------------------------
+def test_not_analysed_sr_is_valid_and_reads_back_with_its_reasons(sources, model, tmp_path):
+    from worker.sr import DeclinedImage
+
+    declined = [DeclinedImage(sources[0], ("out_of_distribution",), 41.5), DeclinedImage(sources[1], ("age", "undecodable"))]
+    report = PneumoniaReport([], None, None, model, declined=declined, ood_threshold=30.3)
+    assert not report.assessed
+    path = tmp_path / "na.dcm"
+    path.write_bytes(encode_pneumonia_sr(report))  # not templated: built by highdicom
+    errors, _ = dciodvfy(path)
+    assert errors == []
+    back = read_pneumonia_sr(pydicom.dcmread(path))
+    assert back["assessed"] is False and back["probability"] is None and back["presence"] is None
+    assert back["summary"] == "No algorithms succeeded; without findings"
+    assert back["not_assessed_reasons"] == ["out_of_distribution", "age", "undecodable"]
+    assert [(d["sop_instance_uids"], d["reasons"], d["ood_score"]) for d in back["declined_images"]] == [
+        ([str(sources[0].SOPInstanceUID)], ["out_of_distribution"], 41.5),
+        ([str(sources[1].SOPInstanceUID)], ["age", "undecodable"], None)]
+    sr = pydicom.dcmread(path)
+    codes_used = {(item.CodingSchemeDesignator, item.CodeValue) for item in _walk_codes(sr)}
+    assert {("DCM", "111017"), ("DCM", "111245"), ("DCM", "110531")} <= codes_used
+    assert sr.CompletionFlag == "COMPLETE" and sr.VerificationFlag == "UNVERIFIED"
+
+
+def test_mixed_study_sr_has_the_finding_and_the_declined_image(sources, model, tmp_path):
+    from worker.sr import DeclinedImage
+
+    report = PneumoniaReport([sources[0]], 0.91, True, model, declined=[DeclinedImage(sources[1], ("view_position",))])
+    back = read_pneumonia_sr(build_pneumonia_sr(report))
+    assert back["assessed"] is True and back["presence"] == "present" and back["probability"] == pytest.approx(0.91)
+    assert back["summary"] == "Not all algorithms succeeded; with findings"
+    assert back["referenced_sop_instance_uids"] == [str(sources[0].SOPInstanceUID)]
+    assert back["declined_images"][0]["reasons"] == ["view_position"]
+
+
+def test_not_analysed_report_checks_its_arguments(sources, model):
+    from worker.sr import DeclinedImage
+
+    with pytest.raises(ValueError, match='"probability" and "positive" must be None'):
+        PneumoniaReport([], 0.5, False, model, declined=[DeclinedImage(sources[0], ("age",))])
+    with pytest.raises(ValueError, match="at least one source image"):
+        PneumoniaReport([], None, None, model)
+    with pytest.raises(ValueError, match='"reasons"'):
+        DeclinedImage(sources[0], ())
+    with pytest.raises(ValueError, match="repeats a SOP Instance UID"):
+        PneumoniaReport([sources[0]], 0.5, False, model, declined=[DeclinedImage(sources[0], ("age",))])
+
+
+def _walk_codes(ds):
+    for element in ds.iterall():
+        if element.VR == "SQ":
+            for item in element.value:
+                if "CodeValue" in item and "CodingSchemeDesignator" in item:
+                    yield item
