@@ -102,8 +102,9 @@ class Receiver:
 
     def _store(self, tmp: Path, calling_aet: str | None) -> Received:
         if (low := self.spool.watermark.below()) is not None:
-            # Below the watermark: nothing is kept. The bytes pynetdicom spooled while the data set
-            # arrived are removed before the answer (no fsync was started), so nothing partial remains.
+            # Below the watermark: nothing is kept. A data set that began below it was never written
+            # (net/_pynetdicom/spool_file asks the watermark first); one during which free space fell
+            # below it is removed here before the answer (no fsync was started): nothing partial remains.
             tmp.unlink(missing_ok=True)
             log.warning("refused instance (0xA700): %d bytes free on the data directory's filesystem, below "
                         "storage.min_free_bytes = %d", low.free_bytes, low.min_free_bytes)

@@ -53,7 +53,8 @@ class Service:
         self._check_data_dir(settings)
         # pynetdicom set up for this process, before the slow steps: an untested pynetdicom version
         # stops start-up here (UnsupportedDependency, exit 2).
-        install_pynetdicom(writeback_bytes=settings.storage.writeback_bytes, incoming_dir=self.spool.incoming)
+        install_pynetdicom(writeback_bytes=settings.storage.writeback_bytes, incoming_dir=self.spool.incoming,
+                          refuse=self.spool.watermark.refusal)
         removed = self.spool.clean_incoming()
         if removed:
             log.info("removed %d partial receptions left by workers that are gone", removed)

@@ -243,6 +243,7 @@ def test_disk_watermark_refuses_with_a700_keeps_nothing_and_recovers_without_res
             refused = storescu(worker.port, first, options=("-v",))
             output = (refused.stdout + refused.stderr).lower()
             assert "received store response (refused: outofresources)" in output, output  # DCMTK's words for 0xA700
+            assert "nothing of it written" in worker.log()  # refused as it began to arrive: no byte written
             # nothing kept: no spooled bytes, no spool file, no row
             assert partial_receptions(data_dir) == []
             assert [p for p in (data_dir / "spool").rglob("*") if p.is_file()] == []

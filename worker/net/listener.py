@@ -77,10 +77,14 @@ def _handle_store(event, receiver: Receiver) -> int:
     except AttributeError:
         log.error("C-STORE without a spooled data set (STORE_RECV_CHUNKED_DATASET off?)")
         return status.OUT_OF_RESOURCES
-    failed = spool_file.failure(path)  # the data set could not even be spooled (disk full, I/O error)
-    if failed:
-        log.error("cannot spool received instance (%s); answering 0xA700", failed)
-        receiver.refused("spool_write_failed")
+    failed = spool_file.failure(path)  # the data set was not spooled: disk below the watermark, or it
+    if failed:                         # could not be (disk full, I/O error)
+        code, message = failed
+        if code == spool_file.REFUSED:
+            log.warning("refused instance (0xA700), nothing of it written: %s", message)
+        else:
+            log.error("cannot spool received instance (%s); answering 0xA700", message)
+        receiver.refused(code)
         return status.OUT_OF_RESOURCES
     try:
         receiver.store(path, event.assoc.requestor.ae_title)

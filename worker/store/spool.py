@@ -161,6 +161,14 @@ class DiskWatermark:
         space = self.measure()
         return space if space.below_watermark else None
 
+    def refusal(self) -> str | None:
+        """Why nothing may be written now (below the watermark), or None: asked as each received data
+        set begins to arrive (worker/net/_pynetdicom/spool_file.py writes nothing of it then)."""
+        low = self.below()
+        if low is None:
+            return None
+        return f"free space {low.free_bytes} below storage.min_free_bytes {low.min_free_bytes}"
+
 
 class Spool:
     """Paths and atomic moves under the data directory."""

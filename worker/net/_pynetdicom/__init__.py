@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 
 import pynetdicom
 from pynetdicom import _config
@@ -70,17 +71,20 @@ def check_version(installed: str, supported: tuple[str, ...] = SUPPORTED_MINORS)
             f"install '{REQUIREMENT}'")
 
 
-def install(*, writeback_bytes: int = 0, incoming_dir: str | os.PathLike | None = None) -> None:
+def install(*, writeback_bytes: int = 0, incoming_dir: str | os.PathLike | None = None,
+            refuse: Callable[[], str | None] | None = None) -> None:
     """Check pynetdicom's version, then make the process-wide changes above (idempotent).
 
     ``incoming_dir``: where received data sets are spooled (the spool's ``incoming/``), and
     ``writeback_bytes`` > 0: start the kernel's writeback every that many received bytes
     (``storage.writeback_bytes``). A process that only sends (``cxr-worker send``) passes neither.
+    ``refuse``: asked as each received data set begins; a reason means none of it is written and
+    the C-STORE is answered 0xA700 (the disk watermark, storage.min_free_bytes).
     """
     check_version(pynetdicom.__version__)
     _config.STORE_RECV_CHUNKED_DATASET = True
     _config.STORE_SEND_CHUNKED_DATASET = True
     _config.LOG_REQUEST_IDENTIFIERS = False
     _config.LOG_RESPONSE_IDENTIFIERS = False
-    spool_file.patch(writeback_bytes, incoming_dir)
+    spool_file.patch(writeback_bytes, incoming_dir, refuse)
     recv.patch()

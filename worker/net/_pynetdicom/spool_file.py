@@ -24,12 +24,18 @@ import sys
 import tempfile
 import threading
 import uuid
+from collections.abc import Callable
 
 _failures: dict[str, str] = {}
 _lock = threading.Lock()
 _SYNC_FILE_RANGE_WRITE = 2  # <linux/fs.h>: start writeback of dirty pages in the range, do not wait
 _writeback_bytes = 0        # set by patch(); 0 = no early writeback
 _directory: str | None = None  # set by patch(): where data sets are spooled (None: the temp dir)
+_refuse: Callable[[], str | None] | None = None  # set by patch(): why nothing may be written now, or None
+
+#: Failure codes ``failure()`` returns (the receiver's metrics and log reasons).
+SPOOL_WRITE_FAILED = "spool_write_failed"
+REFUSED = "disk_below_watermark"
 
 
 def _load_sync_file_range():
@@ -49,13 +55,25 @@ _sync_file_range = _load_sync_file_range()
 
 
 class IncomingFile:
-    """A NamedTemporaryFile(delete=False, mode="wb") whose write errors are recorded, not raised."""
+    """A NamedTemporaryFile(delete=False, mode="wb") whose write errors are recorded, not raised.
+
+    When ``_refuse()`` gives a reason as the data set begins to arrive (the disk is below
+    storage.min_free_bytes), no file is created at all: every fragment is discarded and the handler
+    answers 0xA700 (``failure()`` returns ``REFUSED`` with the reason): nothing is written."""
 
     def __init__(self, *args, **kwargs) -> None:
         self.error: str | None = None
         self.file = self  # pynetdicom calls ``.file.flush()`` after every fragment
         self._written = 0   # bytes written so far
         self._queued = 0    # bytes whose writeback was started
+        why = _refuse() if _refuse is not None else None
+        if why:
+            self._handle = None
+            self.name = os.path.join(_directory or tempfile.gettempdir(), f"refused-{uuid.uuid4().hex}.dcm")
+            self.error = why
+            with _lock:
+                _failures[self.name] = (REFUSED, why)
+            return
         try:
             kwargs.setdefault("dir", _directory)
             self._handle = tempfile.NamedTemporaryFile(*args, **kwargs)
@@ -69,7 +87,7 @@ class IncomingFile:
         if self.error is None:
             self.error = f"{type(exc).__name__}: {exc}"
             with _lock:
-                _failures[self.name] = self.error
+                _failures[self.name] = (SPOOL_WRITE_FAILED, self.error)
         handle, self._handle = self._handle, None
         if handle is not None:
             try:
@@ -112,24 +130,28 @@ class IncomingFile:
                 self._fail(exc)
 
 
-def failure(path) -> str | None:
-    """Why the data set spooled at ``path`` could not be written (forgotten once asked), or None."""
+def failure(path) -> tuple[str, str] | None:
+    """(code, message): why the data set spooled at ``path`` could not be written or was not
+    (``SPOOL_WRITE_FAILED``, ``REFUSED``), forgotten once asked; or None."""
     with _lock:
         return _failures.pop(str(path), None)
 
 
-def patch(writeback_bytes: int = 0, directory: str | os.PathLike | None = None) -> None:
+def patch(writeback_bytes: int = 0, directory: str | os.PathLike | None = None,
+          refuse: Callable[[], str | None] | None = None) -> None:
     """Make pynetdicom spool received data sets through IncomingFile (idempotent; see install()).
 
     ``writeback_bytes`` > 0: start the kernel's writeback every that many received bytes.
     ``directory``: where the data sets are spooled (the spool's incoming/, on the same filesystem as
     the spool so adopting a file is a link). The process-wide temp dir is left alone.
+    ``refuse``: asked as each data set begins; a reason (str) means nothing of it is written.
     """
-    global _writeback_bytes, _directory
+    global _writeback_bytes, _directory, _refuse
     from pynetdicom import dimse_messages
 
     _writeback_bytes = max(0, int(writeback_bytes))
     _directory = os.fspath(directory) if directory is not None else None
+    _refuse = refuse
 
     if not hasattr(dimse_messages, "NamedTemporaryFile"):
         raise RuntimeError("pynetdicom.dimse_messages.NamedTemporaryFile not found: pynetdicom changed")
