@@ -8,7 +8,6 @@ exactly what was sent.
 from __future__ import annotations
 
 import datetime
-
 import os
 import shutil
 import subprocess
