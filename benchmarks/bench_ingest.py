@@ -485,6 +485,7 @@ def bench_workers_pg(syntax: str, files_dir: Path, n: int, nbytes: int, work: Pa
             env = dict(os.environ)
             env.update({
                 "CXR_WORKER__NETWORK__PORT": str(port),
+                "CXR_WORKER__HTTP__PORT": str(free_port()),  # each worker its own HTTP face too
                 "CXR_WORKER__NETWORK__BIND_ADDRESS": '"127.0.0.1"',
                 "CXR_WORKER__STORAGE__DATA_DIR": f'"{data}"',
                 "CXR_WORKER__STORAGE__DATABASE_URL": f'"{url}"',
