@@ -559,6 +559,18 @@ def fmt(v: float | None, spec: str = ".1f") -> str:
     return "-" if v is None else format(v, spec)
 
 
+def _order(receivers: list[str], rep: int) -> list[str]:
+    """The receivers of one repeat: on odd repeats each ``X`` / ``X-nohttp`` pair runs the other way
+    round, so neither side of the HTTP on/off comparison always runs first."""
+    if rep % 2 == 0:
+        return receivers
+    order = list(receivers)
+    for i, rec in enumerate(order[:-1]):
+        if order[i + 1] == f"{rec}-nohttp":
+            order[i], order[i + 1] = order[i + 1], rec
+    return order
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -634,7 +646,10 @@ def main(argv: list[str] | None = None) -> int:
                 if args.paced and "worker" in receivers:
                     paced_dir = work / f"{syntax}-{rep}-paced"
                     write_studies(paced_dir, args.paced, syntax, templates=args.templates, tag=f"p{syntax[0]}{rep}")
-                for rec in receivers:
+                # The files just written are still being written back to disk: without this the first receiver
+                # of every repeat would share the disk with that writeback (its fsyncs wait behind it).
+                os.sync()
+                for rec in _order(receivers, rep):
                     t = time.perf_counter()
                     if rec == "bare":
                         run = bench_bare(syntax, files_dir, args.n, nbytes, work, storescu, args.timeout)
