@@ -23,11 +23,11 @@ def print_results(db: Database, fmt: str, limit: int | None, out: TextIO = sys.s
         for row in rows:
             writer.writerow({**row, "reasons": json.dumps(row["reasons"]) if row["reasons"] else ""})
     else:
-        out.write(f"{'created':19}  {'status':18}  {'prob':>6}  {'label':9}  {'sent':>4}  {'comm':>4}  study (accession)\n")
+        out.write(f"{'created':19}  {'status':18}  {'prob':>6}  {'label':12}  {'sent':>4}  {'comm':>4}  study (accession)\n")
         for row in rows:
             prob = f"{row['probability']:.3f}" if row["probability"] is not None else "-"
             acc = f" ({row['accession']})" if row["accession"] else ""
-            out.write(f"{row['created']:19}  {row['status']:18}  {prob:>6}  {row['label'] or '-':9}  "
+            out.write(f"{row['created']:19}  {row['status']:18}  {prob:>6}  {row['label'] or '-':12}  "
                       f"{row['delivered']:>4}  {row['committed']:>4}  {row['study_uid']}{acc}\n")
         if not rows:
             out.write("(no results yet)\n")
