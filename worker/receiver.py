@@ -101,14 +101,13 @@ class Receiver:
         self.metrics.received(Outcome.REFUSED, reason)
 
     def _store(self, tmp: Path, calling_aet: str | None) -> Received:
-        if (low := self.spool.watermark.below()) is not None:
+        if (why := self.spool.watermark.refusal()) is not None:
             # Below the watermark: nothing is kept. A data set that began below it was never written
             # (net/_pynetdicom/spool_file asks the watermark first); one during which free space fell
             # below it is removed here before the answer (no fsync was started): nothing partial remains.
             tmp.unlink(missing_ok=True)
-            log.warning("refused instance (0xA700): %d bytes free on the data directory's filesystem, below "
-                        "storage.min_free_bytes = %d", low.free_bytes, low.min_free_bytes)
-            raise DiskFull(f"free space {low.free_bytes} below storage.min_free_bytes {low.min_free_bytes}")
+            log.warning("refused instance (0xA700) on the data directory's filesystem: %s", why)
+            raise DiskFull(why)
         file_sync = fsync_later(tmp)  # the data's fsync runs while the encoding is checked and parsed
         try:
             encoding = check_encoding(tmp)          # every element whole, sequences closed (no values read)
