@@ -34,6 +34,20 @@ def resize_for_model(gray: np.ndarray, size: int = INPUT_SIZE) -> np.ndarray:
     return cv2.resize(gray, (size, size), interpolation=cv2.INTER_LINEAR)
 
 
+def map_to_image(values: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    """Undo the squash for a map over the model input: a float map (h, w) over the INPUT_SIZE square
+    (a class-activation map, 7 x 7 for ResNet18) -> float32 (rows, cols) over the image it came from.
+
+    resize_for_model squashed the whole image to the square (aspect not kept), so the map's cell
+    (i, j) covers the same fraction of the image: bilinear interpolation between cell centres
+    (OpenCV's pixel-centre convention), each axis scaled on its own.
+    """
+    values = np.asarray(values, dtype=np.float32)
+    if values.ndim != 2 or rows < 1 or cols < 1:
+        raise ValueError(f"expected a 2-D map and a positive size, got {values.shape} -> {rows}x{cols}")
+    return cv2.resize(values, (int(cols), int(rows)), interpolation=cv2.INTER_LINEAR)
+
+
 def normalize_values(values):
     """Grey levels 0..255 as floats -> the model's input, in [-1, 1] by its mean and std.
 
