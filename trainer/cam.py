@@ -82,7 +82,7 @@ def hirescam(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     handle = target_layer(model).register_forward_hook(keep)
     try:
         with torch.enable_grad(), torch.inference_mode(False):
-            logits = model(x.detach().clone().requires_grad_(False)).reshape(-1)
+            logits = model(x.detach().clone().requires_grad_(True)).reshape(-1)
             logits.sum().backward()
     finally:
         handle.remove()

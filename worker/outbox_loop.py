@@ -1,4 +1,5 @@
-"""The outbox sender: C-STORE each SR to its destination until accepted, surviving restarts.
+"""The outbox sender: C-STORE each SR (and, before it, the heatmap objects it references) to its
+destination until accepted, surviving restarts.
 
 Each outbox row is one SR file for one destination. The sender claims due rows (pending and
 next_attempt <= now) with a lease, in one UPDATE ... RETURNING, sends all rows for one destination
@@ -42,6 +43,11 @@ from .store.outbox import (BATCH, Attempt, CommitmentReport, Recorded, begin_com
                            claim_due, expire_commitments, mark_sent, not_requested, record_commitment, settle)
 
 log = logging.getLogger("cxr_worker.outbox")
+
+def _what(item: OutboxItem) -> str:
+    """How a row's file is named in the log: "SR", or its heatmap object kind."""
+    return f"heatmap {item.kind}" if item.kind else "SR"
+
 
 class OutboxLoop(threading.Thread):
     """Sends due SRs. ``wake`` is set by the scorer when an SR is committed, so a new SR leaves at
@@ -153,8 +159,10 @@ class OutboxLoop(threading.Thread):
             try:
                 mark_sent(self.db, item.id, self.owner, outcome.status)  # before the next SR is sent
                 done.add(item.id)
+                if item.evidence_for and self.wake is not self.stop_event:
+                    self.wake.set()  # the SR that waited for this object may be due now: claim it at once
             except Exception:  # noqa: BLE001 - recorded with the others after the association
-                log.exception("could not record delivery of SR %s", item.sr_sop_instance_uid)
+                log.exception("could not record delivery of %s %s", item.kind or "SR", item.sr_sop_instance_uid)
 
         try:
             if url:
@@ -187,7 +195,7 @@ class OutboxLoop(threading.Thread):
             if outcome is not None and outcome.ok:
                 self.sent += 1
                 self.metrics.delivered(name)
-                log.info("SR %s of study %s delivered to %s (%.3f s)", item.sr_sop_instance_uid,
+                log.info("%s %s of study %s delivered to %s (%.3f s)", _what(item), item.sr_sop_instance_uid,
                          item.study_uid, name, elapsed)
 
     def _after(self, item: OutboxItem, outcome, error: str | None, now: float, name: str) -> Attempt:
@@ -202,8 +210,8 @@ class OutboxLoop(threading.Thread):
         why = (getattr(outcome, "error", None) or error or
                (f"status 0x{outcome.status:04X}" if outcome and outcome.status is not None else "failed"))
         where = item.url or f"{item.ae_title}@{item.host}:{item.port}"
-        log.warning("SR %s -> %s (%s) not delivered (try %d): %s; next try in %.1f s",
-                    item.sr_sop_instance_uid, name, where, attempts, why, delay)
+        log.warning("%s %s -> %s (%s) not delivered (try %d): %s; next try in %.1f s",
+                    _what(item), item.sr_sop_instance_uid, name, where, attempts, why, delay)
         return Attempt(item.id, rsp_status, retry_at=now + delay, error=str(why))
 
     def request_commitment(self, key: tuple, group: list[OutboxItem]) -> None:

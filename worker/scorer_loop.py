@@ -7,11 +7,14 @@ Runs beside the network threads, never on them. Per claimed batch of studies:
      detector; worker/scoring/intended_use.assess); study probability (calibrated) = max over its
      assessed images, label by the checkpoint threshold on the calibrated scale. A study with no
      assessed image gets the "not analysed" SR (label NOT_ASSESSED, the reasons, no probability);
-  3. the SR (worker.sr, from the source attributes kept at receive time) is written atomically under
-     sr/, with UIDs derived from (study, model UID, revision) (worker.sr.sr_uids), so a
-     crash-and-retry rewrites the same SR instead of a new one;
+  3. the heatmap objects of the assessed images, when [heatmap] asks for them (worker/heatmap: the
+     map's fractional Segmentation, the key image, the web page's PNG), and the SR (worker.sr, from
+     the source attributes kept at receive time, referencing the objects and the strongest region)
+     are written atomically under sr/, with UIDs derived from (study, model UID, revision)
+     (worker.sr.sr_uids, worker.heatmap heatmap_uids), so a crash-and-retry rewrites the same files;
   4. one transaction for the whole batch (one fsync): per study -> done/no_eligible_images, result
-     row (one per study and model), outbox rows (one per destination), per-instance probability or
+     row (one per study and model), outbox rows (one per destination and file: the objects go before
+     the SR that references them, store/outbox.py), per-instance probability or
      reason. A study is only recorded while this worker still holds its lease.
 """
 
@@ -24,7 +27,7 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pydicom
@@ -63,6 +66,16 @@ class Concluded:
     result: dict
     scored: list[Scored]
     reasons: dict[str, int]
+    evidence: list[outbox.Evidence] = field(default_factory=list)  # heatmap objects, sent before the SR
+
+
+def _same_headers(evidence: list, headers: list) -> list:
+    """The SR's evidence items with their ``source`` the very header object of the SR's sources (the
+    SR checks each evidence image is one of them)."""
+    import dataclasses
+
+    by_uid = {str(h.SOPInstanceUID): h for h in headers}
+    return [dataclasses.replace(e, source=by_uid.get(str(e.source.SOPInstanceUID), e.source)) for e in evidence]
 
 
 class ScorerLoop(threading.Thread):
@@ -246,20 +259,53 @@ class ScorerLoop(threading.Thread):
             result.update(status=StudyState.NO_ELIGIBLE, label="NOT_ASSESSED",
                           error="no eligible image: " + ", ".join(f"{k}={v}" for k, v in sorted(reasons.items())))
         t0 = time.perf_counter()
+        evidence: list[outbox.Evidence] = []
         try:
+            heatmaps, evidence = self._heatmaps(study, ok, inst_by_id, revision) \
+                if self.settings.heatmap.wanted(positive) else ([], [])
             sr = self._write_sr(study, [inst_by_id[s.prepared.key[1]] for s in ok],
                                 best.probability if best else None, positive, revision,
                                 [(inst_by_id[key], codes_, score) for key, (codes_, score) in declined.items()],
-                                best.ood_score if best else None)
+                                best.ood_score if best else None, heatmaps)
             if sr is not None:
                 sr_file, series_uid, instance_uid = sr
                 result.update(sr_path=str(sr_file), sr_sop_instance_uid=instance_uid, sr_series_uid=series_uid)
         except Exception as exc:  # noqa: BLE001 - recorded on the result; the study is 'failed'
             log.exception("study %s: SR could not be built", study.study_uid)
             result.update(status=StudyState.FAILED, error=f"sr_failed: {type(exc).__name__}: {exc}")
+            evidence = []
         result["sr_s"] = time.perf_counter() - t0
         result["total_s"] = time.time() - study.claimed_at
-        return Concluded(study, result, scored, dict(reasons))
+        return Concluded(study, result, scored, dict(reasons), evidence)
+
+    def _heatmaps(self, study: ClaimedStudy, assessed: list[Scored], inst_by_id: dict,
+                  revision: int) -> tuple[list, list[outbox.Evidence]]:
+        """The heatmap objects of the study's assessed images, written (with the web page's PNGs) in
+        one durable batch: the SR's HeatmapEvidence items and the outbox's Evidence rows."""
+        from trainer.cam import relevance
+
+        from .heatmap.objects import ImageMap, make
+
+        model, writes, sr_evidence, rows = self.runner.info, [], [], []
+        for s in assessed:
+            if s.cam is None or s.prepared.image_shape is None:
+                continue
+            inst = inst_by_id[s.prepared.key[1]]
+            header = self._header(inst)
+            made = make(ImageMap(header, relevance(s.cam), s.prepared.image_shape, s.prepared.preview,
+                                 s.probability, self.runner.label(s.probability)[0], s.prepared.frame),
+                        self.settings.heatmap, study_uid=study.study_uid, revision=revision, model=model,
+                        threshold=self.runner.threshold, manufacturer=self.settings.sr.manufacturer)
+            for kind, uid, data in made.files:
+                path = self.spool.sr_path(study.study_uid, uid)
+                writes.append((path, data))
+                rows.append(outbox.Evidence(uid, str(path), kind))
+            if made.png is not None:
+                writes.append((self.spool.heatmap_path(study.study_uid, inst.sop_instance_uid), made.png))
+            sr_evidence.append(made.evidence)
+        if writes:
+            self.spool.write_files(writes)
+        return sr_evidence, rows
 
     def _flags(self, assessed: list[Instance]) -> list[str]:
         """outside = flag: the header codes the assessed images were scored despite (the receiver
@@ -287,7 +333,8 @@ class ScorerLoop(threading.Thread):
                  f" reasons={item.reasons}" if item.reasons else "")
 
     def _write_sr(self, study: ClaimedStudy, sources: list[Instance], probability: float | None,
-                  positive: bool | None, revision: int, declined: list, ood_score: float | None):
+                  positive: bool | None, revision: int, declined: list, ood_score: float | None,
+                  evidence: list = ()):
         """The SR file, or None when there is nothing to say (no image that an SR can reference)."""
         from .sr import DeclinedImage, PneumoniaReport, encode_pneumonia_sr, sr_uids
 
@@ -305,7 +352,7 @@ class ScorerLoop(threading.Thread):
             headers, probability, positive, self.runner.info, manufacturer=self.settings.sr.manufacturer,
             series_number=self.settings.sr.series_number, instance_number=revision, sr_series_uid=series_uid,
             sr_instance_uid=instance_uid, declined=declined_images, ood_threshold=self.runner.ood_threshold,
-            ood_score=ood_score))
+            ood_score=ood_score, evidence=_same_headers(evidence, headers)))
         path = self.spool.write_bytes(self.spool.sr_path(study.study_uid, instance_uid), data)
         return path, series_uid, instance_uid
 
@@ -340,7 +387,7 @@ class ScorerLoop(threading.Thread):
                     conn.execute(update(Result).where(Result.id == result_id).values(created=now, **result))
                 if result["sr_path"]:
                     outbox.enqueue(conn, result_id, study.study_uid, result["sr_sop_instance_uid"], result["sr_path"],
-                                   self.settings.destinations, now)
+                                   self.settings.destinations, now, item.evidence)
                 for sc in item.scored:
                     if sc.probability is None:
                         values = {"eligible": False, "reason": sc.prepared.error_reason,

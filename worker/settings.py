@@ -335,6 +335,59 @@ class SRSettings:
         _check_num("sr.series_number", self.series_number, minimum=1, integer=True)
 
 
+class HeatmapObject:
+    """``heatmap.objects`` values: the DICOM objects made of an assessed image's map (worker/heatmap)."""
+
+    SEGMENTATION = "segmentation"  # the quantitative map: a fractional Segmentation at the source's geometry
+    KEY_IMAGE = "key_image"        # the picture: an RGB Secondary Capture with the overlay burned in
+    ALL = (SEGMENTATION, KEY_IMAGE)
+
+
+class HeatmapStudies:
+    """``heatmap.studies``: which studies get heatmap objects."""
+
+    POSITIVE = "positive"  # studies whose finding is positive (the map explains the "pneumonia")
+    ALL = "all"            # every assessed study (a negative study's map shows what evidence there was)
+    NONE = "none"          # none: maps are not computed at all
+    CHOICES = (POSITIVE, ALL, NONE)
+
+
+@dataclass(frozen=True)
+class HeatmapSettings:
+    """[heatmap]: class-activation maps as DICOM objects in new series of the study, referenced by the SR."""
+
+    objects: list[str]
+    studies: str
+    segmentation_series_number: int
+    key_image_series_number: int
+    key_image_size: int
+
+    def __post_init__(self) -> None:
+        objects = _check_str_list("heatmap.objects", self.objects)
+        unknown = [o for o in objects if o not in HeatmapObject.ALL]
+        if unknown:
+            raise SettingsError(f"heatmap.objects: unknown object {unknown[0]!r} (known: "
+                                f"{', '.join(HeatmapObject.ALL)})")
+        object.__setattr__(self, "objects", list(dict.fromkeys(objects)))
+        _check_choice("heatmap.studies", self.studies, HeatmapStudies.CHOICES)
+        _check_num("heatmap.segmentation_series_number", self.segmentation_series_number, minimum=1, integer=True)
+        _check_num("heatmap.key_image_series_number", self.key_image_series_number, minimum=1, integer=True)
+        _check_num("heatmap.key_image_size", self.key_image_size, minimum=256, integer=True)
+        if self.key_image_size > 4096:
+            raise SettingsError(f"heatmap.key_image_size: at most 4096, got {self.key_image_size}")
+
+    @property
+    def enabled(self) -> bool:
+        """Maps are computed (some studies get some objects)."""
+        return self.studies != HeatmapStudies.NONE and bool(self.objects)
+
+    def wanted(self, positive: bool | None) -> bool:
+        """Whether a study with this decision (None: not assessed) gets heatmap objects."""
+        if not self.enabled or positive is None:
+            return False
+        return positive or self.studies == HeatmapStudies.ALL
+
+
 @dataclass(frozen=True)
 class OutboxSettings:
     retry_base_seconds: float
@@ -432,7 +485,7 @@ def _destination(index: int, table: Mapping[str, Any]) -> Destination:
 #: The TOML tables read into one dataclass each ([logging] and destinations are read by Settings).
 SECTIONS: dict[str, type] = {"network": NetworkSettings, "storage": StorageSettings, "studies": StudySettings,
                              "intended_use": IntendedUseSettings, "model": ModelSettings, "sr": SRSettings,
-                             "outbox": OutboxSettings, "tls": TLSSettings, "http": HTTPSettings}
+                             "heatmap": HeatmapSettings, "outbox": OutboxSettings, "tls": TLSSettings, "http": HTTPSettings}
 
 
 @dataclass(frozen=True)
@@ -443,6 +496,7 @@ class Settings:
     intended_use: IntendedUseSettings
     model: ModelSettings
     sr: SRSettings
+    heatmap: HeatmapSettings
     outbox: OutboxSettings
     destinations: list[Destination]
     log_level: str                   # [logging] level
@@ -455,6 +509,13 @@ class Settings:
                 if not getattr(self.tls, key):
                     raise SettingsError(f"http.tls: needs tls.{key} (HTTPS uses the [tls] certificate and key)")
                 _check_file(f"tls.{key}", getattr(self.tls, key), required=True)
+        numbers = {"sr.series_number": self.sr.series_number}
+        if HeatmapObject.SEGMENTATION in self.heatmap.objects:
+            numbers["heatmap.segmentation_series_number"] = self.heatmap.segmentation_series_number
+        if HeatmapObject.KEY_IMAGE in self.heatmap.objects:
+            numbers["heatmap.key_image_series_number"] = self.heatmap.key_image_series_number
+        if len(set(numbers.values())) != len(numbers):
+            raise SettingsError(f"series numbers must differ: {numbers}")
         names = [d.name for d in self.destinations]
         if len(names) != len(set(names)):
             raise SettingsError(f"destinations: names must be unique, got {names}")

@@ -115,6 +115,9 @@ class WorkerProcess:
             "CXR_WORKER__OUTBOX__TIMEOUT": "5",
             "CXR_WORKER__OUTBOX__POLL_SECONDS": "0.1",
             "CXR_WORKER__MODEL__DECODE_THREADS": "1",
+            # heatmap objects only where a test is about them (tests/system/test_heatmaps.py sets
+            # CXR_WORKER__HEATMAP__STUDIES): the other tests count the SRs a destination receives
+            "CXR_WORKER__HEATMAP__STUDIES": "none",
             "OMP_NUM_THREADS": "1",
             "PYTHONUNBUFFERED": "1",
         })

@@ -79,16 +79,46 @@ def record(scored: Scored, runner: ModelRunner, use: IntendedUse | None = None) 
     return out
 
 
+def write_heatmap(scored: Scored, runner: ModelRunner, rec: dict, folder: Path, taken: set[str]) -> None:
+    """An assessed file's overlay as PNG in ``folder`` (named after the file; a repeated name gets
+    -2, -3...), recorded as rec["heatmap"]; a file that was not assessed gets none (its map would
+    explain a finding that was not made)."""
+    rec["heatmap"] = None
+    if not rec.get("assessed") or scored.cam is None or scored.prepared.preview is None:
+        return
+    from dicom_io import map_to_image
+    from trainer.cam import relevance
+
+    from ..heatmap.overlay import key_picture, png_bytes
+
+    name, n = f"{Path(scored.prepared.path).name}.png", 1
+    while name in taken:
+        n += 1
+        name = f"{Path(scored.prepared.path).name}-{n}.png"
+    taken.add(name)
+    preview = scored.prepared.preview
+    picture = key_picture(preview, map_to_image(relevance(scored.cam), *preview.shape[:2]), finding=rec["label"],
+                          probability=scored.probability, threshold=runner.threshold, model_name=runner.info.name,
+                          model_version=runner.info.version)
+    target = folder / name
+    target.write_bytes(png_bytes(picture))
+    rec["heatmap"] = str(target)
+
+
 def run(paths: list[str], runner: ModelRunner, as_json: bool, out: TextIO = sys.stdout,
-        use: IntendedUse | None = None) -> int:
+        use: IntendedUse | None = None, heatmap_dir: Path | None = None) -> int:
     """Print one line per file; return 0 when every file was scored, 1 otherwise (a file that was
-    scored but not assessed is not a failure: its line says why)."""
+    scored but not assessed is not a failure: its line says why). ``heatmap_dir``: also write each
+    assessed file's overlay there (the runner made with ``heatmaps=True`` and a ``preview_size``)."""
     files = list(expand(paths))
     failures = 0
+    taken: set[str] = set()
     for start in range(0, len(files), CHUNK):
         chunk = files[start:start + CHUNK]
         for scored in runner.score([(p, p) for p in chunk]):
             rec = record(scored, runner, use)
+            if heatmap_dir is not None:
+                write_heatmap(scored, runner, rec, heatmap_dir, taken)
             failures += "error" in rec
             if as_json:
                 out.write(json.dumps(rec) + "\n")

@@ -135,8 +135,10 @@ def classify_runner(args):
         raise StartupError(f"--batch-size: must be >= 1, got {args.batch_size}")
     from ..scoring.runner import ModelRunner
 
+    heatmaps = getattr(args, "heatmap", None) is not None
     return ModelRunner(path, args.device or m.device, args.precision or m.precision, args.batch_size or m.batch_size,
-                       m.decode_threads)
+                       m.decode_threads, heatmaps=heatmaps,
+                       preview_size=_settings(args).heatmap.key_image_size if heatmaps else 0)
 
 
 def cmd_classify(args) -> int:
@@ -145,10 +147,17 @@ def cmd_classify(args) -> int:
 
     from ..scoring.intended_use import IntendedUse, site_values
 
+    heatmap_dir = None
+    if args.heatmap is not None:
+        heatmap_dir = Path(args.heatmap)
+        try:
+            heatmap_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StartupError(f"--heatmap: cannot create {heatmap_dir}: {exc.strerror}") from None
     runner = classify_runner(args)
     use = IntendedUse.resolve(site_values(_settings(args).intended_use), runner.info.intended_use)
     try:
-        return classify.run([str(p) for p in args.paths], runner, args.json, use=use)
+        return classify.run([str(p) for p in args.paths], runner, args.json, use=use, heatmap_dir=heatmap_dir)
     finally:
         runner.close()
 
@@ -254,6 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
                                "bf16, fp32 otherwise (default: model.precision)")
     classify.add_argument("--batch-size", type=int, metavar="N",
                           help="images per forward pass (default: model.batch_size)")
+    classify.add_argument("--heatmap", metavar="DIR",
+                          help="also write each assessed file's heatmap overlay (HiResCAM, the key image's "
+                               "picture) as DIR/<file name>.png; created if missing")
     classify.set_defaults(func=cmd_classify)
 
     results = with_config(sub.add_parser(

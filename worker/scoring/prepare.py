@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from dicom_io import DicomInputError, load_display_image, to_model_input
 
@@ -36,16 +37,33 @@ class Prepared:
     error_reason: str | None = None
     error_message: str | None = None
     decode_s: float = 0.0
+    image_shape: tuple[int, int] | None = None  # (rows, columns) of the decoded image (its frame)
+    preview: np.ndarray | None = None           # uint8, the display image shrunk to the key image's size
+                                                # (asked for by preview_size; the heatmap's background)
 
 
-def prepare(path: str | Path, key: object = None) -> Prepared:
-    """Decode one file (DICOM by content, JPEG/PNG by suffix) to model input; never raises."""
+def shrink(gray: np.ndarray, longest: int) -> np.ndarray:
+    """An 8-bit grey image with its longer side at most ``longest`` (area averaging; never enlarged)."""
+    rows, cols = gray.shape
+    scale = longest / max(rows, cols)
+    if scale >= 1.0:
+        return np.ascontiguousarray(gray)
+    size = (max(1, round(cols * scale)), max(1, round(rows * scale)))
+    return np.array(Image.fromarray(gray).resize(size, Image.Resampling.BOX))
+
+
+def prepare(path: str | Path, key: object = None, preview_size: int = 0) -> Prepared:
+    """Decode one file (DICOM by content, JPEG/PNG by suffix) to model input; never raises.
+    ``preview_size`` > 0 also keeps the display image shrunk to that longer side (``Prepared.preview``)."""
     path = Path(path)
     item = Prepared(key=key if key is not None else path, path=path)
     start = time.perf_counter()
     try:
         image = load_display_image(path)
         item.tensor = to_model_input(image.pixels)
+        item.image_shape = tuple(image.pixels.shape[:2])
+        if preview_size > 0:
+            item.preview = shrink(image.pixels, preview_size)
         item.transfer_syntax = image.transfer_syntax
         item.frame = image.frame
         item.number_of_frames = image.number_of_frames
@@ -62,10 +80,11 @@ def prepare(path: str | Path, key: object = None) -> Prepared:
     return item
 
 
-def prepare_item(key_path: tuple[object, Path]) -> Prepared:
-    """``prepare`` for ``Executor.map`` over ``(key, path)`` pairs (a picklable top-level function)."""
-    key, path = key_path
-    return prepare(path, key)
+def prepare_item(key_path: tuple) -> Prepared:
+    """``prepare`` for ``Executor.map`` over ``(key, path)`` or ``(key, path, preview_size)`` tuples (a
+    picklable top-level function)."""
+    key, path, *rest = key_path
+    return prepare(path, key, *rest)
 
 
 def ready(_: object = None) -> bool:

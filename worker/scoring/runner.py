@@ -3,7 +3,9 @@
 Files -> dicom_io (decode, display image, the one model-input function) -> batches -> model ->
 sigmoid -> raw probability -> the checkpoint's calibrator -> probability; in the same forward pass
 the penultimate features (a pre-hook on the last linear layer, trainer/ood.py FeatureTap) -> the
-checkpoint's out-of-distribution detector -> ood_score (None for a checkpoint without one). CUDA when present (fp16/bf16 autocast), CPU otherwise (bf16 autocast where
+checkpoint's out-of-distribution detector -> ood_score (None for a checkpoint without one); with
+``heatmaps`` also each image's class-activation map (trainer/cam.py: HiResCAM, read from the same
+forward pass for ResNet18's pooled linear head, a backward pass otherwise). CUDA when present (fp16/bf16 autocast), CPU otherwise (bf16 autocast where
 the CPU has native bf16 and it agrees with fp32 within 0.01, else fp32). Decoding runs on a few
 threads, or processes (`serve`: decoders hold the GIL, see worker/scoring/prepare.py), ahead of the model.
 """
@@ -24,6 +26,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
+from trainer.cam import CamTap, hirescam, linear_head
 from trainer.checkpoint import ModelInfo, load_checkpoint, load_detector
 from trainer.ood import FeatureTap
 from trainer.models import cpu_supports_bf16
@@ -61,6 +64,8 @@ class Scored:
     raw_probability: float | None = None    # the model's sigmoid, uncalibrated
     ood_score: float | None = None          # Mahalanobis distance; None = the checkpoint has no detector
     ood_threshold: float | None = None      # the detector's; above it the image is out of distribution
+    cam: np.ndarray | None = None           # float32 (h, w): HiResCAM of the logit over the model input
+                                            # (ModelRunner(heatmaps=True)); dicom_io.map_to_image places it
 
     @property
     def in_distribution(self) -> bool | None:
@@ -93,7 +98,7 @@ class ModelRunner:
 
     def __init__(self, model_path: str | Path | None = None, device: str = "auto", precision: str = "auto",
                  batch_size: int = 16, decode_threads: int = 2, decode_processes: bool = False,
-                 torch_threads: int = 0) -> None:
+                 torch_threads: int = 0, heatmaps: bool = False, preview_size: int = 0) -> None:
         self.model_path = Path(model_path) if model_path else DEFAULT_MODEL
         if not self.model_path.is_file():
             raise FileNotFoundError(f"model checkpoint not found: {self.model_path}")
@@ -110,6 +115,11 @@ class ModelRunner:
         detector = load_detector(self.model_path, info)
         self.detector = detector.to(self.device) if detector is not None else None
         self._tap = FeatureTap(self.model) if self.detector is not None else None
+        #: maps: from the scoring forward pass (CamTap) where the head allows, else hirescam's backward pass
+        self.heatmaps = heatmaps
+        self._cam_tap = CamTap(self.model) if heatmaps and linear_head(self.model) is not None else None
+        #: > 0: decoding also keeps the display image shrunk to this longer side (Prepared.preview)
+        self.preview_size = preview_size
         self._pool: Executor = self._new_pool()
         log.info("model %s %s (uid %s, threshold %.4f%s) on %s, precision %s; %s", info.name, info.version,
                  info.uid, self.threshold, " calibrated" if info.calibration else "", self.device, self.precision,
@@ -153,17 +163,30 @@ class ModelRunner:
     def predict_with_ood(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """float32 (N, 1, 224, 224) -> raw probabilities (N,) and out-of-distribution scores (N,) or None
         (no detector), both float64, from one forward pass."""
+        probs, scores, _ = self.predict_all(batch)
+        return probs, scores
+
+    def predict_all(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """float32 (N, 1, 224, 224) -> raw probabilities (N,), out-of-distribution scores (N,) or None,
+        and with ``heatmaps`` the maps (N, h, w) float32 (else None)."""
         if batch.shape[0] == 0:
-            return np.zeros((0,), dtype=np.float64), (np.zeros((0,)) if self.detector else None)
+            return (np.zeros((0,), dtype=np.float64), (np.zeros((0,)) if self.detector else None),
+                    np.zeros((0, 1, 1), dtype=np.float32) if self.heatmaps else None)
+        x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))
+        x = x.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():
-            x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))
-            x = x.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
             with self._autocast():
                 logits = self.model(x)
             probs = torch.sigmoid(logits.float().reshape(-1))
             scores = self.detector.score(self._tap.take()) if self.detector is not None else None
+            cams = self._cam_tap.take() if self._cam_tap is not None else None
+        if self.heatmaps and cams is None:  # a head without the closed form: HiResCAM by autograd, in fp32
+            cams, _ = hirescam(self.model, x)
+            if self._tap is not None:
+                self._tap.features = None  # that pass fed the feature tap too; its score is taken already
         return (probs.cpu().numpy().astype(np.float64),
-                scores.cpu().numpy().astype(np.float64) if scores is not None else None)
+                scores.cpu().numpy().astype(np.float64) if scores is not None else None,
+                cams.cpu().numpy().astype(np.float32) if cams is not None else None)
 
     def decode_async(self, items: Iterable[tuple[object, Path]]) -> DecodeBatch:
         """Start decoding ``(key, path)`` items on the pool and return at once (collect() waits).
@@ -173,7 +196,7 @@ class ModelRunner:
         items = list(items)
         futures: list[Future] = []
         try:
-            futures = [self._pool.submit(prepare_item, item) for item in items]
+            futures = [self._pool.submit(prepare_item, self._job(item)) for item in items]
         except BrokenProcessPool:  # a decoder died earlier: collect() decodes them one at a time
             pass
         return DecodeBatch(items, futures)
@@ -199,9 +222,12 @@ class ModelRunner:
         """Decode on the pool, yielding in input order (see collect)."""
         yield from self.collect(self.decode_async(items))
 
+    def _job(self, item: tuple[object, Path]) -> tuple:
+        return (*item, self.preview_size) if self.preview_size else item
+
     def _prepare_alone(self, key: object, path: Path) -> Prepared:
         try:
-            return self._pool.submit(prepare_item, (key, path)).result()
+            return self._pool.submit(prepare_item, self._job((key, path))).result()
         except BrokenProcessPool:
             self._replace_pool()
             item = Prepared(key=key, path=path)
@@ -225,7 +251,7 @@ class ModelRunner:
             if not pending:
                 return
             start = time.perf_counter()
-            probs, ood = self.predict_with_ood(np.stack([s.prepared.tensor for s in pending]))
+            probs, ood, cams = self.predict_all(np.stack([s.prepared.tensor for s in pending]))
             share = (time.perf_counter() - start) / len(pending)
             for index, (scored, prob) in enumerate(zip(pending, probs)):
                 scored.raw_probability = float(prob)
@@ -233,6 +259,8 @@ class ModelRunner:
                 scored.inference_s = share
                 if ood is not None:
                     scored.ood_score, scored.ood_threshold = float(ood[index]), self.ood_threshold
+                if cams is not None:
+                    scored.cam = cams[index]
             pending.clear()
 
         for prepared in prepared_items:

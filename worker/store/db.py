@@ -156,7 +156,10 @@ class Result(Base):
 
 
 class OutboxItem(Base):
-    """One SR file to one destination; unique per SR instance and destination."""
+    """One DICOM file to one destination, unique per SOP instance and destination: an SR, or (``kind``
+    set) a heatmap object the SR references, sent before it (``evidence_for`` = the SR's SOP Instance
+    UID; store/outbox.py claims no SR while an object it waits for is undelivered to that destination).
+    The ``sr_*`` column names predate the objects: they hold the row's own file and SOP Instance UID."""
 
     __tablename__ = "outbox"
     __table_args__ = (UniqueConstraint("sr_sop_instance_uid", "destination", name="uq_outbox_sr_dest"),)
@@ -184,6 +187,8 @@ class OutboxItem(Base):
     commitment_uid: Mapped[str | None] = mapped_column(String(64))  # Transaction UID of the request in flight
     commitment_requested: Mapped[float | None] = mapped_column(Float)
     committed: Mapped[float | None] = mapped_column(Float)
+    kind: Mapped[str | None] = mapped_column(String(16))           # NULL = the SR; else a heatmap.objects value
+    evidence_for: Mapped[str | None] = mapped_column(String(64), index=True)  # the SR this object goes before
 
 
 class _WriterTurns:
@@ -281,12 +286,16 @@ class Database:
         starting together race safely (on SQLite the write transaction serialises them)."""
         guard = " IF NOT EXISTS" if self.is_postgres else ""
         with self.write() as conn:
+            if self.is_postgres:  # CREATE INDEX (checkfirst) is not race-safe either: under the schema lock
+                conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": SCHEMA_LOCK})
             for table in Base.metadata.sorted_tables:
                 present = {column["name"] for column in inspect(conn).get_columns(table.name)}
                 for column in table.columns:
                     if column.name not in present:
                         conn.execute(text(f"ALTER TABLE {table.name} ADD COLUMN{guard} {column.name} "
                                           f"{column.type.compile(conn.dialect)}"))
+                for index in table.indexes:  # the indexes of those columns (create_all made the others)
+                    index.create(conn, checkfirst=True)
 
     @property
     def is_postgres(self) -> bool:

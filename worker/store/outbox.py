@@ -1,4 +1,10 @@
-"""Outbox rows: one SR file for one destination, and the only code that changes their state.
+"""Outbox rows: one DICOM file (an SR, or a heatmap object it references) for one destination, and the
+only code that changes their state.
+
+An SR's heatmap objects (``kind`` set, ``evidence_for`` = the SR's SOP Instance UID) are enqueued with
+it and go first: an SR row is not due while one of its objects for the same destination is pending or
+sending, so a viewer never gets an SR whose evidence is missing; each object has its own retries,
+leases and storage commitment, exactly as an SR.
 
     (none)  --enqueue--> pending               one row per destination of a committed SR
     pending --claim_due--> sending --mark_sent / settle(accepted)--> sent
@@ -26,7 +32,7 @@ import time
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-from sqlalchemy import Connection, bindparam, insert, select, update
+from sqlalchemy import Connection, and_, bindparam, exists, insert, select, update
 
 from .db import Database, OutboxItem, OutboxState, clip, owner_is_dead_here
 
@@ -36,7 +42,13 @@ BATCH = 32
 # (construction and cache key) than executing a prebuilt one.
 _T = OutboxItem.__table__
 _NEW = insert(_T)
-_DUE = (select(_T.c.id).where(_T.c.status == OutboxState.PENDING, _T.c.next_attempt <= bindparam("now"))
+_E = _T.alias("evidence")
+#: an object of this row's SR not yet delivered to this row's destination (the SR waits for it)
+_WAITING_EVIDENCE = exists().where(and_(_E.c.evidence_for == _T.c.sr_sop_instance_uid,
+                                        _E.c.destination == _T.c.destination,
+                                        _E.c.status.in_((OutboxState.PENDING, OutboxState.SENDING))))
+_DUE = (select(_T.c.id).where(_T.c.status == OutboxState.PENDING, _T.c.next_attempt <= bindparam("now"),
+                              ~_WAITING_EVIDENCE)
         .order_by(_T.c.next_attempt, _T.c.id).limit(bindparam("n")))
 _LEASE = dict(status=OutboxState.SENDING, lease_owner=bindparam("owner"), lease_expires=bindparam("expires"))
 _DUE_FOR = {False: _DUE, True: _DUE.with_for_update(skip_locked=True)}  # key: is PostgreSQL
@@ -63,15 +75,30 @@ class Attempt:
     error: str = ""
 
 
+@dataclass(frozen=True)
+class Evidence:
+    """A file the SR references, to be delivered before it: its SOP Instance UID, path and ``kind``
+    (a settings.HeatmapObject value)."""
+
+    sop_instance_uid: str
+    path: str
+    kind: str
+
+
 def enqueue(conn: Connection, result_id: int, study_uid: str, sr_sop_instance_uid: str, sr_path: str,
-            destinations, now: float) -> None:
-    """One pending row per destination (settings.destinations) for a committed SR, in the caller's
-    transaction (the scorer's, with its result)."""
+            destinations, now: float, evidence: list[Evidence] | tuple = ()) -> None:
+    """One pending row per destination (settings.destinations) for a committed SR and for each of its
+    ``evidence`` files (which go first), in the caller's transaction (the scorer's, with its result)."""
     if destinations:
-        conn.execute(_NEW, [dict(result_id=result_id, study_uid=study_uid, sr_sop_instance_uid=sr_sop_instance_uid,
-                                 sr_path=sr_path, destination=d.name, status=OutboxState.PENDING, attempts=0,
-                                 next_attempt=now, created=now, **_address(d))
-                            for d in destinations])
+        rows = [dict(result_id=result_id, study_uid=study_uid, sr_sop_instance_uid=e.sop_instance_uid,
+                     sr_path=e.path, kind=e.kind, evidence_for=sr_sop_instance_uid, destination=d.name,
+                     status=OutboxState.PENDING, attempts=0, next_attempt=now, created=now, **_address(d))
+                for d in destinations for e in evidence]
+        rows += [dict(result_id=result_id, study_uid=study_uid, sr_sop_instance_uid=sr_sop_instance_uid,
+                      sr_path=sr_path, kind=None, evidence_for=None, destination=d.name, status=OutboxState.PENDING,
+                      attempts=0, next_attempt=now, created=now, **_address(d))
+                 for d in destinations]
+        conn.execute(_NEW, rows)
 
 
 def _address(d) -> dict:

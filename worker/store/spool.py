@@ -5,8 +5,9 @@ Layout under the data directory (directories 0700, files 0600):
                                folder per running worker (``take_incoming``), its ``.lock`` file
                                locked (POSIX ``lockf``) for as long as that worker lives
     spool/<study>/<sop>.dcm    received instances, exactly the bytes that were sent (no re-encoding)
-    sr/<study>/<sop>.dcm       the SRs the worker wrote
-    heatmaps/<study>/<sop>.png overlays shown on the study page, when present
+    sr/<study>/<sop>.dcm       the SRs the worker wrote, and the heatmap objects they reference
+                               (Segmentation, key image), each named by its own SOP Instance UID
+    heatmaps/<study>/<sop>.png overlays shown on the study page, named by the source image
     worker.db                  the default SQLite database
 
 Several workers may share one data directory (with one PostgreSQL database): each receives into
@@ -180,7 +181,7 @@ class Spool:
         self.incoming = self.incoming_root
         self.spool = private_dir(self.root / "spool")
         self.sr = private_dir(self.root / "sr")
-        self.heatmaps = self.root / "heatmaps"  # <study>/<sop>.png overlays (written by the heatmap issue)
+        self.heatmaps = self.root / "heatmaps"  # <study>/<source sop>.png overlays (the scorer writes them)
         self.watermark = DiskWatermark(self.root, min_free_bytes)
         self._lock_fd: int | None = None
 
@@ -341,6 +342,31 @@ class Spool:
         os.chmod(tmp, 0o600)
         os.replace(tmp, final)
         fsync_together([final], [final.parent])
+
+    def write_files(self, files: Sequence[tuple[Path, bytes]]) -> list[Path]:
+        """``write_bytes`` for several files at once: each written to a temp file beside it, all
+        fsynced together (one journal commit), renamed into place, their directories fsynced."""
+        staged: list[tuple[str, Path]] = []
+        dirs: dict[Path, None] = {}
+        try:
+            for final, data in files:
+                if not final.parent.exists():
+                    private_dir(final.parent)
+                    dirs[final.parent.parent] = None
+                dirs[final.parent] = None
+                fd, name = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp")
+                staged.append((name, final))
+                with os.fdopen(fd, "wb") as handle:
+                    handle.write(data)
+            fsync_together([Path(name) for name, _ in staged])
+            for name, final in staged:
+                os.replace(name, final)
+        except BaseException:
+            for name, _ in staged:
+                Path(name).unlink(missing_ok=True)
+            raise
+        fsync_together([], list(dirs))
+        return [final for _, final in staged]
 
     def write_bytes(self, final: Path, data: bytes) -> Path:
         """Write ``data`` to ``final`` atomically (temp file in the same directory), durably (new

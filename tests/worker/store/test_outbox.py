@@ -89,3 +89,30 @@ def test_reclaim_returns_rows_of_dead_or_expired_claimers(database):
         assert outbox.reclaim(conn, time.time()) == 2
     assert {n: r.status for n, r in rows(database).items()} == {"dead": "pending", "expired": "pending",
                                                                  "alive": "sending"}
+
+
+def test_an_sr_waits_until_its_heatmap_objects_are_delivered_to_that_destination(database):
+    evidence = [outbox.Evidence("2.1.1", "/hm/2.1.1.dcm", "segmentation"),
+                outbox.Evidence("2.1.2", "/hm/2.1.2.dcm", "key_image")]
+    with database.write() as conn:
+        outbox.enqueue(conn, 1, "1.1", "2.1", "/sr/2.1.dcm", DESTINATIONS, time.time() - 1, evidence)
+    first = outbox.claim_due(database, ME, 60)
+    # the objects for both destinations, never the SR: it references them
+    assert sorted((i.destination, i.sr_sop_instance_uid, i.kind, i.evidence_for) for i in first) == [
+        ("a", "2.1.1", "segmentation", "2.1"), ("a", "2.1.2", "key_image", "2.1"),
+        ("b", "2.1.1", "segmentation", "2.1"), ("b", "2.1.2", "key_image", "2.1")]
+    assert outbox.claim_due(database, OTHER, 60) == []
+    by = {(i.destination, i.sr_sop_instance_uid): i for i in first}
+    outbox.mark_sent(database, by["a", "2.1.1"].id, ME, 0)
+    assert outbox.claim_due(database, ME, 60) == []            # a's key image is still out
+    outbox.mark_sent(database, by["a", "2.1.2"].id, ME, 0)
+    now = time.time()
+    outbox.settle(database, ME, [outbox.Attempt(by["b", "2.1.2"].id, 0xA700, retry_at=now - 0.01, error="full")], now)
+    outbox.mark_sent(database, by["b", "2.1.1"].id, ME, 0)
+    second = outbox.claim_due(database, ME, 60)
+    # a's SR (its objects delivered) and b's key image again; b's SR still waits for it
+    assert sorted((i.destination, i.sr_sop_instance_uid, i.kind) for i in second) == [
+        ("a", "2.1", None), ("b", "2.1.2", "key_image")]
+    outbox.mark_sent(database, next(i for i in second if i.destination == "b").id, ME, 0)
+    third = outbox.claim_due(database, ME, 60)
+    assert [(i.destination, i.sr_sop_instance_uid) for i in third] == [("b", "2.1")]
