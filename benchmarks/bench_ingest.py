@@ -4,6 +4,7 @@
     python benchmarks/bench_ingest.py --quick            # smoke test: 12 studies per encoding, 1 repeat
     python benchmarks/bench_ingest.py                    # 120 studies per encoding, 3 repeats (medians)
     python benchmarks/bench_ingest.py --py-spy /tmp/prof # also profile the worker (py-spy, collapsed stacks)
+    python benchmarks/bench_ingest.py --receivers worker --heatmaps both --syntax explicit  # heatmaps' cost
 
 For each encoding (uncompressed Explicit VR LE, JPEG Lossless SV1) the same N single-image studies
 (2500x2048, 12-bit, made by make_study_files.py; fresh UIDs every run) are pushed by DCMTK
@@ -14,6 +15,9 @@ each receiver, each started fresh on a free port:
                 score, result, SR, outbox -> a DCMTK storescp destination (also fresh, own port).
                 Config = the shipped config/worker.toml, except port/bind/data dir/destination and
                 studies.quiet_seconds (--quiet, default 0.2 s) via CXR_WORKER__... variables.
+  worker-noheat (--heatmaps both) the same worker with heatmaps off ([heatmap] studies = "none"); `worker`
+                runs the shipped [heatmap] defaults (a Segmentation and a key image for every image of
+                each positive study, sent before its SR); the end-to-end ratio on/off is printed.
   worker-rx     the same worker with scoring held back (quiet_seconds = 1 h): its receive path alone.
   worker2-pg    TWO `cxr-worker serve` processes on one throwaway PostgreSQL database (tests/testkit/
                 postgres.py: Debian's postgresql server, started for this run) and one shared data_dir,
@@ -65,7 +69,8 @@ WORKER_AET = "CXR_WORKER"
 DEST_AET = "BENCH_DEST"
 PDU = 131072
 SYNTAX_LABEL = {"explicit": "uncompressed (Explicit VR LE)", "jpegll": "JPEG Lossless SV1 (.4.70)"}
-TARGETS = {"ingest_vs_bare": 0.9, "e2e_explicit": 30.0, "e2e_jpegll": 10.0, "p95_latency_s": 1.0}
+TARGETS = {"ingest_vs_bare": 0.9, "e2e_explicit": 30.0, "e2e_jpegll": 10.0, "p95_latency_s": 1.0,
+           "heatmaps_on_vs_off": 0.8}
 
 
 # ------------------------------------------------------------------------------------ processes
@@ -365,8 +370,9 @@ class Scraper(threading.Thread):
 
 def bench_worker(syntax: str, files_dir: Path, n: int, nbytes: int, work: Path, storescu: str, storescp: str, timeout: float,
                  quiet: float, receive_only: bool = False, paced_dir: Path | None = None, paced_rate: float = 4.0,
-                 extra_env: dict | None = None, py_spy: Path | None = None, http: bool = True) -> Run:
-    name = ("worker-rx" if receive_only else "worker") + ("" if http else "-nohttp")
+                 extra_env: dict | None = None, py_spy: Path | None = None, http: bool = True,
+                 heatmaps: bool = True) -> Run:
+    name = ("worker-rx" if receive_only else "worker") + ("" if http else "-nohttp") + ("" if heatmaps else "-noheat")
     data = work / name
     dest_out = work / f"{name}-dest"
     dest, dest_port = start_storescp(storescp, dest_out, work / f"{name}-dest.log")
@@ -380,6 +386,8 @@ def bench_worker(syntax: str, files_dir: Path, n: int, nbytes: int, work: Path, 
         "CXR_WORKER__DESTINATIONS": f'[{{name="bench", host="127.0.0.1", port={dest_port}, ae_title="{DEST_AET}"}}]',
         "CXR_WORKER__HTTP__ENABLED": "true" if http else "false",
     })
+    if not heatmaps:  # on: the shipped [heatmap] defaults (objects of positive studies)
+        env["CXR_WORKER__HEATMAP__STUDIES"] = '"none"'
     http_port = free_port()
     env["CXR_WORKER__HTTP__PORT"] = str(http_port)
     env.update(extra_env or {})
@@ -559,14 +567,25 @@ def fmt(v: float | None, spec: str = ".1f") -> str:
     return "-" if v is None else format(v, spec)
 
 
+#: Variants of a worker receiver compared with it in the same sitting: <name><suffix> is <name> with
+#: the HTTP face off (--http both) or with heatmaps off (--heatmaps both).
+VARIANTS = ("-nohttp", "-noheat")
+
+
+def _base(rec: str) -> str:
+    for suffix in VARIANTS:
+        rec = rec.removesuffix(suffix)
+    return rec
+
+
 def _order(receivers: list[str], rep: int) -> list[str]:
-    """The receivers of one repeat: on odd repeats each ``X`` / ``X-nohttp`` pair runs the other way
-    round, so neither side of the HTTP on/off comparison always runs first."""
+    """The receivers of one repeat: on odd repeats each ``X`` / ``X-nohttp`` (``X-noheat``) pair runs
+    the other way round, so neither side of an on/off comparison always runs first."""
     if rep % 2 == 0:
         return receivers
     order = list(receivers)
     for i, rec in enumerate(order[:-1]):
-        if order[i + 1] == f"{rec}-nohttp":
+        if order[i + 1] in (f"{rec}{suffix}" for suffix in VARIANTS):
             order[i], order[i + 1] = order[i + 1], rec
     return order
 
@@ -593,6 +612,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--http", choices=("on", "off", "both"), default="on",
                     help="the worker's HTTP face (scraped every second while on); both: each worker receiver "
                          "also runs as <name>-nohttp, same files, and the ingest ratio on/off is printed")
+    ap.add_argument("--heatmaps", choices=("on", "off", "both"), default="on",
+                    help="heatmap objects (the shipped [heatmap] defaults: a Segmentation and a key image per "
+                         "image of each positive study, sent before its SR); both: the worker receiver also runs "
+                         "as worker-noheat, same files, and the end-to-end ratio on/off is printed")
     args = ap.parse_args(argv)
     if args.quick:
         args.n, args.repeats, args.paced, args.templates = 12, 1, 6, 12
@@ -605,6 +628,10 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 with_off.append(r)
         receivers = with_off
+    if args.heatmaps != "on":
+        receivers = [v for r in receivers for v in
+                     (([r, f"{r}-noheat"] if args.heatmaps == "both" else [f"{r}-noheat"])
+                      if r in ("worker", "worker-nohttp") else [r])]
     syntaxes = ["explicit", "jpegll"] if args.syntax == "both" else [args.syntax]
     extra_env = dict(kv.split("=", 1) for kv in args.worker_env)
     storescu, storescp = dcmtk_tool("storescu"), dcmtk_tool("storescp")
@@ -655,13 +682,13 @@ def main(argv: list[str] | None = None) -> int:
                         run = bench_bare(syntax, files_dir, args.n, nbytes, work, storescu, args.timeout)
                     elif rec == "storescp":
                         run = bench_storescp(syntax, files_dir, args.n, nbytes, work, storescu, storescp, args.timeout)
-                    elif rec.removesuffix("-nohttp") in ("worker", "worker-rx"):
+                    elif _base(rec) in ("worker", "worker-rx"):
                         spy = args.py_spy / f"{rec}-{syntax}-{rep}.txt" if args.py_spy and rep == 0 else None
                         run = bench_worker(syntax, files_dir, args.n, nbytes, work, storescu, storescp, args.timeout,
                                            args.quiet, receive_only=rec.startswith("worker-rx"),
                                            paced_dir=paced_dir if rec == "worker" else None,
                                            paced_rate=args.paced_rate, extra_env=extra_env, py_spy=spy,
-                                           http=not rec.endswith("-nohttp"))
+                                           http="-nohttp" not in rec, heatmaps="-noheat" not in rec)
                     elif rec == "worker2-pg":
                         run = bench_workers_pg(syntax, files_dir, args.n, nbytes, work, storescu, storescp,
                                                args.timeout, args.quiet, pg_url, f"{syntax}{rep}", extra_env=extra_env)
@@ -725,13 +752,14 @@ def main(argv: list[str] | None = None) -> int:
         print(head)
         print("-" * len(head))
         for syntax, recs in table.items():
-            for label in ("worker", "worker2-pg"):
+            for label in ("worker", "worker-noheat", "worker2-pg"):
                 r = recs.get(label)
                 if not r:
                     continue
                 st = r.stages
                 stages = "/".join(fmt(st.get(k), ".3f") for k in ("decode_s", "inference_s", "sr_s", "total_s"))
-                print(f"{SYNTAX_LABEL[syntax]:<32}{fmt(r.e2e_rate):>14}{f'{r.srs}/{r.n}':>9}"
+                print(f"{(SYNTAX_LABEL[syntax] + ('' if label == 'worker' else f' ({label})')):<32}"
+                      f"{fmt(r.e2e_rate):>14}{f'{r.srs}/{r.n}':>9}"
                       f"{fmt(pct(r.latency, .5), '.2f'):>10}{fmt(pct(r.latency, .95), '.2f'):>10}"
                       f"{fmt(r.paced_rate, '.0f') + '/s':>8}{fmt(pct(r.paced_latency, .5), '.2f'):>10}"
                       f"{fmt(pct(r.paced_latency, .95), '.2f'):>10}   {stages}"
@@ -752,6 +780,18 @@ def main(argv: list[str] | None = None) -> int:
                 if r.paced_latency:
                     verdicts.append((f"{syntax}: p95 latency < {TARGETS['p95_latency_s']:.0f} s (paced {r.paced_rate:g}/s)",
                                      p95p is not None and p95p < TARGETS["p95_latency_s"], f"{fmt(p95p, '.2f')} s"))
+    heat = [(s, recs["worker"], recs["worker-noheat"]) for s, recs in table.items()
+            if "worker" in recs and "worker-noheat" in recs]
+    if heat:
+        print("\nHEATMAPS ON vs OFF (same files, same sitting, order alternating; on = the shipped [heatmap] "
+              "defaults):")
+        for syntax, on, off in heat:
+            e2e = on.e2e_rate / off.e2e_rate if on.e2e_rate and off.e2e_rate else None
+            print(f"  {SYNTAX_LABEL[syntax]:<32} end-to-end {fmt(on.e2e_rate)} vs {fmt(off.e2e_rate)} studies/s "
+                  f"(ratio {fmt(e2e, '.2f')}); files at the destination {on.dest_files} vs {off.dest_files}; "
+                  f"SR+objects stage median {fmt(on.stages.get('sr_s'), '.3f')} vs {fmt(off.stages.get('sr_s'), '.3f')} s")
+            verdicts.append((f"{syntax}: end-to-end with heatmaps >= {TARGETS['heatmaps_on_vs_off']}x without",
+                             e2e is not None and e2e >= TARGETS["heatmaps_on_vs_off"], fmt(e2e, ".2f")))
     pairs = [(s, recs["worker"], recs["worker2-pg"]) for s, recs in table.items()
              if "worker" in recs and "worker2-pg" in recs]
     if pairs:

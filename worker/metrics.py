@@ -72,7 +72,7 @@ class DatabaseCollector(Collector):
         for state, count in sorted(gauges.studies.items()):
             studies.add_metric([state], count)
         yield studies
-        outbox = GaugeMetricFamily(f"{PREFIX}_outbox_items", "Outbox rows (one SR for one destination) by state",
+        outbox = GaugeMetricFamily(f"{PREFIX}_outbox_items", "Outbox rows (one file, an SR or a heatmap object, for one destination) by state",
                                    labels=["destination", "state"])
         for (destination, state), count in sorted(gauges.outbox.items()):
             outbox.add_metric([destination, state], count)

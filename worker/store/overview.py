@@ -14,7 +14,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 
-from sqlalchemy import func, select
+from sqlalchemy import func, or_, select
 
 from ..metrics import DatabaseGauges
 from .db import Database, Instance, OutboxItem, OutboxState, Result, Study, StudyState
@@ -247,17 +247,19 @@ def study_detail(db: Database, study_uid: str) -> StudyDetail | None:
                               .order_by(Instance.received, Instance.id)).all()
         deliveries = []
         if r is not None and r.sr_sop_instance_uid:
-            deliveries = [dict(destination=o.destination, state=o.status, attempts=o.attempts, error=o.last_error,
-                               sent=_stamp(o.sent)) for o in s.scalars(
-                select(OutboxItem).where(OutboxItem.sr_sop_instance_uid == r.sr_sop_instance_uid)
-                .order_by(OutboxItem.destination)).all()]
-    sent = sum(1 for d in deliveries if d["state"] in OutboxState.delivered())
-    committed = sum(1 for d in deliveries if d["state"] == OutboxState.COMMITTED)
+            deliveries = [dict(destination=o.destination, object=o.kind or "SR", state=o.status, attempts=o.attempts,
+                               error=o.last_error, sent=_stamp(o.sent)) for o in s.scalars(
+                select(OutboxItem).where(or_(OutboxItem.sr_sop_instance_uid == r.sr_sop_instance_uid,
+                                             OutboxItem.evidence_for == r.sr_sop_instance_uid))
+                .order_by(OutboxItem.destination, OutboxItem.id)).all()]  # per destination: objects, then the SR
+    srs = [d for d in deliveries if d["object"] == "SR"]  # the study's delivery state is its SR's
+    sent = sum(1 for d in srs if d["state"] in OutboxState.delivered())
+    committed = sum(1 for d in srs if d["state"] == OutboxState.COMMITTED)
     row = StudyRow(study_uid=st.study_uid, accession=st.accession, state=st.status,
                    received=_stamp(st.last_received), n_instances=st.n_instances,
                    probability=r.probability if r is not None else None, label=r.label if r is not None else None,
                    not_assessed=not_assessed_reason(r),
-                   delivery=_delivery_state(sent, len(deliveries) - sent, bool(r is not None and r.sr_sop_instance_uid),
+                   delivery=_delivery_state(sent, len(srs) - sent, bool(r is not None and r.sr_sop_instance_uid),
                                             committed),
                    error=st.error)
     result = None
