@@ -1,0 +1,67 @@
+"""The runner's maps: from the scoring forward pass (ResNet18, closed form) or a backward pass
+(SimpleCNN), the same probabilities as without them, and the display preview for the key image."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from dicom_io import load_display_image, to_model_input
+from trainer.cam import hirescam
+from trainer.checkpoint import save_checkpoint
+from trainer.model_info import ModelInfo, new_model_uid
+from trainer.models import SimpleCNN
+from worker.scoring.prepare import prepare, shrink
+from worker.scoring.runner import ModelRunner
+
+
+@pytest.fixture(scope="module")
+def films(kaggle_jpegs):
+    return kaggle_jpegs["PNEUMONIA"][:3] + kaggle_jpegs["NORMAL"][:3]
+
+
+def test_maps_come_with_the_scores_and_change_no_probability(films):
+    with_maps, without = ModelRunner(device="cpu", decode_threads=1, heatmaps=True, preview_size=160), \
+        ModelRunner(device="cpu", decode_threads=1)
+    try:
+        a, b = with_maps.score([(f, f) for f in films]), without.score([(f, f) for f in films])
+        assert [s.probability for s in a] == [s.probability for s in b]
+        assert all(s.cam is None for s in b) and all(s.cam.shape == (7, 7) and s.cam.dtype == np.float32 for s in a)
+        assert all(s.prepared.image_shape == (224, 224) and s.prepared.preview.shape == (160, 160) for s in a)
+        # the same map as HiResCAM through autograd in fp32 (the runner may score in bf16 autocast)
+        x = torch.from_numpy(np.stack([to_model_input(load_display_image(f).pixels) for f in films]))
+        expected, logits = hirescam(with_maps.model, x)
+        scale = float(expected.abs().max())
+        assert np.abs(np.stack([s.cam for s in a]) - expected.numpy()).max() <= 0.05 * scale
+        # the cells sum to the logit (less the bias): each cell's share of the decision
+        bias = float(with_maps.model.fc.bias.detach())
+        assert expected.sum(dim=(1, 2)).numpy() + bias == pytest.approx(logits.numpy(), abs=1e-3)
+    finally:
+        with_maps.close()
+        without.close()
+
+
+def test_a_model_without_a_pooled_head_gets_maps_by_autograd(films, tmp_path):
+    path = tmp_path / "simple.safetensors"
+    torch.manual_seed(0)
+    save_checkpoint(SimpleCNN().eval(), ModelInfo(arch="simplecnn", name="t", version="1", threshold=0.5,
+                                                  uid=new_model_uid()), path)
+    runner = ModelRunner(path, device="cpu", decode_threads=1, heatmaps=True)
+    try:
+        scored = runner.score([(f, f) for f in films[:2]])
+        assert all(s.cam.shape == (28, 28) and np.isfinite(s.cam).all() for s in scored)
+        assert all(s.prepared.preview is None for s in scored)  # no preview_size: none kept
+    finally:
+        runner.close()
+
+
+def test_the_preview_is_the_display_image_shrunk_never_enlarged(tmp_path):
+    grey = (np.arange(600 * 400) % 251).astype(np.uint8).reshape(600, 400)
+    small = shrink(grey, 300)
+    assert small.shape == (300, 200) and shrink(grey, 1000) is not None and shrink(grey, 1000).shape == (600, 400)
+    import cv2
+
+    cv2.imwrite(str(tmp_path / "f.png"), grey)
+    item = prepare(tmp_path / "f.png", preview_size=300)
+    assert item.image_shape == (600, 400) and item.preview.shape == (300, 200)
