@@ -140,6 +140,8 @@ class _Study:
     def __init__(self, report: PneumoniaReport) -> None:
         if report.declined or not report.assessed:  # the "not analysed" variants: highdicom builds them
             raise _Unfit("a report with declined images")
+        if report.evidence:  # heatmap evidence: highdicom builds it (see the module docstring)
+            raise _Unfit("a report with heatmap evidence")
         self.sources = sources = report.sources
         self.probability = report.probability
         model = report.model
