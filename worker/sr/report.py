@@ -263,7 +263,7 @@ def _checked_evidence(evidence, sources: tuple[pydicom.Dataset, ...], own_uids: 
     if len(set(objects)) != len(objects) or taken & set(objects):
         raise ValueError('Argument "evidence": each heatmap object needs its own SOP Instance UID.')
     series = {o.series_instance_uid for item in evidence for o in item.objects}
-    if series & (set(assessed) | {str(ds.SeriesInstanceUID) for ds in sources} | set(own_uids) | set(objects)):
+    if series & (taken | set(objects)):
         raise ValueError('Argument "evidence": the heatmap objects belong in new series of the study.')
     return evidence
 

@@ -53,15 +53,15 @@ from ._bytes import (
 from ._highdicom import acquisition_equipment, patient_study_elements
 from .builder import (
     CERTAINTY_OF_FINDING,
-    evidence_tracking_uid,
-    image_presence,
-    object_dataset,
     CROSS_SECTIONAL_MODALITIES,
     PROJECTION_MODALITIES,
     TYPE2_FROM_SOURCE,
     build_pneumonia_sr,
     evidence_copy,
+    evidence_tracking_uid,
+    image_presence,
     library_copy,
+    object_dataset,
     sr_character_set,
     sr_file_bytes,
 )
@@ -180,6 +180,8 @@ class _Study:
             self.groups[evidence_tracking_uid(report, "heatmap region", item)] = ("evidence", index, "region")
             if item.segmentation is not None:
                 self.groups[evidence_tracking_uid(report, "heatmap segment", item)] = ("evidence", index, "segment")
+        #: (evidence index, "region"/"segment") -> that group's Tracking UID
+        self.tracking_uids = {key[1:]: uid for uid, key in self.groups.items() if key[0] == "evidence"}
         assessed = [str(ds.SOPInstanceUID) for ds in sources]
         evidence_shape = tuple(
             (assessed.index(str(item.source.SOPInstanceUID)), item.is_point, image_presence(report, item.probability).value,
@@ -223,7 +225,7 @@ class _Study:
         if kind == "source":
             return getattr(self.images[key[1]], key[2])
         if kind == "tracking":
-            return self._tracking[key[1:]]
+            return self.tracking_uids[key[1:]]
         if kind == "region":  # the SCOORD's Graphic Data as highdicom writes it (FL, x y x y ...)
             return [coordinate for point in self.evidence[key[1]].region for coordinate in point]
         if kind == "acquisition":
@@ -343,11 +345,6 @@ class _Study:
         if key is None:
             raise _Unfit("a Tracking UID this template does not know")
         return ("argument", "tracking_uid") if key == ("study",) else ("tracking", *key[1:])
-
-    @property
-    def _tracking(self) -> dict[tuple, str]:
-        """(evidence index, "region"/"segment") -> that group's Tracking UID."""
-        return {key[1:]: uid for uid, key in self.groups.items() if key[0] == "evidence"}  # a handful
 
     @staticmethod
     def _mark_descriptor(child: pydicom.Dataset, image: int, concept: tuple[str, str], value_type: str,

@@ -837,9 +837,9 @@ SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
 SECONDARY_CAPTURE_STORAGE = "1.2.840.10008.5.1.4.1.1.7"
 
 
-def heatmap_evidence(sources, probabilities, *, segmentation=True, key_image=True, point=False, shift=0.0):
-    """One HeatmapEvidence per source: a closed pentagon inside the image (or a point), objects in two
-    new series of the study."""
+def heatmap_evidence(sources, probabilities, *, segmentation=True, key_image=True, point=False, shift=0.0, sides=5):
+    """One HeatmapEvidence per source: a closed polygon of `sides` corners inside the image (or a
+    point), objects in two new series of the study."""
     from worker.sr import HeatmapEvidence, ReferencedObject
 
     seg_series, key_series = generate_uid(), generate_uid()
@@ -849,7 +849,8 @@ def heatmap_evidence(sources, probabilities, *, segmentation=True, key_image=Tru
         if point:
             region = [(columns * 0.5 + shift, rows * 0.25)]
         else:
-            region = [(columns * f + shift, rows * g) for f, g in ((0.2, 0.2), (0.6, 0.25), (0.7, 0.6), (0.4, 0.8), (0.1, 0.55))]
+            angles = np.linspace(0, 2 * np.pi, sides, endpoint=False)
+            region = [(columns * (0.45 + 0.3 * np.cos(a)) + shift, rows * (0.5 + 0.3 * np.sin(a))) for a in angles]
             region.append(region[0])
         items.append(HeatmapEvidence(
             ds, region, probability,
@@ -927,7 +928,7 @@ def test_evidence_sr_is_valid_and_reads_back(sources, model, count, fresh_templa
     for group, item in zip(regions, items):
         assert group.reference_type == pydicom.sr.codedict.codes.DCM.ImageRegion
         points = group.roi.value
-        assert points.shape == (6, 2) and list(points[0]) == list(points[-1])
+        assert points.shape == (6, 2) and list(points[0]) == list(points[-1])  # 5 corners, closed
         source = group.roi.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
         assert source == item.source.SOPInstanceUID
         assert group.finding_type == PNEUMONIA
@@ -966,7 +967,8 @@ def test_evidence_template_gives_the_reference_bytes(model, variant, fresh_templ
     options = EVIDENCE_VARIANTS[variant]
     for seed in (1, 2, 3, 4):
         study = make_study(SHAPES["three-cr-dx-two-series"], seed)
-        items = heatmap_evidence(study[:2], [0.95 - 0.01 * seed, 0.9 + 0.01 * seed], shift=0.5 * seed, **options)
+        items = heatmap_evidence(study[:2], [0.95 - 0.01 * seed, 0.9 + 0.01 * seed], shift=0.5 * seed,
+                                 sides=3 + seed, **options)  # the number of points is a value, not the shape
         arguments = sr_arguments(seed)
         report = PneumoniaReport(study, 0.95, True, model, evidence=items, **arguments)
         fast = encode_pneumonia_sr(report)
@@ -1042,3 +1044,25 @@ def test_evidence_checks_name_their_argument(sources, model):
     with pytest.raises(TypeError, match='"evidence"'):
         PneumoniaReport(sources, 0.9, True, model, evidence=[square])
     assert PneumoniaReport(sources, 0.9, True, model, evidence=good).evidence == tuple(good)
+
+
+def test_mixed_study_with_evidence_is_valid_and_reads_back(sources, model, tmp_path):
+    """A study with a declined image keeps its "not all algorithms succeeded" shape (built by highdicom)
+    and carries the assessed image's evidence; the region may come as a numpy array."""
+    from worker.sr import DeclinedImage, HeatmapEvidence
+
+    item = heatmap_evidence(sources[:1], [0.88])[0]
+    item = HeatmapEvidence(item.source, np.asarray(item.region), item.probability, item.segmentation, item.key_image)
+    report = PneumoniaReport([sources[0]], 0.88, True, model, declined=[DeclinedImage(sources[1], ("view_position",))],
+                             evidence=[item])
+    path = tmp_path / "mixed.dcm"
+    path.write_bytes(encode_pneumonia_sr(report))
+    errors, _ = dciodvfy(path)
+    assert errors == []
+    back = read_pneumonia_sr(pydicom.dcmread(path))
+    assert back["summary"] == "Not all algorithms succeeded; with findings"
+    assert [d["sop_instance_uids"] for d in back["declined_images"]] == [[str(sources[1].SOPInstanceUID)]]
+    _assert_evidence_read_back(back, [item], model)
+    with pytest.raises(ValueError, match="assessed sources"):  # no evidence for a declined image
+        PneumoniaReport([sources[0]], 0.88, True, model, declined=[DeclinedImage(sources[1], ("age",))],
+                        evidence=heatmap_evidence(sources[1:], [0.5]))
