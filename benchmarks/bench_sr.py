@@ -53,7 +53,7 @@ from worker.sr import (  # noqa: E402
 
 FULL_REPEATS, QUICK_REPEATS = 200, 30
 IMAGES_PER_CASE = (1, 2, 3)
-EVIDENCE_CASES = (1,)  # images (each with one evidence item) of the "+ heatmap" rows
+EVIDENCE_CASES = (1, 2)  # images (each with one evidence item) of the "+ heatmap" rows
 SEGMENTATION_STORAGE, SECONDARY_CAPTURE_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.7"
 DETECTOR_SIZE = (3000, 2500)  # rows, columns of a typical flat-panel chest DX (header only)
 
@@ -86,7 +86,8 @@ def evidence_item(source: pydicom.Dataset, probability: float) -> HeatmapEvidenc
     points = [(float(cx + r * np.cos(a)), float(cy + r * np.sin(a))) for a in angles]
     return HeatmapEvidence(source, points + points[:1], probability,
                            segmentation=ReferencedObject(SEGMENTATION_STORAGE, generate_uid(), generate_uid()),
-                           key_image=ReferencedObject(SECONDARY_CAPTURE_STORAGE, generate_uid(), generate_uid(), 1024, 853))
+                           key_image=ReferencedObject(SECONDARY_CAPTURE_STORAGE, generate_uid(), generate_uid(),
+                                                      1024, 853))
 
 
 def median_ms(make_sr: Callable[[int], bytes], repeats: int) -> float:

@@ -30,7 +30,8 @@ from .sources import SOURCE_TAGS, pack_source, source_dataset, unpack_source
 from .template import clear_template_cache, encode_pneumonia_sr, template_cache_info
 
 __all__ = [
-    "CERTAINTY_OF_FINDING", "DeclinedImage", "HeatmapEvidence", "ReferencedObject", "PNEUMONIA", "PROCESSING_EQUIPMENT", "SR_SERIES_DESCRIPTION", "PneumoniaReport",
+    "CERTAINTY_OF_FINDING", "DeclinedImage", "HeatmapEvidence", "PNEUMONIA", "PROCESSING_EQUIPMENT", "PneumoniaReport",
+    "ReferencedObject", "SR_SERIES_DESCRIPTION",
     "SOURCE_TAGS", "build_pneumonia_sr", "clear_template_cache", "encode_pneumonia_sr",
     "derived_uid", "pack_source", "read_pneumonia_sr", "source_dataset", "sr_file_bytes", "sr_uids", "template_cache_info",
     "unpack_source",

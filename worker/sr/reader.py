@@ -124,7 +124,8 @@ def _library(report) -> list[tuple[str, str, int | None, int | None]]:
     """(SOP class, SOP instance, rows, columns) of each Image Library entry, in order."""
     entries = []
     for library in report[0].get("ContentSequence", []):
-        if _code_tuple(CodedConcept.from_dataset(library.ConceptNameCodeSequence[0])) != _code_tuple(codes.DCM.ImageLibrary):
+        concept = CodedConcept.from_dataset(library.ConceptNameCodeSequence[0])
+        if _code_tuple(concept) != _code_tuple(codes.DCM.ImageLibrary):
             continue
         for group in library.get("ContentSequence", []):
             for entry in group.get("ContentSequence", []):

@@ -157,8 +157,9 @@ class PneumoniaReport:
     reasons; with no assessed image at all, `sources` is empty and `probability`/`positive` are None:
     the "not analysed" SR (the algorithm ran, produced no finding, and says why). `evidence`: one
     HeatmapEvidence per mapped assessed image (none for declined images; a key image for every item
-    or for none, so that a reader can pair the Image Library's key images with the regions). Pass `sr_series_uid`/`sr_instance_uid` (derived from the study)
-    so that a retry produces the same SR instead of a duplicate; left None, new UIDs are made here.
+    or for none, so that a reader can pair the Image Library's key images with the regions). Pass
+    `sr_series_uid`/`sr_instance_uid` (derived from the study) so that a retry produces the same SR
+    instead of a duplicate; left None, new UIDs are made here.
     """
 
     sources: Sequence[pydicom.Dataset]

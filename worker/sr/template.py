@@ -184,7 +184,8 @@ class _Study:
         self.tracking_uids = {key[1:]: uid for uid, key in self.groups.items() if key[0] == "evidence"}
         assessed = [str(ds.SOPInstanceUID) for ds in sources]
         evidence_shape = tuple(
-            (assessed.index(str(item.source.SOPInstanceUID)), item.is_point, image_presence(report, item.probability).value,
+            (assessed.index(str(item.source.SOPInstanceUID)), item.is_point,
+             image_presence(report, item.probability).value,
              None if item.segmentation is None else item.segmentation.sop_class_uid,
              None if item.key_image is None else item.key_image.sop_class_uid)
             for item in report.evidence)
