@@ -73,6 +73,12 @@ class ReferencedObject:
     rows: int | None = None
     columns: int | None = None
 
+    @classmethod
+    def from_dataset(cls, ds: pydicom.Dataset) -> ReferencedObject:
+        """The reference to a heatmap object as built (a highdicom Segmentation or SCImage)."""
+        return cls(str(ds.SOPClassUID), str(ds.SOPInstanceUID), str(ds.SeriesInstanceUID),
+                   ds.get("Rows"), ds.get("Columns"))
+
     def __post_init__(self) -> None:
         for name in ("sop_class_uid", "sop_instance_uid", "series_instance_uid"):
             value = getattr(self, name)

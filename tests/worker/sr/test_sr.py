@@ -1066,3 +1066,61 @@ def test_mixed_study_with_evidence_is_valid_and_reads_back(sources, model, tmp_p
     with pytest.raises(ValueError, match="assessed sources"):  # no evidence for a declined image
         PneumoniaReport([sources[0]], 0.88, True, model, declined=[DeclinedImage(sources[1], ("age",))],
                         evidence=heatmap_evidence(sources[1:], [0.5]))
+
+
+def test_evidence_references_resolve_to_real_heatmap_objects(wrapped, model, tmp_path):
+    """A real fractional Segmentation and an RGB Secondary Capture of a wrapped DX (highdicom, as
+    worker/heatmap makes them), referenced through ReferencedObject.from_dataset: every instance the
+    SR references is one of the files, with the SOP class and series the SR states."""
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    from worker.sr import HeatmapEvidence, ReferencedObject
+
+    source = pydicom.dcmread(wrapped[0])
+    description = hd.seg.SegmentDescription(
+        segment_number=1, segment_label="heatmap", segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
+        segmented_property_type=codes.SCT.Lesion, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+        algorithm_identification=hd.AlgorithmIdentificationSequence(name=model.name, version=model.version,
+                                                                    family=codes.DCM.ArtificialIntelligence))
+    heat = np.zeros((source.Rows, source.Columns), np.float32)
+    heat[60:120, 40:110] = 0.8
+    seg = hd.seg.Segmentation(
+        source_images=[source], pixel_array=heat, segmentation_type=hd.seg.SegmentationTypeValues.FRACTIONAL,
+        segment_descriptions=[description], series_instance_uid=hd.UID(), series_number=9902, sop_instance_uid=hd.UID(),
+        instance_number=1, manufacturer="cxr-worker", manufacturer_model_name=model.name, software_versions="1",
+        device_serial_number=model.uid)
+    key = hd.sc.SCImage.from_ref_dataset(
+        source, pixel_array=np.zeros((320, 250, 3), np.uint8), photometric_interpretation="RGB", bits_allocated=8,
+        coordinate_system="PATIENT", patient_orientation=("L", "F"), series_instance_uid=hd.UID(),
+        sop_instance_uid=hd.UID(), series_number=9903,
+        instance_number=1, manufacturer="cxr-worker")
+    files = {}
+    for name, ds in (("source", source), ("seg", seg), ("key", key)):
+        path = tmp_path / f"{name}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        back = pydicom.dcmread(path, stop_before_pixels=True)
+        files[str(back.SOPInstanceUID)] = back
+    header = files[str(source.SOPInstanceUID)]
+    item = HeatmapEvidence(header, [(40, 60), (110, 60), (110, 120), (40, 120), (40, 60)], 0.93,
+                           ReferencedObject.from_dataset(files[str(seg.SOPInstanceUID)]),
+                           ReferencedObject.from_dataset(files[str(key.SOPInstanceUID)]))
+    assert (item.key_image.rows, item.key_image.columns) == (320, 250)
+    data = encode_pneumonia_sr(PneumoniaReport([header], 0.93, True, model, evidence=[item], **sr_arguments(1)))
+    path = tmp_path / "sr.dcm"
+    path.write_bytes(data)
+    errors, _ = dciodvfy(path)
+    assert errors == []
+    sr = pydicom.dcmread(path)
+    stated = {str(sop.ReferencedSOPInstanceUID): (str(sop.ReferencedSOPClassUID), str(series.SeriesInstanceUID),
+                                                  str(study.StudyInstanceUID))
+              for study in sr.CurrentRequestedProcedureEvidenceSequence for series in study.ReferencedSeriesSequence
+              for sop in series.ReferencedSOPSequence}
+    assert _content_references(sr) == set(stated) == set(files)
+    for uid, (sop_class, series, study) in stated.items():
+        assert (sop_class, series, study) == (str(files[uid].SOPClassUID), str(files[uid].SeriesInstanceUID),
+                                              str(files[uid].StudyInstanceUID))
+    assert int(files[str(seg.SOPInstanceUID)].NumberOfFrames) == 1  # the frame the SR references exists
+    back = read_pneumonia_sr(sr)["evidence"][0]
+    assert back["segmentation"]["sop_instance_uid"] == str(seg.SOPInstanceUID)
+    assert back["key_image"]["sop_instance_uid"] == str(key.SOPInstanceUID)
