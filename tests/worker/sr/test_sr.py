@@ -1124,3 +1124,19 @@ def test_evidence_references_resolve_to_real_heatmap_objects(wrapped, model, tmp
     back = read_pneumonia_sr(sr)["evidence"][0]
     assert back["segmentation"]["sop_instance_uid"] == str(seg.SOPInstanceUID)
     assert back["key_image"]["sop_instance_uid"] == str(key.SOPInstanceUID)
+
+
+def test_the_evidence_sr_reads_nothing_outside_source_tags(model, fresh_templates):
+    """The heatmap groups and their template read only kept attributes of the sources too."""
+    asked: set = set()
+    for seed in (1, 2):  # the reference builds the template, the template renders
+        recording = [RecordingDataset(ds, asked) for ds in make_study(SHAPES["three-cr-dx-two-series"], seed)]
+        asked.clear()
+        report = PneumoniaReport(recording, 0.9, True, model, evidence=heatmap_evidence(recording, [0.9, 0.3, 0.5]),
+                                 **sr_arguments(seed))
+        encode_pneumonia_sr(report)
+        build_pneumonia_sr(report, reference=True)
+        assert asked, "nothing recorded"
+        outside = sorted(pydicom.datadict.keyword_for_tag(tag) or str(tag) for tag in asked - set(SOURCE_TAGS))
+        assert outside == []
+    assert template_cache_info()["template"] == 1
