@@ -8,6 +8,32 @@ The SR joins the images' study (patient and study modules copied from the source
 and carries the IHE AI Results (AIR) Contributing Equipment item that names the model.
 What the SR says is a PneumoniaReport (worker/sr/report.py); the fast encoder, which builds on this
 module, is worker/sr/template.py (encode_pneumonia_sr); the reader is worker/sr/reader.py.
+
+Heatmap evidence (report.evidence, one item per mapped assessed image), each piece the way TID 1500
+provides for it:
+
+- **Where**: a TID 1410 Planar ROI group ("pneumonia region N") with the finding Pneumonia, the
+  region as an SCOORD "Image Region" SELECTED FROM the source image (TID 1410 row "Image Region",
+  highdicom ImageRegion + SourceImageForRegion), the image's Certainty of Finding in % (TID 1419
+  ROI measurement) and the qualitative evaluation Present/Absent from that image's probability and
+  the calibrated threshold. A closed polygon is written as graphic type POLYLINE whose last point
+  repeats the first: that is how a 2D SCOORD states a polygon (PS3.3 C.18.6.1.2; POLYGON is a
+  SCOORD3D type only, which needs a Frame of Reference projection radiographs mostly lack). Viewers
+  that show TID 1500 measurements (OHIF, highdicom's get_planar_roi_measurement_groups) find it.
+- **The Segmentation**: a second TID 1410 group ("pneumonia heatmap N") whose ROI is the "Referenced
+  Segmentation Frame" (frame 1, segment 1) with its "Source image for segmentation". TID 1410 takes
+  exactly one ROI reference per group (an image region OR a segmentation frame), and this row is
+  TID 1500's own way to point at a 2D segment; TID 1411 (volumetric) would need a volume.
+- **The key image**: an entry of the Image Library (TID 1600, the images the report references;
+  highdicom puts the Secondary Capture, modality OT, in its own Image Library Group). TID 1410/1501
+  have no row for an illustration of a finding, and calling the picture a "Source of Measurement"
+  would misstate it. The reader pairs the library's key images with the regions in order, so a
+  report has a key image for every evidence item or for none.
+- Every object referenced is in the Current Requested Procedure Evidence Sequence (same study: PS3.3
+  C.17.2.3 lists there the instances referenced in the content tree); highdicom writes it from the
+  evidence data sets handed to Comprehensive3DSR (tests/worker/sr check that every reference resolves).
+
+Without evidence the document is exactly what it was (the same groups, the same bytes).
 """
 
 from __future__ import annotations
@@ -17,13 +43,14 @@ import io
 from typing import Any
 
 import highdicom as hd
+import numpy as np
 import pydicom
 from highdicom.sr import CodedConcept
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
 from ._highdicom import attach_content, content_stub
-from .report import PneumoniaReport
+from .report import SEGMENTATION_FRAME, SEGMENTATION_SEGMENT, HeatmapEvidence, PneumoniaReport, ReferencedObject
 from .values import valid_source_values
 
 # --- Codes (all standard; none private) -------------------------------------------------------
@@ -73,6 +100,9 @@ REASON_CODES: dict[str, Code] = {
 OOD_SCORE = Code("ood-score", LOCAL_SCHEME, "Out-of-distribution score")
 STUDY_TRACKING_ID = "pneumonia"
 DECLINED_TRACKING_ID = "pneumonia not assessed"
+#: Tracking Identifiers of the heatmap groups (N: the evidence item, from 1).
+REGION_TRACKING_ID = "pneumonia region"
+SEGMENT_TRACKING_ID = "pneumonia heatmap"
 
 SR_SERIES_DESCRIPTION = "AI pneumonia triage"
 #: Type 2 patient/study attributes highdicom reads from the first source; absent ones become empty.
@@ -197,6 +227,73 @@ def _declined_group(report: PneumoniaReport, index: int, item, algorithm) -> hd.
     )
 
 
+def evidence_tracking_uid(report: PneumoniaReport, kind: str, item: HeatmapEvidence) -> str:
+    """A heatmap group's Tracking UID, from the SR's UID (stable across retries) and its image."""
+    return pydicom.uid.generate_uid(prefix="2.25.", entropy_srcs=[report.sr_instance_uid, kind,
+                                                                  str(item.source.SOPInstanceUID)])
+
+
+def image_presence(report: PneumoniaReport, probability: float) -> Code:
+    """Present/Absent for one image: its calibrated probability against the calibrated threshold
+    (the study's decision rule, worker/scoring/runner.ModelRunner.label)."""
+    return PRESENT if probability >= report.model.calibrated_threshold else ABSENT
+
+
+def _region_group(report: PneumoniaReport, index: int, item: HeatmapEvidence, algorithm,
+                  source: pydicom.Dataset) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
+    """Where on the image (TID 1410: SCOORD on the source), its certainty and presence."""
+    region = hd.sr.ImageRegion(
+        graphic_type=hd.sr.GraphicTypeValues.POINT if item.is_point else hd.sr.GraphicTypeValues.POLYLINE,
+        graphic_data=np.asarray(item.region, dtype=np.float64),
+        source_image=hd.sr.SourceImageForRegion.from_source_image(source),
+    )
+    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=evidence_tracking_uid(report, "heatmap region", item),
+                                                     identifier=f"{REGION_TRACKING_ID} {index + 1}"),
+        referenced_region=region,
+        finding_type=PNEUMONIA,
+        algorithm_id=algorithm,
+        measurements=[hd.sr.Measurement(name=CERTAINTY_OF_FINDING, value=item.probability * 100.0, unit=PERCENT,
+                                        algorithm_id=algorithm)],
+        qualitative_evaluations=[hd.sr.QualitativeEvaluation(name=PNEUMONIA,
+                                                             value=image_presence(report, item.probability))],
+    )
+
+
+def _segment_group(report: PneumoniaReport, index: int, item: HeatmapEvidence, algorithm,
+                   source: pydicom.Dataset) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
+    """The heatmap Segmentation (TID 1410: Referenced Segmentation Frame of the source)."""
+    seg = item.segmentation
+    frame = hd.sr.ReferencedSegmentationFrame(
+        sop_class_uid=seg.sop_class_uid, sop_instance_uid=seg.sop_instance_uid,
+        frame_number=SEGMENTATION_FRAME, segment_number=SEGMENTATION_SEGMENT,
+        source_image=hd.sr.SourceImageForSegmentation.from_source_image(source))
+    # highdicom writes both the frame and the segment number; the SR Image Reference Macro (PS3.3
+    # C.18.4) allows Referenced Segment Number only where Referenced Frame Number is absent
+    # (dciodvfy: "Shall not be present"). The frame of a one-segment Segmentation is its segment.
+    del frame[0].ReferencedSOPSequence[0].ReferencedSegmentNumber
+    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=evidence_tracking_uid(report, "heatmap segment", item),
+                                                     identifier=f"{SEGMENT_TRACKING_ID} {index + 1}"),
+        referenced_segment=frame,
+        finding_type=PNEUMONIA,
+        algorithm_id=algorithm,
+        qualitative_evaluations=[hd.sr.QualitativeEvaluation(name=PNEUMONIA,
+                                                             value=image_presence(report, item.probability))],
+    )
+
+
+def object_dataset(obj: ReferencedObject, study_uid: str) -> pydicom.Dataset:
+    """What the SR needs of a heatmap object: its identity (evidence) and, for the key image, its
+    size (Image Library entry; no geometry descriptors: modality OT)."""
+    ds = pydicom.Dataset()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, obj.series_instance_uid
+    ds.SOPClassUID, ds.SOPInstanceUID = obj.sop_class_uid, obj.sop_instance_uid
+    if obj.rows is not None:
+        ds.Modality, ds.Rows, ds.Columns = "OT", obj.rows, obj.columns
+    return ds
+
+
 def build_pneumonia_sr(report: PneumoniaReport, *, reference: bool = False) -> pydicom.Dataset:
     """Build the pneumonia SR that `report` describes, with highdicom.
 
@@ -219,6 +316,18 @@ def build_pneumonia_sr(report: PneumoniaReport, *, reference: bool = False) -> p
         manufacturer=manufacturer,
     )
     groups = [_study_group(report, algorithm)]
+    copies = {str(ds.SOPInstanceUID): ds for ds in evidence}
+    study_uid = str(sources[0].StudyInstanceUID) if sources else ""
+    objects, key_images = [], []
+    for index, item in enumerate(report.evidence):
+        source = copies[str(item.source.SOPInstanceUID)]
+        groups.append(_region_group(report, index, item, algorithm, source))
+        if item.segmentation is not None:
+            groups.append(_segment_group(report, index, item, algorithm, source))
+            objects.append(object_dataset(item.segmentation, study_uid))
+        if item.key_image is not None:
+            key_images.append(object_dataset(item.key_image, study_uid))
+            objects.append(key_images[-1])
     groups += [_declined_group(report, index, item, algorithm) for index, item in enumerate(report.declined)]
     observer = hd.sr.ObserverContext(
         observer_type=CodedConcept.from_code(DEVICE_OBSERVER),
@@ -233,7 +342,7 @@ def build_pneumonia_sr(report: PneumoniaReport, *, reference: bool = False) -> p
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
         procedure_reported=PROCEDURE_REPORTED,
         imaging_measurements=groups,
-        referenced_images=[library_copy(ds) for ds in evidence],
+        referenced_images=[library_copy(ds) for ds in evidence] + key_images,
     )
     equipment = hd.ContributingEquipment(
         manufacturer=manufacturer,
@@ -246,7 +355,7 @@ def build_pneumonia_sr(report: PneumoniaReport, *, reference: bool = False) -> p
     first = evidence[0]
     root = measurement_report[0]
     sr = hd.sr.Comprehensive3DSR(
-        evidence=evidence,
+        evidence=evidence + objects,
         content=root if reference else content_stub(root),
         series_instance_uid=report.sr_series_uid,
         series_number=report.series_number,

@@ -27,8 +27,11 @@ from .builder import (
     PRESENT,
     REASON_CODES,
     REASON_NOT_ASSESSED,
+    REGION_TRACKING_ID,
+    SEGMENT_TRACKING_ID,
     STUDY_TRACKING_ID,
 )
+from .report import SEGMENTATION_SEGMENT
 
 _REASONS = {(c.scheme_designator, c.value): name for name, c in REASON_CODES.items()}
 
@@ -51,7 +54,10 @@ def read_pneumonia_sr(ds: pydicom.Dataset) -> dict[str, Any]:
     """Read back what build_pneumonia_sr wrote, through highdicom's TID 1500 parser.
 
     Returns finding, presence ("present"/"absent"), probability in [0, 1], positive, model UID
-    (device observer UID), model name/version, and the referenced source SOP Instance UIDs.
+    (device observer UID), model name/version, the referenced source SOP Instance UIDs, and the
+    heatmap ``evidence``: per region group (in order) the source image, graphic type, region points
+    ((x, y) tuples), the image's probability and presence, and the Segmentation and key image
+    references (dicts of UIDs, or None).
     Raises ValueError when the SR holds no pneumonia measurement group.
     """
     sr = hd.sr.Comprehensive3DSR.from_dataset(ds, copy=True)
@@ -100,7 +106,92 @@ def read_pneumonia_sr(ds: pydicom.Dataset) -> dict[str, Any]:
         "summary": _summary_meaning(group),
         "not_assessed_reasons": _reasons(group),
         "declined_images": declined,
+        "evidence": _evidence(sr, report, {uid for g in every for uid in _source_uids(g)}),
     }
+
+
+def _group_text(group, identifier: str) -> bool:
+    tracking = group.tracking_identifier
+    return tracking is not None and str(tracking).startswith(identifier + " ")
+
+
+def _object(sop_class: str, sop_instance: str, series: dict[str, str], **extra) -> dict[str, Any]:
+    return {"sop_class_uid": sop_class, "sop_instance_uid": sop_instance,
+            "series_instance_uid": series.get(sop_instance), **extra}
+
+
+def _library(report) -> list[tuple[str, str, int | None, int | None]]:
+    """(SOP class, SOP instance, rows, columns) of each Image Library entry, in order."""
+    entries = []
+    for library in report[0].get("ContentSequence", []):
+        concept = CodedConcept.from_dataset(library.ConceptNameCodeSequence[0])
+        if _code_tuple(concept) != _code_tuple(codes.DCM.ImageLibrary):
+            continue
+        for group in library.get("ContentSequence", []):
+            for entry in group.get("ContentSequence", []):
+                if entry.get("ValueType") != "IMAGE":
+                    continue
+                size = {}
+                for descriptor in entry.get("ContentSequence", []):
+                    concept = _code_tuple(CodedConcept.from_dataset(descriptor.ConceptNameCodeSequence[0]))
+                    for name, code in (("rows", codes.DCM.PixelDataRows), ("columns", codes.DCM.PixelDataColumns)):
+                        if concept == _code_tuple(code):
+                            size[name] = int(float(descriptor.MeasuredValueSequence[0].NumericValue))
+                ref = entry.ReferencedSOPSequence[0]
+                entries.append((str(ref.ReferencedSOPClassUID), str(ref.ReferencedSOPInstanceUID), size.get("rows"),
+                                size.get("columns")))
+    return entries
+
+
+def _evidence(sr: hd.sr.Comprehensive3DSR, report, sources: set[str]) -> list[dict[str, Any]]:
+    """The heatmap evidence (worker/sr/builder.py): region groups, Segmentation groups (paired by
+    their source image) and the key images of the Image Library (paired with the regions in order)."""
+    groups = report.get_planar_roi_measurement_groups(finding_type=PNEUMONIA)
+    if not groups:
+        return []
+    series = {}
+    for study in sr.get("CurrentRequestedProcedureEvidenceSequence", []):
+        for item in study.ReferencedSeriesSequence:
+            for sop in item.ReferencedSOPSequence:
+                series[str(sop.ReferencedSOPInstanceUID)] = str(item.SeriesInstanceUID)
+    segments = {}
+    for group in groups:
+        if _group_text(group, SEGMENT_TRACKING_ID):
+            frame = group.referenced_segmentation_frame
+            source = str(frame.source_image_for_segmentation.referenced_sop_instance_uid)
+            segments[source] = _object(str(frame.referenced_sop_class_uid), str(frame.referenced_sop_instance_uid),
+                                       series, frame_number=int(frame.referenced_frame_numbers[0]),
+                                       segment_number=SEGMENTATION_SEGMENT)
+    out = []
+    for group in groups:
+        if not _group_text(group, REGION_TRACKING_ID):
+            continue
+        region = group.roi
+        source = str(region.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
+        measured = group.get_measurements(name=CERTAINTY_OF_FINDING)
+        evaluations = group.get_qualitative_evaluations(name=PNEUMONIA)
+        presence = None
+        if evaluations:
+            presence = {_code_tuple(PRESENT): "present", _code_tuple(ABSENT): "absent"}.get(
+                _code_tuple(evaluations[0].value))
+        out.append({
+            "source_sop_instance_uid": source,
+            "graphic_type": str(region.graphic_type.value),
+            "region": [(float(x), float(y)) for x, y in region.value],
+            "probability": float(measured[0].value) / 100.0 if measured else None,
+            "presence": presence,
+            "segmentation": segments.get(source),
+            "key_image": None,
+        })
+    key_images = [entry for entry in _library(report) if entry[1] not in sources]
+    if len(key_images) == len(out):  # a key image for every region or for none (report.py)
+        for item, (sop_class, uid, rows, columns) in zip(out, key_images):
+            item["key_image"] = _object(sop_class, uid, series, rows=rows, columns=columns)
+    return out
+
+
+def _source_uids(group) -> list[str]:
+    return [str(item.referenced_sop_instance_uid) for item in group.source_images]
 
 
 def _tracking_id(group) -> str | None:

@@ -1,7 +1,8 @@
 """What one pneumonia SR says and where it goes: the arguments of build_pneumonia_sr and
 encode_pneumonia_sr, written (and checked) once.
 
-The finding (probability, decision), its evidence (the source images of one study), the observer
+The finding (probability, decision), its evidence (the source images of one study, and per mapped
+image a HeatmapEvidence: where on the image, and the heatmap objects made from it), the observer
 (the model) and the document's own identity (series and instance UIDs and numbers, the producing
 equipment). Checked at construction, each check naming its argument as highdicom's constructors do,
 so both SR paths start from the same validated values.
@@ -55,6 +56,103 @@ class DeclinedImage:
             raise ValueError(f'Argument "ood_score" must be a finite number, got {self.ood_score}.')
 
 
+#: The one frame and the one segment of a heatmap Segmentation (worker/heatmap builds it so).
+SEGMENTATION_FRAME = 1
+SEGMENTATION_SEGMENT = 1
+
+
+@dataclass(frozen=True)
+class ReferencedObject:
+    """A heatmap object of the study (the Segmentation or the key image, in a new series of the same
+    study, made by worker/heatmap), referenced by the SR by its UIDs only. `rows`/`columns`: the
+    object's size, needed for the key image's Image Library entry (TID 1602 Pixel Data Rows/Columns)."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    series_instance_uid: str
+    rows: int | None = None
+    columns: int | None = None
+
+    @classmethod
+    def from_dataset(cls, ds: pydicom.Dataset) -> ReferencedObject:
+        """The reference to a heatmap object as built (a highdicom Segmentation or SCImage)."""
+        return cls(str(ds.SOPClassUID), str(ds.SOPInstanceUID), str(ds.SeriesInstanceUID),
+                   ds.get("Rows"), ds.get("Columns"))
+
+    def __post_init__(self) -> None:
+        for name in ("sop_class_uid", "sop_instance_uid", "series_instance_uid"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or _checked_uid(value, name) is None:
+                raise ValueError(f'Argument "{name}" {value!r} is not a valid DICOM UID.')
+            object.__setattr__(self, name, str(value))
+        for name in ("rows", "columns"):
+            value = getattr(self, name)
+            if value is not None:
+                if isinstance(value, bool) or int(value) != value or int(value) < 1:
+                    raise ValueError(f'Argument "{name}" must be a positive integer, got {value!r}.')
+                object.__setattr__(self, name, int(value))
+
+
+@dataclass(frozen=True)
+class HeatmapEvidence:
+    """Where on one assessed image the model looked, and the heatmap objects made from it.
+
+    `source`: the image's header (one of the report's sources). `region`: the strongest region as
+    DICOM SCOORD image coordinates of that image, (column, row) pairs with (0, 0) the top left corner
+    of the top left pixel and (Columns, Rows) the bottom right corner of the bottom right one
+    (PS3.3 C.18.6.1.1): a closed polygon (at least 4 points, the first repeated last, at least 3
+    distinct) or, as a fallback, a single point. `probability`: that image's calibrated
+    probability. `segmentation` (frame SEGMENTATION_FRAME, segment SEGMENTATION_SEGMENT) and
+    `key_image` (with its rows and columns): the objects, if they were made.
+    """
+
+    source: pydicom.Dataset
+    region: Sequence[Sequence[float]]
+    probability: float
+    segmentation: ReferencedObject | None = None
+    key_image: ReferencedObject | None = None
+
+    def __post_init__(self) -> None:
+        assign = object.__setattr__
+        if not isinstance(self.source, pydicom.Dataset):
+            raise TypeError('Argument "source" must be a pydicom Dataset (the assessed image\'s header).')
+        _checked_sources([self.source])
+        try:
+            region = tuple((float(x), float(y)) for x, y in self.region)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f'Argument "region" must be a sequence of (x, y) numbers: {exc}') from None
+        if len(region) != 1:
+            if len(region) < 4 or region[0] != region[-1]:
+                raise ValueError('Argument "region" must be a closed polygon (at least 4 points, the first repeated '
+                                 f"as the last) or a single point, got {len(region)} points.")
+            if len(set(region)) < 3:
+                raise ValueError('Argument "region" must have at least 3 distinct points.')
+        columns, rows = int(self.source.Columns), int(self.source.Rows)
+        for x, y in region:
+            if not (math.isfinite(x) and math.isfinite(y) and 0.0 <= x <= columns and 0.0 <= y <= rows):
+                raise ValueError(f'Argument "region": point ({x}, {y}) lies outside the image '
+                                 f"(0..{columns} columns, 0..{rows} rows).")
+        assign(self, "region", region)
+        probability = float(self.probability)
+        if not 0.0 <= probability <= 1.0:
+            raise ValueError(f'Argument "probability" must lie in [0, 1], got {probability}.')
+        assign(self, "probability", probability)
+        for name in ("segmentation", "key_image"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, ReferencedObject):
+                raise TypeError(f'Argument "{name}" must be a ReferencedObject or None.')
+        if self.key_image is not None and (self.key_image.rows is None or self.key_image.columns is None):
+            raise ValueError('Argument "key_image" must give its rows and columns (its Image Library entry).')
+
+    @property
+    def is_point(self) -> bool:
+        return len(self.region) == 1
+
+    @property
+    def objects(self) -> tuple[ReferencedObject, ...]:
+        return tuple(o for o in (self.segmentation, self.key_image) if o is not None)
+
+
 @dataclass(frozen=True)
 class PneumoniaReport:
     """The content and identity of one pneumonia SR (TID 1500, one measurement group).
@@ -63,8 +161,11 @@ class PneumoniaReport:
     output in [0, 1] (stored as Certainty of Finding in %), `positive` the thresholded decision, `model` the
     observer device and algorithm. `declined`: the study's images that got no finding, each with its
     reasons; with no assessed image at all, `sources` is empty and `probability`/`positive` are None:
-    the "not analysed" SR (the algorithm ran, produced no finding, and says why). Pass `sr_series_uid`/`sr_instance_uid` (derived from the study)
-    so that a retry produces the same SR instead of a duplicate; left None, new UIDs are made here.
+    the "not analysed" SR (the algorithm ran, produced no finding, and says why). `evidence`: one
+    HeatmapEvidence per mapped assessed image (none for declined images; a key image for every item
+    or for none, so that a reader can pair the Image Library's key images with the regions). Pass
+    `sr_series_uid`/`sr_instance_uid` (derived from the study) so that a retry produces the same SR
+    instead of a duplicate; left None, new UIDs are made here.
     """
 
     sources: Sequence[pydicom.Dataset]
@@ -81,6 +182,7 @@ class PneumoniaReport:
     #: the detector's threshold (None: the model has none) and the assessed image's score
     ood_threshold: float | None = None
     ood_score: float | None = None
+    evidence: Sequence[HeatmapEvidence] = ()
 
     def __post_init__(self) -> None:
         assign = object.__setattr__  # frozen: the checked values replace the given ones once, here
@@ -112,6 +214,7 @@ class PneumoniaReport:
             raise ValueError('Arguments "sr_series_uid" and "sr_instance_uid" must differ.')
         assign(self, "sr_series_uid", series_uid)
         assign(self, "sr_instance_uid", instance_uid)
+        assign(self, "evidence", _checked_evidence(self.evidence, sources, (series_uid, instance_uid)))
 
     @property
     def assessed(self) -> bool:
@@ -145,6 +248,31 @@ def _checked_sources(sources: Sequence[pydicom.Dataset]) -> tuple[pydicom.Datase
     if len(set(instance_uids)) != len(instance_uids):
         raise ValueError('Argument "sources" repeats a SOP Instance UID.')
     return sources
+
+
+def _checked_evidence(evidence, sources: tuple[pydicom.Dataset, ...], own_uids: tuple[str, str]) -> tuple:
+    evidence = tuple(evidence)
+    if not all(isinstance(item, HeatmapEvidence) for item in evidence):
+        raise TypeError('Argument "evidence" must hold HeatmapEvidence items.')
+    if not evidence:
+        return evidence
+    assessed = [str(ds.SOPInstanceUID) for ds in sources]
+    mapped = [str(item.source.SOPInstanceUID) for item in evidence]
+    for uid in mapped:
+        if uid not in assessed:
+            raise ValueError(f'Argument "evidence": image {uid} is not one of the report\'s assessed sources.')
+    if len(set(mapped)) != len(mapped):
+        raise ValueError('Argument "evidence" repeats an image.')
+    if len({item.key_image is None for item in evidence}) != 1:
+        raise ValueError('Argument "evidence": give a key image for every item or for none.')
+    taken = set(assessed) | {str(ds.SeriesInstanceUID) for ds in sources} | set(own_uids)
+    objects = [o.sop_instance_uid for item in evidence for o in item.objects]
+    if len(set(objects)) != len(objects) or taken & set(objects):
+        raise ValueError('Argument "evidence": each heatmap object needs its own SOP Instance UID.')
+    series = {o.series_instance_uid for item in evidence for o in item.objects}
+    if series & (taken | set(objects)):
+        raise ValueError('Argument "evidence": the heatmap objects belong in new series of the study.')
+    return evidence
 
 
 def _checked_uid(value: str | None, name: str) -> str | None:

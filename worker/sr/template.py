@@ -19,6 +19,12 @@ study's UIDs is left in its constant runs. Studies no template covers (a new sha
 whose descriptors are not mapped below, odd values highdicom would reject) are built by the
 reference, so the answer is always the bytes build_pneumonia_sr + save_as give, up to the creation
 date/times.
+
+Heatmap evidence (report.evidence) is templated too: a highdicom build of such an SR costs ~30 ms
+more than the template path, and about 3/4 of studies are positive (benchmarks/bench_sr.py, row
+"1 + heatmap"). Per evidence item the shape holds its source's index, point or polygon, the image's
+Present/Absent and which objects (and their SOP classes) it references; the values are the region's
+Graphic Data, the groups' Tracking UIDs and certainties, the objects' UIDs and the key image's size.
 """
 
 from __future__ import annotations
@@ -52,7 +58,10 @@ from .builder import (
     TYPE2_FROM_SOURCE,
     build_pneumonia_sr,
     evidence_copy,
+    evidence_tracking_uid,
+    image_presence,
     library_copy,
+    object_dataset,
     sr_character_set,
     sr_file_bytes,
 )
@@ -121,6 +130,7 @@ _MODALITY_CONCEPT = _code_key(codes.DCM.Modality)  # coded from the SOP class: p
 _TRACKING_UID_CONCEPT = _code_key(codes.DCM.TrackingUniqueIdentifier)
 _CERTAINTY_CONCEPT = _code_key(CERTAINTY_OF_FINDING)
 _REFERENCE_TAGS = {pydicom.tag.Tag("ReferencedSOPClassUID"), pydicom.tag.Tag("ReferencedSOPInstanceUID")}
+_FRAME_NUMBER = pydicom.tag.Tag("ReferencedFrameNumber")
 
 
 class _Unfit(Exception):
@@ -158,13 +168,34 @@ class _Study:
                           "tracking_uid": report.tracking_uid, "InstitutionName": institution}
         self.acquisition = acquisition_equipment(first)
         self.libraries = [library_copy(ds) for ds in evidence]
+        # Heatmap evidence (builder.py): the objects follow the sources in the SR's evidence, in the
+        # builder's order; "images" indexes both (references, evidence series, library descriptors).
+        self.evidence = report.evidence
+        study_uid = str(sources[0].StudyInstanceUID)
+        objects = [object_dataset(o, study_uid) for item in report.evidence for o in item.objects]
+        self.images = list(sources) + objects
+        self.libraries += objects
+        self.groups = {report.tracking_uid: ("study",)}  # tracking UID -> group key
+        for index, item in enumerate(report.evidence):
+            self.groups[evidence_tracking_uid(report, "heatmap region", item)] = ("evidence", index, "region")
+            if item.segmentation is not None:
+                self.groups[evidence_tracking_uid(report, "heatmap segment", item)] = ("evidence", index, "segment")
+        #: (evidence index, "region"/"segment") -> that group's Tracking UID
+        self.tracking_uids = {key[1:]: uid for uid, key in self.groups.items() if key[0] == "evidence"}
+        assessed = [str(ds.SOPInstanceUID) for ds in sources]
+        evidence_shape = tuple(
+            (assessed.index(str(item.source.SOPInstanceUID)), item.is_point,
+             image_presence(report, item.probability).value,
+             None if item.segmentation is None else item.segmentation.sop_class_uid,
+             None if item.key_image is None else item.key_image.sop_class_uid)
+            for item in report.evidence)
         charset = sr_character_set(first)
         self.signature = (
             model.uid, model.name, model.version, model.arch, model.threshold, report.manufacturer,
             report.software_version, report.positive,
             charset if charset is None or isinstance(charset, str) else tuple(charset),
             tuple(self.copied), institution is not None, self.acquisition is not None,
-            _first_index([str(ds.SeriesInstanceUID) for ds in sources]),
+            _first_index([str(ds.SeriesInstanceUID) for ds in self.images]), evidence_shape,
             _first_index([str(ds.get("FrameOfReferenceUID", "")) for ds in sources]),
             tuple(self._image_shape(ds, lib) for ds, lib in zip(sources, self.libraries)),
         )
@@ -193,15 +224,20 @@ class _Study:
         if kind == "clock":
             return clock[key[1]]
         if kind == "source":
-            return getattr(self.sources[key[1]], key[2])
+            return getattr(self.images[key[1]], key[2])
+        if kind == "tracking":
+            return self.tracking_uids[key[1:]]
+        if kind == "region":  # the SCOORD's Graphic Data as highdicom writes it (FL, x y x y ...)
+            return [coordinate for point in self.evidence[key[1]].region for coordinate in point]
         if kind == "acquisition":
             return self.acquisition
         if kind == "descriptor":
             _, index, concept, part = key
             return _DESCRIPTOR_PARTS[part](_DESCRIPTORS[concept](self.libraries[index]))
         if kind == "certainty":  # as build_pneumonia_sr's Measurement: percent, NUM with DS and FD
-            percent = self.probability * 100.0
-            return DS(percent, auto_format=True) if key[1] == "ds" else percent
+            probability = self.probability if key[1] == ("study",) else self.evidence[key[1][1]].probability
+            percent = probability * 100.0
+            return DS(percent, auto_format=True) if key[2] == "ds" else percent
         raise KeyError(key)
 
     # --- finding the slots in the reference document of this study ---
@@ -229,7 +265,7 @@ class _Study:
         for study in document.CurrentRequestedProcedureEvidenceSequence:
             marks[id(study["StudyInstanceUID"])] = ("source", 0, "StudyInstanceUID")
             for series in study.ReferencedSeriesSequence:
-                index = [str(ds.SeriesInstanceUID) for ds in self.sources].index(str(series.SeriesInstanceUID))
+                index = [str(ds.SeriesInstanceUID) for ds in self.images].index(str(series.SeriesInstanceUID))
                 marks[id(series["SeriesInstanceUID"])] = ("source", index, "SeriesInstanceUID")
                 for ref in series.ReferencedSOPSequence:
                     self._mark_reference(ref, marks)
@@ -253,20 +289,25 @@ class _Study:
 
     def _uids(self) -> set[str]:
         uids = {str(self.arguments[k]) for k in ("SOPInstanceUID", "SeriesInstanceUID", "tracking_uid")}
-        for ds in self.sources:
+        uids |= set(self.groups)
+        for ds in self.images:
             uids |= {str(ds.get(k)) for k in ("SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID",
                                               "FrameOfReferenceUID") if ds.get(k)}
         return uids
 
     def _mark_reference(self, ref: pydicom.Dataset, marks: dict[int, SlotKey]) -> int:
-        if set(ref.keys()) != _REFERENCE_TAGS:
+        index = [str(ds.SOPInstanceUID) for ds in self.images].index(str(ref.ReferencedSOPInstanceUID))
+        # the Segmentation's frame number (SEGMENTATION_FRAME) is a constant of the shape
+        allowed = _REFERENCE_TAGS | ({_FRAME_NUMBER} if index >= len(self.sources) else set())
+        if not set(ref.keys()) <= allowed or not _REFERENCE_TAGS <= set(ref.keys()):
             raise _Unfit("image reference with more than SOP Class/Instance UID")
-        index = [str(ds.SOPInstanceUID) for ds in self.sources].index(str(ref.ReferencedSOPInstanceUID))
         marks[id(ref["ReferencedSOPInstanceUID"])] = ("source", index, "SOPInstanceUID")
         return index  # its Referenced SOP Class UID is part of the shape
 
-    def _mark_content(self, item: pydicom.Dataset, image: int | None, marks: dict[int, SlotKey]) -> None:
-        """Mark the per-study values of `item`'s children; `image` is the source they describe, if any."""
+    def _mark_content(self, item: pydicom.Dataset, image: int | None, marks: dict[int, SlotKey],
+                      group: tuple = ("study",)) -> None:
+        """Mark the per-study values of `item`'s children; `image` is the source they describe, if any;
+        `group` the measurement group they are in (its key in self.groups)."""
         for child in item.get("ContentSequence", []):
             described = image
             if "ReferencedSOPSequence" in child:
@@ -277,12 +318,34 @@ class _Study:
             if image is not None:  # an image library entry descriptor of source `image`
                 self._mark_descriptor(child, image, concept, value_type, marks)
             elif value_type == "UIDREF" and concept == _TRACKING_UID_CONCEPT:
-                marks[id(child["UID"])] = ("argument", "tracking_uid")
+                marks[id(child["UID"])] = self._tracking_key(str(child.UID))
             elif value_type == "NUM" and concept == _CERTAINTY_CONCEPT:
                 measured = child.MeasuredValueSequence[0]
-                marks[id(measured["NumericValue"])] = ("certainty", "ds")
-                marks[id(measured["FloatingPointValue"])] = ("certainty", "fd")
-            self._mark_content(child, described, marks)
+                marks[id(measured["NumericValue"])] = ("certainty", group, "ds")
+                marks[id(measured["FloatingPointValue"])] = ("certainty", group, "fd")
+            elif value_type == "SCOORD":
+                if group[0] != "evidence" or "PixelOriginInterpretation" in child or "FiducialUID" in child:
+                    raise _Unfit("a spatial coordinate outside the heatmap region groups")
+                marks[id(child["GraphicData"])] = ("region", group[1])
+            self._mark_content(child, described, marks, self._group_of(child) or group)
+
+    def _group_of(self, container: pydicom.Dataset) -> tuple | None:
+        """The group key of a Measurement Group container (by its Tracking UID), else None."""
+        if container.get("ValueType") != "CONTAINER":
+            return None
+        for child in container.get("ContentSequence", []):
+            if child.get("ValueType") == "UIDREF" and _concept_of(child) == _TRACKING_UID_CONCEPT:
+                key = self.groups.get(str(child.UID))
+                if key is None:
+                    raise _Unfit("a measurement group this template does not know")
+                return key
+        return None
+
+    def _tracking_key(self, uid: str) -> SlotKey:
+        key = self.groups.get(uid)
+        if key is None:
+            raise _Unfit("a Tracking UID this template does not know")
+        return ("argument", "tracking_uid") if key == ("study",) else ("tracking", *key[1:])
 
     @staticmethod
     def _mark_descriptor(child: pydicom.Dataset, image: int, concept: tuple[str, str], value_type: str,

@@ -830,3 +830,313 @@ def _walk_codes(ds):
             for item in element.value:
                 if "CodeValue" in item and "CodingSchemeDesignator" in item:
                     yield item
+
+
+# -- heatmap evidence: where on the image, the Segmentation and the key image -----------------------
+SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
+SECONDARY_CAPTURE_STORAGE = "1.2.840.10008.5.1.4.1.1.7"
+
+
+def heatmap_evidence(sources, probabilities, *, segmentation=True, key_image=True, point=False, shift=0.0, sides=5):
+    """One HeatmapEvidence per source: a closed polygon of `sides` corners inside the image (or a
+    point), objects in two new series of the study."""
+    from worker.sr import HeatmapEvidence, ReferencedObject
+
+    seg_series, key_series = generate_uid(), generate_uid()
+    items = []
+    for ds, probability in zip(sources, probabilities):
+        columns, rows = int(ds.Columns), int(ds.Rows)
+        if point:
+            region = [(columns * 0.5 + shift, rows * 0.25)]
+        else:
+            angles = np.linspace(0, 2 * np.pi, sides, endpoint=False)
+            region = [(columns * (0.45 + 0.3 * np.cos(a)) + shift, rows * (0.5 + 0.3 * np.sin(a))) for a in angles]
+            region.append(region[0])
+        items.append(HeatmapEvidence(
+            ds, region, probability,
+            segmentation=ReferencedObject(SEGMENTATION_STORAGE, generate_uid(), seg_series) if segmentation else None,
+            key_image=ReferencedObject(SECONDARY_CAPTURE_STORAGE, generate_uid(), key_series, 512 + rows, 400 + columns)
+            if key_image else None))
+    return items
+
+
+def _content_references(ds: pydicom.Dataset) -> set[str]:
+    found = set()
+    for item in ds.get("ContentSequence", []):
+        for ref in item.get("ReferencedSOPSequence", []):
+            found.add(str(ref.ReferencedSOPInstanceUID))
+        found |= _content_references(item)
+    return found
+
+
+def _expected_evidence(items) -> list[dict]:
+    def obj(o, **extra):
+        return None if o is None else {"sop_class_uid": o.sop_class_uid, "sop_instance_uid": o.sop_instance_uid,
+                                       "series_instance_uid": o.series_instance_uid, **extra}
+    return [{"source_sop_instance_uid": str(item.source.SOPInstanceUID),
+             "graphic_type": "POINT" if item.is_point else "POLYLINE",
+             "region": [tuple(p) for p in item.region],
+             "probability": item.probability,
+             "presence": None,  # filled by the caller
+             "segmentation": obj(item.segmentation, frame_number=1, segment_number=1),
+             "key_image": obj(item.key_image, rows=item.key_image.rows, columns=item.key_image.columns)
+             if item.key_image else None} for item in items]
+
+
+def _assert_evidence_read_back(back, items, model):
+    expected = _expected_evidence(items)
+    for want in expected:
+        want["presence"] = "present" if want["probability"] >= model.calibrated_threshold else "absent"
+    got = back["evidence"]
+    assert len(got) == len(expected)
+    for g, w in zip(got, expected):
+        assert g["probability"] == pytest.approx(w["probability"], abs=1e-9)
+        np.testing.assert_allclose(np.array(g["region"]), np.array(w["region"]), atol=1e-3)  # FL: float32
+        assert {k: v for k, v in g.items() if k not in ("probability", "region")} == \
+            {k: v for k, v in w.items() if k not in ("probability", "region")}
+
+
+@pytest.mark.parametrize("count", [1, 2])
+def test_evidence_sr_is_valid_and_reads_back(sources, model, count, fresh_templates, tmp_path):
+    """dciodvfy 0 errors, every referenced instance in the evidence sequence, highdicom finds the
+    region (POLYLINE, closed, on its source) and the Segmentation frame, DCMTK parses it, and the
+    read-back equals what was given; the study-level finding is unchanged."""
+    import highdicom as hd
+
+    chosen = sources[:count]
+    items = heatmap_evidence(chosen, [0.91, 0.17][:count])
+    report = PneumoniaReport(chosen, 0.91, True, model, evidence=items, **sr_arguments(1))
+    data = encode_pneumonia_sr(report)  # the first of its shape: built by highdicom
+    path = tmp_path / "ev.dcm"
+    path.write_bytes(data)
+    errors, _ = dciodvfy(path)
+    assert errors == []
+    sr = pydicom.dcmread(path)
+    evidence = {str(sop.ReferencedSOPInstanceUID): str(series.SeriesInstanceUID)
+                for study in sr.CurrentRequestedProcedureEvidenceSequence for series in study.ReferencedSeriesSequence
+                for sop in series.ReferencedSOPSequence}
+    objects = {o.sop_instance_uid: o.series_instance_uid for item in items for o in item.objects}
+    assert len(objects) == 2 * count
+    referenced = _content_references(sr)
+    assert set(objects) <= referenced and referenced <= set(evidence)  # every reference resolves
+    assert {uid: evidence[uid] for uid in objects} == objects  # in their own series
+    assert "PertinentOtherEvidenceSequence" not in sr
+
+    document = hd.sr.srread(path)
+    regions = document.content.get_planar_roi_measurement_groups(graphic_type=hd.sr.GraphicTypeValues.POLYLINE)
+    assert len(regions) == count
+    for group, item in zip(regions, items):
+        assert group.reference_type == pydicom.sr.codedict.codes.DCM.ImageRegion
+        points = group.roi.value
+        assert points.shape == (6, 2) and list(points[0]) == list(points[-1])  # 5 corners, closed
+        source = group.roi.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+        assert source == item.source.SOPInstanceUID
+        assert group.finding_type == PNEUMONIA
+    for ds in chosen:  # the referenced source, as highdicom looks it up
+        found = document.content.get_planar_roi_measurement_groups(referenced_sop_instance_uid=ds.SOPInstanceUID)
+        assert len(found) == 2  # the region and the Segmentation frame of that image
+    segments = [g for g in document.content.get_planar_roi_measurement_groups()
+                if g.reference_type == pydicom.sr.codedict.codes.DCM.ReferencedSegmentationFrame]
+    assert [str(g.referenced_segmentation_frame.referenced_sop_instance_uid) for g in segments] == \
+        [item.segmentation.sop_instance_uid for item in items]
+
+    back = read_pneumonia_sr(sr)
+    assert (back["presence"], back["probability"]) == ("present", pytest.approx(0.91))
+    assert back["referenced_sop_instance_uids"] == [str(ds.SOPInstanceUID) for ds in chosen]
+    _assert_evidence_read_back(back, items, model)
+
+    require_tool("dsrdump")
+    run = subprocess.run(["dsrdump", str(path)], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0 and run.stderr.strip() == "", run.stderr
+    assert run.stdout.count('"Image Region")=(POLYLINE') == count
+    assert run.stdout.count('"Referenced Segmentation Frame")') == count
+
+
+EVIDENCE_VARIANTS = {
+    "seg-and-key-image": dict(),
+    "seg-only": dict(key_image=False),
+    "key-image-only": dict(segmentation=False),
+    "region-only-point": dict(segmentation=False, key_image=False, point=True),
+}
+
+
+@pytest.mark.parametrize("variant", list(EVIDENCE_VARIANTS))
+def test_evidence_template_gives_the_reference_bytes(model, variant, fresh_templates, tmp_path):
+    """Studies 2-4 of a shape with evidence are rendered from the template (regions, probabilities,
+    objects, sizes all different) and equal build_pneumonia_sr + save_as; a retry gives the same bytes."""
+    options = EVIDENCE_VARIANTS[variant]
+    for seed in (1, 2, 3, 4):
+        study = make_study(SHAPES["three-cr-dx-two-series"], seed)
+        items = heatmap_evidence(study[:2], [0.95 - 0.01 * seed, 0.9 + 0.01 * seed], shift=0.5 * seed,
+                                 sides=3 + seed, **options)  # the number of points is a value, not the shape
+        arguments = sr_arguments(seed)
+        report = PneumoniaReport(study, 0.95, True, model, evidence=items, **arguments)
+        fast = encode_pneumonia_sr(report)
+        reference = sr_file_bytes(build_pneumonia_sr(report))
+        assert_same_sr(fast, reference)
+        retry = PneumoniaReport(study, 0.95, True, model, evidence=items, **arguments)
+        assert _bytes_with_fixed_times(encode_pneumonia_sr(retry)) == _bytes_with_fixed_times(fast)
+        back = read_pneumonia_sr(pydicom.dcmread(io.BytesIO(fast)))
+        _assert_evidence_read_back(back, items, model)
+        if seed == 4:
+            path = tmp_path / f"{variant}.dcm"
+            path.write_bytes(fast)
+            errors, _ = dciodvfy(path)
+            assert errors == []
+    info = template_cache_info()
+    assert (info["template"], info["reference"], info["unfit"]) == (7, 1, 0), info  # the retries too
+
+
+def test_evidence_shapes_never_share_a_template(model, fresh_templates):
+    """An SR without evidence, with evidence, with an absent image, with a point: each its own template."""
+    for seed in (1, 2):
+        study = make_study(SHAPES["dx-two-monochrome1"], seed)
+        for items in ((), heatmap_evidence(study, [0.9, 0.8]), heatmap_evidence(study, [0.9, 0.1]),
+                      heatmap_evidence(study[:1], [0.9], point=True), heatmap_evidence(study[1:], [0.9])):
+            report = PneumoniaReport(study, 0.9, True, model, evidence=items, **sr_arguments(seed))
+            assert_same_sr(encode_pneumonia_sr(report), sr_file_bytes(build_pneumonia_sr(report)))
+    assert template_cache_info()["template"] == 5
+
+
+def test_evidence_checks_name_their_argument(sources, model):
+    from worker.sr import HeatmapEvidence, ReferencedObject
+
+    good = heatmap_evidence(sources, [0.9, 0.2])
+    item = good[0]
+    square = [(10.0, 10.0), (50.0, 10.0), (50.0, 60.0), (10.0, 10.0)]
+    cases = [
+        (dict(region=[(10, 10), (50, 10), (50, 60), (11, 10)]), '"region" must be a closed polygon'),
+        (dict(region=[(10, 10), (50, 10), (10, 10)]), '"region" must be a closed polygon'),
+        (dict(region=[(10, 10), (50, 10), (10, 10), (10, 10)]), "3 distinct"),
+        (dict(region=[(10, 10), (item.source.Columns + 1, 10), (50, 60), (10, 10)]), "outside the image"),
+        (dict(region=[(float("nan"), 1.0)]), "outside the image"),
+        (dict(region=[(1, 2, 3)]), '"region" must be a sequence of'),
+        (dict(probability=1.5), '"probability"'),
+        (dict(key_image=ReferencedObject(SECONDARY_CAPTURE_STORAGE, generate_uid(), generate_uid())), '"key_image"'),
+    ]
+    for changes, message in cases:
+        fields = dict(source=item.source, region=square, probability=0.5, segmentation=item.segmentation,
+                      key_image=item.key_image)
+        fields.update(changes)
+        with pytest.raises(ValueError, match=message):
+            HeatmapEvidence(**fields)
+    with pytest.raises(TypeError, match='"segmentation"'):
+        HeatmapEvidence(item.source, square, 0.5, segmentation=item.segmentation.sop_instance_uid)
+    with pytest.raises(ValueError, match='"sop_instance_uid"'):
+        ReferencedObject(SEGMENTATION_STORAGE, "1.2.x", generate_uid())
+    with pytest.raises(ValueError, match='"rows"'):
+        ReferencedObject(SECONDARY_CAPTURE_STORAGE, generate_uid(), generate_uid(), 0, 10)
+    with pytest.raises(ValueError, match="not one of the report's assessed sources"):
+        PneumoniaReport(sources[:1], 0.9, True, model, evidence=good[1:])
+    with pytest.raises(ValueError, match="repeats an image"):
+        PneumoniaReport(sources, 0.9, True, model, evidence=[good[0], good[0]])
+    with pytest.raises(ValueError, match="for every item or for none"):
+        PneumoniaReport(sources, 0.9, True, model,
+                        evidence=[good[0], HeatmapEvidence(good[1].source, square, 0.2, good[1].segmentation)])
+    clash = HeatmapEvidence(good[1].source, square, 0.2, ReferencedObject(SEGMENTATION_STORAGE, generate_uid(),
+                                                                           str(sources[0].SeriesInstanceUID)),
+                            good[1].key_image)
+    with pytest.raises(ValueError, match="new series"):
+        PneumoniaReport(sources, 0.9, True, model, evidence=[good[0], clash])
+    same = HeatmapEvidence(good[1].source, square, 0.2, good[0].segmentation, good[1].key_image)
+    with pytest.raises(ValueError, match="its own SOP Instance UID"):
+        PneumoniaReport(sources, 0.9, True, model, evidence=[good[0], same])
+    with pytest.raises(TypeError, match='"evidence"'):
+        PneumoniaReport(sources, 0.9, True, model, evidence=[square])
+    assert PneumoniaReport(sources, 0.9, True, model, evidence=good).evidence == tuple(good)
+
+
+def test_mixed_study_with_evidence_is_valid_and_reads_back(sources, model, tmp_path):
+    """A study with a declined image keeps its "not all algorithms succeeded" shape (built by highdicom)
+    and carries the assessed image's evidence; the region may come as a numpy array."""
+    from worker.sr import DeclinedImage, HeatmapEvidence
+
+    item = heatmap_evidence(sources[:1], [0.88])[0]
+    item = HeatmapEvidence(item.source, np.asarray(item.region), item.probability, item.segmentation, item.key_image)
+    report = PneumoniaReport([sources[0]], 0.88, True, model, declined=[DeclinedImage(sources[1], ("view_position",))],
+                             evidence=[item])
+    path = tmp_path / "mixed.dcm"
+    path.write_bytes(encode_pneumonia_sr(report))
+    errors, _ = dciodvfy(path)
+    assert errors == []
+    back = read_pneumonia_sr(pydicom.dcmread(path))
+    assert back["summary"] == "Not all algorithms succeeded; with findings"
+    assert [d["sop_instance_uids"] for d in back["declined_images"]] == [[str(sources[1].SOPInstanceUID)]]
+    _assert_evidence_read_back(back, [item], model)
+    with pytest.raises(ValueError, match="assessed sources"):  # no evidence for a declined image
+        PneumoniaReport([sources[0]], 0.88, True, model, declined=[DeclinedImage(sources[1], ("age",))],
+                        evidence=heatmap_evidence(sources[1:], [0.5]))
+
+
+def test_evidence_references_resolve_to_real_heatmap_objects(wrapped, model, tmp_path):
+    """A real fractional Segmentation and an RGB Secondary Capture of a wrapped DX (highdicom, as
+    worker/heatmap makes them), referenced through ReferencedObject.from_dataset: every instance the
+    SR references is one of the files, with the SOP class and series the SR states."""
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    from worker.sr import HeatmapEvidence, ReferencedObject
+
+    source = pydicom.dcmread(wrapped[0])
+    description = hd.seg.SegmentDescription(
+        segment_number=1, segment_label="heatmap", segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
+        segmented_property_type=codes.SCT.Lesion, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+        algorithm_identification=hd.AlgorithmIdentificationSequence(name=model.name, version=model.version,
+                                                                    family=codes.DCM.ArtificialIntelligence))
+    heat = np.zeros((source.Rows, source.Columns), np.float32)
+    heat[60:120, 40:110] = 0.8
+    seg = hd.seg.Segmentation(
+        source_images=[source], pixel_array=heat, segmentation_type=hd.seg.SegmentationTypeValues.FRACTIONAL,
+        segment_descriptions=[description], series_instance_uid=hd.UID(), series_number=9902, sop_instance_uid=hd.UID(),
+        instance_number=1, manufacturer="cxr-worker", manufacturer_model_name=model.name, software_versions="1",
+        device_serial_number=model.uid)
+    key = hd.sc.SCImage.from_ref_dataset(
+        source, pixel_array=np.zeros((320, 250, 3), np.uint8), photometric_interpretation="RGB", bits_allocated=8,
+        coordinate_system="PATIENT", patient_orientation=("L", "F"), series_instance_uid=hd.UID(),
+        sop_instance_uid=hd.UID(), series_number=9903,
+        instance_number=1, manufacturer="cxr-worker")
+    files = {}
+    for name, ds in (("source", source), ("seg", seg), ("key", key)):
+        path = tmp_path / f"{name}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        back = pydicom.dcmread(path, stop_before_pixels=True)
+        files[str(back.SOPInstanceUID)] = back
+    header = files[str(source.SOPInstanceUID)]
+    item = HeatmapEvidence(header, [(40, 60), (110, 60), (110, 120), (40, 120), (40, 60)], 0.93,
+                           ReferencedObject.from_dataset(files[str(seg.SOPInstanceUID)]),
+                           ReferencedObject.from_dataset(files[str(key.SOPInstanceUID)]))
+    assert (item.key_image.rows, item.key_image.columns) == (320, 250)
+    data = encode_pneumonia_sr(PneumoniaReport([header], 0.93, True, model, evidence=[item], **sr_arguments(1)))
+    path = tmp_path / "sr.dcm"
+    path.write_bytes(data)
+    errors, _ = dciodvfy(path)
+    assert errors == []
+    sr = pydicom.dcmread(path)
+    stated = {str(sop.ReferencedSOPInstanceUID): (str(sop.ReferencedSOPClassUID), str(series.SeriesInstanceUID),
+                                                  str(study.StudyInstanceUID))
+              for study in sr.CurrentRequestedProcedureEvidenceSequence for series in study.ReferencedSeriesSequence
+              for sop in series.ReferencedSOPSequence}
+    assert _content_references(sr) == set(stated) == set(files)
+    for uid, (sop_class, series, study) in stated.items():
+        assert (sop_class, series, study) == (str(files[uid].SOPClassUID), str(files[uid].SeriesInstanceUID),
+                                              str(files[uid].StudyInstanceUID))
+    assert int(files[str(seg.SOPInstanceUID)].NumberOfFrames) == 1  # the frame the SR references exists
+    back = read_pneumonia_sr(sr)["evidence"][0]
+    assert back["segmentation"]["sop_instance_uid"] == str(seg.SOPInstanceUID)
+    assert back["key_image"]["sop_instance_uid"] == str(key.SOPInstanceUID)
+
+
+def test_the_evidence_sr_reads_nothing_outside_source_tags(model, fresh_templates):
+    """The heatmap groups and their template read only kept attributes of the sources too."""
+    asked: set = set()
+    for seed in (1, 2):  # the reference builds the template, the template renders
+        recording = [RecordingDataset(ds, asked) for ds in make_study(SHAPES["three-cr-dx-two-series"], seed)]
+        asked.clear()
+        report = PneumoniaReport(recording, 0.9, True, model, evidence=heatmap_evidence(recording, [0.9, 0.3, 0.5]),
+                                 **sr_arguments(seed))
+        encode_pneumonia_sr(report)
+        build_pneumonia_sr(report, reference=True)
+        assert asked, "nothing recorded"
+        outside = sorted(pydicom.datadict.keyword_for_tag(tag) or str(tag) for tag in asked - set(SOURCE_TAGS))
+        assert outside == []
+    assert template_cache_info()["template"] == 1
