@@ -102,6 +102,16 @@ def _legend(draw: ImageDraw.ImageDraw, left: int, top: int, width: int, height: 
     draw.text((left + width, top + height + 4), "high", font=small, fill=(255, 255, 255), anchor="ra")
 
 
+def percent(value: float) -> str:
+    """A probability as the picture writes it: one decimal, never a rounded 100 % or 0 % that is not."""
+    text = f"{100 * value:.1f} %"
+    if text == "100.0 %" and value < 1.0:
+        return "> 99.9 %"
+    if text == "0.0 %" and value > 0.0:
+        return "< 0.1 %"
+    return text
+
+
 def key_picture(display_u8: np.ndarray, relevance: np.ndarray, *, finding: str, probability: float,
                 threshold: float, model_name: str, model_version: str,
                 size: int = PICTURE_LONG_SIDE) -> np.ndarray:
@@ -133,8 +143,8 @@ def key_picture(display_u8: np.ndarray, relevance: np.ndarray, *, finding: str, 
     top = height + 10
     draw.text((14, top), WARNING_TEXT, font=_font(28), fill=(255, 220, 0))
     positive = probability >= threshold
-    draw.text((14, top + 40), f"{finding}: {100 * probability:.1f} % "
-                              f"({'above' if positive else 'below'} threshold {100 * threshold:.0f} %)",
+    draw.text((14, top + 40), f"{finding}: {percent(probability)} "
+                              f"({'above' if positive else 'below'} threshold {percent(threshold)})",
               font=_font(22), fill=(255, 255, 255))
     draw.text((14, top + 72), f"model {model_name} {model_version}", font=_font(18), fill=(200, 200, 200))
     legend_width = 200

@@ -28,7 +28,7 @@ from dicom_io import map_to_image
 from trainer.model_info import ModelInfo, new_model_uid
 from worker.heatmap.key_image import build_key_image
 from worker.heatmap.overlay import (
-    BAND_HEIGHT, PICTURE_LONG_SIDE, WARNING_TEXT, blend, colour_table, colourise, key_picture, write_png,
+    BAND_HEIGHT, PICTURE_LONG_SIDE, WARNING_TEXT, blend, colour_table, colourise, key_picture, percent, write_png,
 )
 from worker.heatmap.region import MAX_POINTS, strongest_region
 from worker.heatmap.segmentation import (
@@ -211,6 +211,11 @@ def test_picture_has_colour_where_the_map_is_high_grey_where_low_and_the_text_ba
     assert yellow.sum() > 200  # the warning line is drawn in yellow
     legend = band[:, picture.shape[1] // 2:]
     assert (np.ptp(legend, axis=2) > 100).sum() > 1000  # the coloured scale
+
+
+def test_percent_never_rounds_to_certainty():
+    assert [percent(v) for v in (0.9996, 1.0, 0.0, 0.0004, 0.42, 0.97791)] == [
+        "> 99.9 %", "100.0 %", "0.0 %", "< 0.1 %", "42.0 %", "97.8 %"]
 
 
 def test_warning_text_and_colour_table():
