@@ -33,6 +33,8 @@ data), the way the SR is.
 
 from __future__ import annotations
 
+import copy
+import datetime
 import enum
 import io
 
@@ -40,7 +42,10 @@ import highdicom as hd
 import numpy as np
 import pydicom
 from pydicom.sr.coding import Code
+from pydicom.encaps import encapsulate
 from pydicom.sr.codedict import codes
+from pydicom.uid import UID
+from pydicom.valuerep import DA, TM
 from pydicom.uid import (
     ExplicitVRLittleEndian, MultiFrameGrayscaleByteSecondaryCaptureImageStorage,
     MultiFrameGrayscaleWordSecondaryCaptureImageStorage, RLELossless, SecondaryCaptureImageStorage,
@@ -48,6 +53,7 @@ from pydicom.uid import (
 
 from trainer.model_info import ModelInfo
 from worker.sr import PNEUMONIA, derived_uid
+from worker.sr.sources import PATIENT_STUDY_TAGS
 
 #: The segment's property (module docstring).
 SEGMENT_CATEGORY: Code = codes.cid7150.MorphologicallyAbnormalStructure  # SCT 49755003
@@ -136,18 +142,30 @@ def _check_map(relevance: np.ndarray, source: pydicom.Dataset) -> np.ndarray:
     return relevance
 
 
-def build_segmentation(source: pydicom.Dataset, relevance: np.ndarray, *, model: ModelInfo, series_uid: str,
-                       instance_uid: str, series_number: int, instance_number: int, manufacturer: str,
-                       frame: int | None = None, transfer_syntax_uid: str = TRANSFER_SYNTAX) -> pydicom.Dataset:
-    """The fractional SEG of ``relevance`` (float in [0, 1] at the source's rows x columns) on ``source``
-    (its header: worker.sr.source_dataset). ``frame``: the scored frame (1-based) of a multi-frame source."""
+def _check_options(frame: int | None, transfer_syntax_uid: str) -> None:
     if transfer_syntax_uid not in TRANSFER_SYNTAXES:
         raise ValueError(f"transfer_syntax_uid must be one of {[str(t) for t in TRANSFER_SYNTAXES]}, "
                          f"got {transfer_syntax_uid}")
     if frame is not None and int(frame) < 1:
         raise ValueError(f"frame must be a 1-based frame number, got {frame}")
+
+
+def build_segmentation_reference(source: pydicom.Dataset, relevance: np.ndarray, *, model: ModelInfo,
+                                 series_uid: str, instance_uid: str, series_number: int, instance_number: int,
+                                 manufacturer: str, frame: int | None = None,
+                                 transfer_syntax_uid: str = TRANSFER_SYNTAX) -> pydicom.Dataset:
+    """The SEG as highdicom builds it (the reference; build_segmentation gives the same object faster)."""
+    _check_options(frame, transfer_syntax_uid)
     header = highdicom_source(source)
     relevance = _check_map(relevance, header)
+    return _build_reference(source, header, relevance, model=model, series_uid=series_uid,
+                            instance_uid=instance_uid, series_number=series_number, instance_number=instance_number,
+                            manufacturer=manufacturer, frame=frame, transfer_syntax_uid=transfer_syntax_uid)
+
+
+def _build_reference(source: pydicom.Dataset, header: pydicom.Dataset, relevance: np.ndarray, *, model: ModelInfo,
+                     series_uid: str, instance_uid: str, series_number: int, instance_number: int,
+                     manufacturer: str, frame: int | None, transfer_syntax_uid: str) -> pydicom.Dataset:
     description = hd.seg.SegmentDescription(
         segment_number=1, segment_label=SEGMENT_LABEL, segmented_property_category=SEGMENT_CATEGORY,
         segmented_property_type=SEGMENT_TYPE, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
@@ -188,6 +206,137 @@ def build_segmentation(source: pydicom.Dataset, relevance: np.ndarray, *, model:
     for series in seg.ReferencedSeriesSequence:
         for item in series.ReferencedInstanceSequence:
             item.ReferencedSOPClassUID = sop_class
+    return seg
+
+
+# --- The fast path: later SEGs of the same shape from the first one's data set ------------------------
+#: Templates kept (one per source shape, model and options; a site has a few detector shapes).
+TEMPLATE_CACHE_SIZE = 32
+_templates: dict[tuple, tuple[pydicom.Dataset, tuple]] = {}
+_template_counts = {"reference": 0, "template": 0}
+
+
+def clear_segmentation_templates() -> None:
+    _templates.clear()
+    _template_counts.update(reference=0, template=0)
+
+
+def segmentation_template_info() -> dict[str, int]:
+    """How many SEGs each path built since the last clear (tests and benchmarks check the fast path ran)."""
+    return {**_template_counts, "templates": len(_templates)}
+
+
+def _template_key(header: pydicom.Dataset, model: ModelInfo, manufacturer: str, frame: int | None,
+                  transfer_syntax_uid: str) -> tuple:
+    """Everything that decides the SEG's structure: the source's SOP class, size and which attributes it
+    has, the model, the manufacturer, the frame and the transfer syntax. Values that vary per study
+    (patient, study, UIDs, orientation, equipment) are set again from the source by _from_template."""
+    return (str(header.SOPClassUID), int(header.Rows), int(header.Columns), frozenset(header.keys()), model.uid,
+            model.name, model.version, manufacturer, frame, str(transfer_syntax_uid))
+
+
+def _quantise(relevance: np.ndarray) -> np.ndarray:
+    """highdicom's FRACTIONAL mapping (np.around(value * max) as uint8), the same operations."""
+    return np.around(relevance * float(MAX_FRACTIONAL_VALUE)).astype(np.uint8)
+
+
+def _pixel_data(seg: pydicom.Dataset, relevance: np.ndarray) -> bytes:
+    """The Pixel Data highdicom writes for one FRACTIONAL frame: native 8-bit bytes (padded to even length
+    as highdicom pads), or the frame encoded and encapsulated with a Basic Offset Table."""
+    frame = _quantise(relevance)
+    if UID(seg.file_meta.TransferSyntaxUID).is_encapsulated:
+        encoded = hd.frame.encode_frame(frame, transfer_syntax_uid=seg.file_meta.TransferSyntaxUID, bits_allocated=8,
+                                        bits_stored=8, photometric_interpretation="MONOCHROME2",
+                                        pixel_representation=0)
+        return encapsulate([encoded])
+    data = frame.tobytes()
+    return data + b"0" if len(data) % 2 else data
+
+
+def _source_elements(template: pydicom.Dataset, header: pydicom.Dataset) -> tuple:
+    """The tags of ``template`` that highdicom took from the source: its copy of the Patient and Study
+    modules (the tags of PATIENT_STUDY_TAGS the source has and the template holds)."""
+    return tuple(tag for tag in header.keys() if tag in PATIENT_STUDY_TAGS and tag in template)
+
+
+def _from_template(template: pydicom.Dataset, copied: tuple, source: pydicom.Dataset, header: pydicom.Dataset,
+                   relevance: np.ndarray, *, series_uid: str, instance_uid: str, series_number: int,
+                   instance_number: int) -> pydicom.Dataset:
+    """A copy of ``template`` with every per-study value set as _build_reference sets it."""
+    seg = copy.deepcopy(template)
+    for tag in copied:
+        seg[tag] = copy.deepcopy(header[tag])
+    seg.SeriesInstanceUID, seg.SOPInstanceUID = series_uid, instance_uid
+    seg.file_meta.MediaStorageSOPInstanceUID = instance_uid
+    seg.SeriesNumber, seg.InstanceNumber = series_number, instance_number
+    now = datetime.datetime.now()
+    seg.InstanceCreationDate, seg.InstanceCreationTime = DA(now.date()), TM(now.time())
+    if "ContentDate" in seg:
+        seg.ContentDate, seg.ContentTime = now.date(), now.time()
+    equipment = []
+    try:  # what highdicom's _add_contributing_equipment does with the source
+        equipment.append(hd.ContributingEquipment.for_image_acquisition(header))
+    except Exception:  # noqa: BLE001 - exactly what highdicom swallows there
+        pass
+    equipment.append(hd.ContributingEquipment.for_highdicom())
+    seg.ContributingEquipmentSequence = equipment
+    for keyword in ("FrameOfReferenceUID", "PositionReferenceIndicator"):
+        if keyword in seg:
+            setattr(seg, keyword, header.get(keyword))
+    if "PatientOrientation" in seg:
+        seg.PatientOrientation = source.get("PatientOrientation") or None
+    organisation = derived_uid("cxr-worker-heatmap-dimensions", instance_uid)
+    for item in (*seg.DimensionOrganizationSequence, *seg.DimensionIndexSequence):
+        item.DimensionOrganizationUID = organisation
+    sop, series = source.SOPInstanceUID, header.SeriesInstanceUID
+    for item in seg.get("SourceImageSequence", []):
+        item.ReferencedSOPInstanceUID = sop
+    for group in seg.PerFrameFunctionalGroupsSequence:
+        for derivation in group.get("DerivationImageSequence", []):
+            for item in derivation.SourceImageSequence:
+                item.ReferencedSOPInstanceUID = sop
+    for reference in seg.ReferencedSeriesSequence:
+        reference.SeriesInstanceUID = series
+        for item in reference.ReferencedInstanceSequence:
+            item.ReferencedSOPInstanceUID = sop
+    seg.PixelData = _pixel_data(seg, relevance)
+    return seg
+
+
+def build_segmentation(source: pydicom.Dataset, relevance: np.ndarray, *, model: ModelInfo, series_uid: str,
+                       instance_uid: str, series_number: int, instance_number: int, manufacturer: str,
+                       frame: int | None = None, transfer_syntax_uid: str = TRANSFER_SYNTAX) -> pydicom.Dataset:
+    """The fractional SEG of ``relevance`` (float in [0, 1] at the source's rows x columns) on ``source``
+    (its header: worker.sr.source_dataset). ``frame``: the scored frame (1-based) of a multi-frame source.
+
+    The first source of a shape (_template_key) is built by highdicom (build_segmentation_reference) and
+    kept as the template; later ones are that data set with the per-study values and the pixels set
+    again, which skips highdicom's checks of the whole float map (a sort of 5 M values) and its module
+    tables: about 4x cheaper at 2500 x 2048 (benchmarks/bench_heatmap.py). The same object either way
+    (tests/worker/heatmap/test_heatmap_objects.py compares the bytes).
+    """
+    _check_options(frame, transfer_syntax_uid)
+    header = highdicom_source(source)
+    relevance = _check_map(relevance, header)
+    key = _template_key(header, model, manufacturer, frame, transfer_syntax_uid)
+    kept = _templates.get(key)
+    if kept is not None:
+        _template_counts["template"] += 1
+        return _from_template(kept[0], kept[1], source, header, relevance, series_uid=series_uid,
+                              instance_uid=instance_uid, series_number=series_number, instance_number=instance_number)
+    seg = _build_reference(source, header, relevance, model=model, series_uid=series_uid, instance_uid=instance_uid,
+                           series_number=series_number, instance_number=instance_number, manufacturer=manufacturer,
+                           frame=frame, transfer_syntax_uid=transfer_syntax_uid)
+    _template_counts["reference"] += 1
+    template = pydicom.Dataset()  # a copy of the elements (not highdicom's decoding tables), no pixels
+    for element in seg:
+        if element.keyword != "PixelData":
+            template.add(copy.deepcopy(element))
+    template.file_meta = copy.deepcopy(seg.file_meta)
+    template.set_original_encoding(False, True)
+    if len(_templates) >= TEMPLATE_CACHE_SIZE:
+        _templates.clear()
+    _templates[key] = (template, _source_elements(template, header))
     return seg
 
 

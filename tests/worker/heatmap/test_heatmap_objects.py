@@ -32,7 +32,8 @@ from worker.heatmap.overlay import (
 )
 from worker.heatmap.region import MAX_POINTS, strongest_region
 from worker.heatmap.segmentation import (
-    SEGMENT_TYPE, HeatmapKind, build_segmentation, encode, heatmap_uids,
+    SEGMENT_TYPE, HeatmapKind, build_segmentation, build_segmentation_reference, clear_segmentation_templates, encode,
+    heatmap_uids, segmentation_template_info,
 )
 from worker.sr import pack_source, unpack_source
 
@@ -318,3 +319,44 @@ def test_polygon_of_a_known_box_and_degenerate_regions():
         strongest_region(np.zeros((10, 10), np.float32))
     with pytest.raises(ValueError, match="level"):
         strongest_region(relevance, level=0.0)
+
+
+def varied_source(kind: str, seed: int, *, equipment: bool = True) -> bytes:
+    """A source of the kind whose every per-study value depends on ``seed`` (and a Latin-1 name)."""
+    ds = pydicom.dcmread(io.BytesIO(source_file(kind, seed=seed)))
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = generate_uid(), generate_uid(), generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.PatientName, ds.PatientID = f"M\xfcller{seed}^J\xfcrgen", f"PID{seed}"
+    ds.PatientBirthDate, ds.PatientSex = f"19{50 + seed}0704", "FM"[seed % 2]
+    ds.StudyDate, ds.StudyTime, ds.StudyID = f"202401{seed + 10:02d}", f"1{seed}3015", str(seed)
+    ds.AccessionNumber, ds.ReferringPhysicianName, ds.StudyDescription = f"ACC{seed}", f"Ref{seed}^B", f"XR {seed}"
+    ds.PatientOrientation = [["R", "F"], ["L", "F"], ["A", "F"]][seed % 3]
+    if "FrameOfReferenceUID" in ds:
+        ds.FrameOfReferenceUID = generate_uid()
+    if equipment:
+        ds.Manufacturer, ds.StationName, ds.AcquisitionDateTime = f"ACME{seed}", f"ROOM{seed}", f"2024010{seed}101010"
+    else:
+        del ds.Manufacturer
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("syntax", [RLELossless, ExplicitVRLittleEndian])
+@pytest.mark.parametrize("kind", list(SOURCES))
+def test_template_path_gives_the_highdicom_reference_bytes(kind, syntax, model):
+    clear_segmentation_templates()
+    frame = 2 if SOURCES[kind][3] > 1 else None
+    for seed in range(4):
+        for equipment in (True, False):  # also a different key: no acquisition equipment item
+            source = kept_header(varied_source(kind, seed, equipment=equipment))
+            relevance = cam_relevance(ROWS, COLS, seed=seed)
+            uids = heatmap_uids(str(source.StudyInstanceUID), model.uid, seed, str(source.SOPInstanceUID),
+                                HeatmapKind.SEGMENTATION)
+            arguments = dict(model=model, series_uid=uids[0], instance_uid=uids[1], series_number=9900 + seed,
+                             instance_number=seed + 1, manufacturer="cxr-worker", frame=frame,
+                             transfer_syntax_uid=syntax)
+            fast = build_segmentation(source, relevance, **arguments)
+            reference = build_segmentation_reference(source, relevance, **arguments)
+            assert without_clock(fast) == without_clock(reference), f"seed {seed} equipment {equipment}"
+    assert segmentation_template_info() == {"reference": 2, "template": 6, "templates": 2}
