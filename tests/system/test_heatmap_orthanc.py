@@ -65,7 +65,8 @@ def heatmap_files(kaggle_jpegs, tmp_path_factory) -> dict[str, Path]:
     study, sop = str(header.StudyInstanceUID), str(header.SOPInstanceUID)
     series, instance = heatmap_uids(study, info.uid, 1, sop, HeatmapKind.SEGMENTATION)
     seg = build_segmentation(header, relevant, model=info, series_uid=series, instance_uid=instance,
-                             series_number=9901, instance_number=1, manufacturer="cxr-worker")
+                             series_number=9901, instance_number=1, manufacturer="cxr-worker",
+                             transfer_syntax_uid=pydicom.uid.RLELossless)  # the compressed option, in a real PACS
     picture = key_picture(display, relevant, finding="Pneumonia", probability=probability,
                           threshold=float(info.calibrated_threshold), model_name=info.name,
                           model_version=info.version)

@@ -69,20 +69,33 @@ def colourise(relevance: np.ndarray) -> np.ndarray:
     return colour_table()[_levels(_check_relevance(relevance))]
 
 
+@functools.cache
+def _blend_tables() -> tuple[np.ndarray, np.ndarray]:
+    """Per relevance level (0..255): alpha in 1/256 steps (uint16) and alpha x colour (uint16, RGB)."""
+    levels = np.arange(256, dtype=np.float64) / 255.0
+    alpha = np.rint(np.clip((levels - ALPHA_FLOOR) / (1.0 - ALPHA_FLOOR), 0.0, 1.0) * ALPHA_MAX * 256).astype(np.uint16)
+    return alpha, alpha[:, None] * colour_table().astype(np.uint16)
+
+
 def blend(display_u8: np.ndarray, relevance: np.ndarray) -> np.ndarray:
     """An 8-bit grey display image (any size) with the relevance map (any size, resized bilinearly to the
-    picture) blended in: RGB uint8 of the picture's size; transparent where the relevance is low."""
+    picture) blended in: RGB uint8 of the picture's size; transparent where the relevance is low.
+
+    Integer arithmetic through two 256-entry tables (alpha and alpha x colour per level): the same
+    blend as grey + alpha (colour - grey) to within one grey level, a few times cheaper than floats.
+    """
     grey = np.asarray(display_u8)
     if grey.ndim != 2 or grey.dtype != np.uint8:
         raise ValueError(f"display_u8 must be a 2-D uint8 image, got {grey.dtype} {grey.shape}")
-    relevance = _check_relevance(relevance)
-    if relevance.shape != grey.shape:
-        relevance = np.clip(cv2.resize(relevance, (grey.shape[1], grey.shape[0]), interpolation=cv2.INTER_LINEAR),
-                            0.0, 1.0)
-    colour = colour_table()[_levels(relevance)].astype(np.float32)
-    alpha = (np.clip((relevance - ALPHA_FLOOR) / (1.0 - ALPHA_FLOOR), 0.0, 1.0) * ALPHA_MAX)[..., None]
-    base = np.repeat(grey[..., None], 3, axis=2).astype(np.float32)
-    return np.rint(base + alpha * (colour - base)).astype(np.uint8)
+    relevance = np.asarray(relevance, dtype=np.float32)
+    if relevance.ndim == 2 and relevance.size and relevance.shape != grey.shape:
+        # bilinear interpolation stays within the map's own range (and keeps a NaN a NaN): checked after
+        relevance = cv2.resize(relevance, (grey.shape[1], grey.shape[0]), interpolation=cv2.INTER_LINEAR)
+    levels = _levels(_check_relevance(relevance))
+    alpha, weighted = _blend_tables()
+    a = alpha[levels][..., None]
+    out = (grey[..., None].astype(np.uint16) * (256 - a) + weighted[levels] + 128) >> 8
+    return out.astype(np.uint8)
 
 
 @functools.cache

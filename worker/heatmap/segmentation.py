@@ -23,9 +23,13 @@ Which object, and why (docs/heatmaps.md "Which objects, and why" says the same f
 
 The object: new series of the source's study (series and instance UIDs from ``heatmap_uids``, a
 retry writes the same object), one frame at the source's rows x columns referencing the source
-(and, for a multi-frame source, the scored frame), RLE Lossless by default (about 7x fewer bytes
-than Explicit VR Little Endian for a smooth map, see benchmarks/bench_heatmap.py; Orthanc stores and
-serves it; ``transfer_syntax_uid=ExplicitVRLittleEndian`` for a viewer that reads no RLE).
+(and, for a multi-frame source, the scored frame). Transfer syntax: Explicit VR Little Endian by
+default, ``transfer_syntax_uid=RLELossless`` on request. At 2500 x 2048 (benchmarks/bench_heatmap.py)
+RLE makes 2.1-2.4 MB of a CAM map instead of 5.1 MB (0.7 MB for a single smooth blob) but costs
+about 3x the CPU of the whole SEG (its encoding is most of the fast path's cost), and a destination
+must accept RLE Lossless for SEG Storage (Orthanc does; the SCU proposes the file's syntax and has no
+fallback to transcode): every PACS accepts Explicit VR Little Endian. The heatmap adds to every
+positive study's CPU, which the ingest benchmark holds to >= 0.8x of heatmaps off.
 
 It is built from the source's HEADER alone (worker.sr.source_dataset: the kept SOURCE_TAGS, no pixel
 data), the way the SR is.
@@ -62,8 +66,8 @@ SEGMENT_LABEL = "pneumonia evidence (AI heatmap)"
 SEGMENT_DESCRIPTION = "HiResCAM relative evidence for pneumonia, scaled to its own maximum; not for diagnosis"
 SERIES_DESCRIPTION = "AI heatmap (pneumonia evidence), not for diagnosis"
 MAX_FRACTIONAL_VALUE = 255
-TRANSFER_SYNTAX = RLELossless
-TRANSFER_SYNTAXES = (RLELossless, ExplicitVRLittleEndian)
+TRANSFER_SYNTAX = ExplicitVRLittleEndian  # module docstring: why not RLE by default
+TRANSFER_SYNTAXES = (ExplicitVRLittleEndian, RLELossless)
 #: What highdicom's Segmentation reads as attributes of its source (Type 2 there: empty when absent).
 _TYPE2_PATIENT_STUDY = ("PatientID", "PatientName", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID",
                         "StudyDate", "StudyTime", "ReferringPhysicianName")
