@@ -147,6 +147,8 @@ def key_picture(display_u8: np.ndarray, relevance: np.ndarray, *, finding: str, 
     # the film fitted into (size - band) high, at most size wide, its aspect kept
     scale = min((size - BAND_HEIGHT) / rows, size / cols)
     height, width = max(1, round(rows * scale)), max(1, round(cols * scale))
+    if scale <= 0.5:  # a Gaussian halving first: the same anti-aliasing, half the cost of INTER_AREA alone
+        grey = cv2.pyrDown(grey)
     small = cv2.resize(grey, (width, height), interpolation=cv2.INTER_AREA)
     picture = blend(small, relevance)
 

@@ -360,3 +360,24 @@ def test_template_path_gives_the_highdicom_reference_bytes(kind, syntax, model):
             reference = build_segmentation_reference(source, relevance, **arguments)
             assert without_clock(fast) == without_clock(reference), f"seed {seed} equipment {equipment}"
     assert segmentation_template_info() == {"reference": 2, "template": 6, "templates": 2}
+
+
+def test_quantisation_is_highdicoms_ties_included():
+    from worker.heatmap.segmentation import _quantise
+
+    ties = (np.arange(600 * 500, dtype=np.float32) % 511 / 510).reshape(600, 500)  # k / 510: x 255 = k / 2
+    for values in (ties, cam_relevance(600, 500, seed=5), np.array([[0.0, 1.0, 0.5 / 255, 1.5 / 255]], np.float32)):
+        assert np.array_equal(_quantise(values), np.around(values * 255.0).astype(np.uint8))
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_polygon_of_a_full_size_map_encloses_the_maximum(seed):
+    rows, cols = 2500, 2048  # read on the coarser grid
+    relevance = cam_relevance(rows, cols, seed=seed)
+    polygon = strongest_region(relevance)
+    assert polygon[0] == polygon[-1] and 4 <= len(polygon) <= MAX_POINTS + 1
+    row, col = np.unravel_index(np.argmax(relevance), relevance.shape)
+    assert _inside(polygon, col + 0.5, row + 0.5)
+    assert all(0.0 <= x <= cols and 0.0 <= y <= rows for x, y in polygon)
+    low_rows, low_cols = np.nonzero(relevance[::50, ::50] < 0.3 * relevance.max())
+    assert not any(_inside(polygon, 50 * c + 0.5, 50 * r + 0.5) for r, c in zip(low_rows, low_cols))
