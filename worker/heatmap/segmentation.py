@@ -26,7 +26,7 @@ retry writes the same object), one frame at the source's rows x columns referenc
 (and, for a multi-frame source, the scored frame). Transfer syntax: Explicit VR Little Endian by
 default, ``transfer_syntax_uid=RLELossless`` on request. At 2500 x 2048 (benchmarks/bench_heatmap.py)
 RLE makes 2.1-2.4 MB of a CAM map instead of 5.1 MB (0.7 MB for a single smooth blob) but costs
-about 3x the CPU of the whole SEG (its encoding is most of the fast path's cost), and a destination
+about 2.3x the CPU of the whole SEG (its encoding is most of the fast path's cost), and a destination
 must accept RLE Lossless for SEG Storage (Orthanc does; the SCU proposes the file's syntax and has no
 fallback to transcode): every PACS accepts Explicit VR Little Endian. The heatmap adds to every
 positive study's CPU, which the ingest benchmark holds to >= 0.8x of heatmaps off.
@@ -58,6 +58,7 @@ from pydicom.uid import (
 
 from trainer.model_info import ModelInfo
 from worker.sr import PNEUMONIA, derived_uid
+from worker.sr.builder import evidence_copy
 from worker.sr.sources import PATIENT_STUDY_TAGS
 
 #: The segment's property (module docstring).
@@ -113,15 +114,18 @@ def algorithm_identification(model: ModelInfo) -> hd.AlgorithmIdentificationSequ
 
 
 def highdicom_source(source: pydicom.Dataset) -> pydicom.Dataset:
-    """The source header as highdicom's constructors read it: the Type 2 patient/study attributes they
-    read as attributes present (empty when the source lacks them), and a legacy multi-frame source
+    """The source header as highdicom's constructors read it: the source values the SR copies made valid
+    or left empty exactly as for the SR (worker.sr.builder.evidence_copy: too long, undecodable, badly
+    formatted values, a Patient Sex outside M/F/O), the Type 2 patient/study attributes they read as
+    attributes present (empty when the source lacks them), and a legacy multi-frame source
     (MULTI_FRAME_SC) presented as the single-frame Secondary Capture of its scored frame: highdicom
     maps a SEG without a Frame of Reference onto one source frame only, and reads a multi-frame IOD's
     frames from functional groups these legacy objects lack. The Secondary Capture IOD has the same
     Patient and Study modules; build_segmentation puts the real SOP class and the frame number back
     into the references."""
+    fixed = evidence_copy(source)  # the SR's rule: invalid values made valid or left empty (worker/sr/values.py)
     header = pydicom.Dataset()
-    for element in source:
+    for element in fixed:
         if element.keyword not in ("PixelData", "NumberOfFrames"):
             header.add(element)
     if header.get("SOPClassUID") in MULTI_FRAME_SC:

@@ -5,6 +5,7 @@ encloses the maximum."""
 from __future__ import annotations
 
 import io
+import warnings
 import subprocess
 from pathlib import Path
 
@@ -381,3 +382,45 @@ def test_polygon_of_a_full_size_map_encloses_the_maximum(seed):
     assert all(0.0 <= x <= cols and 0.0 <= y <= rows for x, y in polygon)
     low_rows, low_cols = np.nonzero(relevance[::50, ::50] < 0.3 * relevance.max())
     assert not any(_inside(polygon, 50 * c + 0.5, 50 * r + 0.5) for r, c in zip(low_rows, low_cols))
+
+
+def test_objects_keep_a_latin1_name_as_text(model):
+    source = kept_header(varied_source("cr-monochrome1-no-frame-of-reference", 3))
+    assert source.SpecificCharacterSet == "ISO_IR 100"
+    _, _, seg, sc = build_both("cr-monochrome1-no-frame-of-reference", model,
+                               varied_source("cr-monochrome1-no-frame-of-reference", 3))
+    for ds in (seg, sc):
+        back = pydicom.dcmread(io.BytesIO(encode(ds)))
+        assert back.SpecificCharacterSet == "ISO_IR 192" and str(back.PatientName).startswith("M\xfcller3^J\xfcrgen")
+
+
+HOSTILE = {
+    "patient-sex-outside-m-f-o": dict(PatientSex="W"),
+    "overlong-name": dict(PatientName="A" * 300 + "^B"),
+    "bad-dates": dict(StudyDate="2024-01-02", PatientBirthDate="05.04.1923"),
+    "bad-time": dict(StudyTime="12:30"),
+    "bad-acquisition-datetime": dict(AcquisitionDateTime="2024-01-02 10:00"),
+    "no-patient-id": dict(PatientID=None),
+}
+
+
+@pytest.mark.parametrize("name", list(HOSTILE))
+def test_invalid_source_values_give_valid_objects_as_for_the_sr(name, model, tmp_path):
+    ds = pydicom.dcmread(io.BytesIO(source_file("dx-monochrome2-no-frame-of-reference")))
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():  # pydicom warns of the invalid values a sender may well send
+        warnings.simplefilter("ignore")
+        for keyword, value in HOSTILE[name].items():
+            if value is None:
+                delattr(ds, keyword)
+            else:
+                setattr(ds, keyword, value)
+        ds.save_as(buffer, enforce_file_format=True)
+    clear_segmentation_templates()
+    for _ in range(2):  # the reference, then the template path
+        _, _, seg, sc = build_both("dx-monochrome2-no-frame-of-reference", model, buffer.getvalue())
+        for label, built in (("seg", seg), ("sc", sc)):
+            path = tmp_path / f"{label}.dcm"
+            path.write_bytes(encode(built))
+            assert dciodvfy(path) == [], f"{name} {label}"
+    assert segmentation_template_info()["template"] == 1
