@@ -43,7 +43,8 @@ def build_key_image(source: pydicom.Dataset, picture_rgb: np.ndarray, *, model: 
     sc = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=header, pixel_array=np.ascontiguousarray(picture), photometric_interpretation="RGB",
         bits_allocated=8, coordinate_system=hd.CoordinateSystemNames.PATIENT,
-        patient_orientation=tuple(orientation) if len(orientation) == 2 else _ANY_ORIENTATION, series_instance_uid=series_uid, series_number=series_number,
+        patient_orientation=tuple(orientation) if len(orientation) == 2 else _ANY_ORIENTATION,
+        series_instance_uid=series_uid, series_number=series_number,
         sop_instance_uid=instance_uid, instance_number=instance_number, manufacturer=manufacturer,
         manufacturer_model_name=model.name, software_versions=model.version, device_serial_number=model.uid,
         series_description=SERIES_DESCRIPTION, specific_character_set=CHARACTER_SET,

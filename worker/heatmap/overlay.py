@@ -109,7 +109,8 @@ def _legend(draw: ImageDraw.ImageDraw, left: int, top: int, width: int, height: 
     """The colour scale (low..high) with its meaning, as in the picture."""
     table = colour_table()
     for x in range(width):
-        draw.line([(left + x, top), (left + x, top + height - 1)], fill=tuple(int(v) for v in table[x * 255 // (width - 1)]))
+        colour = tuple(int(v) for v in table[x * 255 // (width - 1)])
+        draw.line([(left + x, top), (left + x, top + height - 1)], fill=colour)
     draw.rectangle([left - 1, top - 1, left + width, top + height], outline=(255, 255, 255))
     small = _font(16)
     draw.text((left, top - 22), LEGEND_TITLE, font=small, fill=(255, 255, 255))

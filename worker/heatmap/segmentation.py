@@ -74,7 +74,8 @@ TRANSFER_SYNTAXES = (ExplicitVRLittleEndian, RLELossless)
 _TYPE2_PATIENT_STUDY = ("PatientID", "PatientName", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID",
                         "StudyDate", "StudyTime", "ReferringPhysicianName")
 #: Legacy multi-frame classes the worker scores (worker/scoring/eligibility.py); see highdicom_source.
-MULTI_FRAME_SC = (MultiFrameGrayscaleByteSecondaryCaptureImageStorage, MultiFrameGrayscaleWordSecondaryCaptureImageStorage)
+MULTI_FRAME_SC = (MultiFrameGrayscaleByteSecondaryCaptureImageStorage,
+                  MultiFrameGrayscaleWordSecondaryCaptureImageStorage)
 #: The text highdicom copies was decoded by pydicom already: UTF-8 holds any of it.
 CHARACTER_SET = "ISO_IR 192"
 
