@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import warnings
 import subprocess
+import sys
 from pathlib import Path
 
 import cv2
@@ -424,3 +425,16 @@ def test_invalid_source_values_give_valid_objects_as_for_the_sr(name, model, tmp
             path.write_bytes(encode(built))
             assert dciodvfy(path) == [], f"{name} {label}"
     assert segmentation_template_info()["template"] == 1
+
+
+def test_building_every_object_loads_no_torch_nor_matplotlib_until_a_picture(tmp_path):
+    """worker.heatmap needs the model's metadata only (trainer.model_info), not torch (seconds to import);
+    matplotlib (the colour table) is imported when the first picture is drawn, not with the package."""
+    code = ("import sys, numpy as np, worker.heatmap as h; "
+            "assert 'torch' not in sys.modules and 'matplotlib' not in sys.modules; "
+            "h.key_picture(np.zeros((40, 30), np.uint8), np.ones((7, 7), np.float32), finding='Pneumonia', "
+            "probability=0.5, threshold=0.4, model_name='m', model_version='1'); "
+            "assert 'torch' not in sys.modules and 'pynetdicom' not in sys.modules")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parents[3])
+    assert run.returncode == 0, run.stderr
