@@ -6,8 +6,8 @@ Which object, and why (docs/heatmaps.md "Which objects, and why" says the same f
   the Frame of Reference module and the Plane Position (Patient) / Plane Orientation (Patient)
   functional groups mandatory. CR images carry no Frame of Reference at all (the CR IOD has no such
   module), and DX/projection images mostly do not either; inventing a Frame of Reference and a plane
-  position for a projection radiograph would state a 3-D geometry that does not exist. highdicom's
-  ``pm.ParametricMap`` refuses such sources for the same reason.
+  position for a projection radiograph would state a 3-D geometry that does not exist (highdicom
+  0.28.2's ``pm.ParametricMap`` raises a RuntimeError on a CR source without a Frame of Reference).
 * A Segmentation (A.51) has the Frame of Reference module as conditional ("required if the source
   has one"): without it the segmentation frames are tied to the source pixel by pixel (same rows and
   columns, Derivation Image references), which is exactly what a class-activation map on a radiograph
