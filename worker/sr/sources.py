@@ -73,6 +73,9 @@ _PATIENT_STUDY_KEYWORDS = (
 SOURCE_TAGS: tuple[BaseTag, ...] = tuple(sorted({Tag(kw) for kw in (*_IMAGE_KEYWORDS, *_EQUIPMENT_KEYWORDS,
                                                                      *_PATIENT_STUDY_KEYWORDS)}))
 _KEPT = frozenset(SOURCE_TAGS)
+#: The Patient and Study attributes among them (what highdicom copies into a derived object: the SR,
+#: the heatmap SEG's template in worker/heatmap/segmentation.py).
+PATIENT_STUDY_TAGS: frozenset[BaseTag] = frozenset(Tag(kw) for kw in _PATIENT_STUDY_KEYWORDS)
 #: The first byte of pack_source's bytes: the encoding the elements are in, as (implicit VR, little endian).
 _MARKS = {(True, True): b"I", (False, True): b"E", (False, False): b"B"}
 _ENCODINGS = {mark[0]: encoding for encoding, mark in _MARKS.items()}

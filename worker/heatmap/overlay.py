@@ -1,0 +1,180 @@
+"""The heatmap as a picture: a colour map blended into the windowed radiograph, a legend and burned-in text.
+
+One function draws it (``key_picture``), for the three places that show it: the RGB Secondary
+Capture key image (key_image.py), ``classify --heatmap DIR`` and the web page's PNG.
+
+Colour map: matplotlib's ``turbo``, as a 256-entry table computed once. The value is carried by hue
+(blue -> green -> yellow -> red), not by lightness alone, so it stays apart from the grey levels of
+the film beneath it; turbo is the smooth, perceptually improved form of the rainbow maps readers know
+from heatmaps (no jet banding). Where the relevance is low the film shows through unchanged
+(alpha 0 below ``ALPHA_FLOOR``, rising to ``ALPHA_MAX`` at the maximum): a heatmap that tints the
+whole film hides the anatomy a reader checks it against.
+
+Size: the long side is ``PICTURE_LONG_SIDE`` = 1024 pixels (radiograph and the text band below it).
+A PACS viewport or a web viewer fits a key image to roughly 1000 pixels on a diagnostic or office
+screen, so 1024 shows it at about 1:1 with legible text and no resampling blur; the map itself is 7 x 7
+cells (ResNet18), so more pixels add no information, while an RGB image at the source's 2500 x 2048
+would be 15 MB instead of ~2.5 MB on every positive study.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import cv2
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+#: The picture's long side in pixels (module docstring: why 1024).
+PICTURE_LONG_SIDE = 1024
+#: Height of the band under the radiograph that holds the text and the legend.
+BAND_HEIGHT = 136
+#: The picture is at least this wide, so the band's text fits beside a narrow (portrait) film.
+MIN_WIDTH = 720
+#: Relevance below this is fully transparent; above, alpha rises linearly to ALPHA_MAX at 1.
+ALPHA_FLOOR = 0.2
+ALPHA_MAX = 0.55
+COLOUR_MAP = "turbo"
+WARNING_TEXT = "AI heatmap, not for diagnosis"
+LEGEND_TITLE = "relative evidence"
+#: PNG zlib level: 1 is ~5x faster than Pillow's default 6 for a few % more bytes (a page, a CLI file).
+PNG_COMPRESS_LEVEL = 1
+
+
+@functools.cache
+def colour_table() -> np.ndarray:
+    """(256, 3) uint8: matplotlib's COLOUR_MAP sampled at 256 levels (computed once)."""
+    from matplotlib import colormaps  # a second's import, only when a picture is first drawn
+
+    levels = colormaps[COLOUR_MAP](np.linspace(0.0, 1.0, 256))[:, :3]
+    return np.round(levels * 255.0).astype(np.uint8)
+
+
+def _check_relevance(relevance: np.ndarray) -> np.ndarray:
+    relevance = np.asarray(relevance, dtype=np.float32)
+    if relevance.ndim != 2 or relevance.size == 0:
+        raise ValueError(f"relevance must be a 2-D map, got shape {relevance.shape}")
+    if not np.isfinite(relevance).all() or relevance.min() < 0.0 or relevance.max() > 1.0:
+        raise ValueError("relevance must hold finite values in [0, 1] (trainer.cam.relevance)")
+    return relevance
+
+
+def _levels(relevance: np.ndarray) -> np.ndarray:
+    return np.rint(relevance * 255.0).astype(np.uint8)
+
+
+def colourise(relevance: np.ndarray) -> np.ndarray:
+    """A relevance map (float in [0, 1], rows x cols) -> RGB uint8 (rows, cols, 3) through the colour map."""
+    return colour_table()[_levels(_check_relevance(relevance))]
+
+
+@functools.cache
+def _blend_tables() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """OpenCV lookup tables per relevance level (0..255): the colour (1, 256, 3) uint8, alpha and
+    1 - alpha (1, 256) float32."""
+    levels = np.arange(256, dtype=np.float32) / 255.0
+    alpha = (np.clip((levels - ALPHA_FLOOR) / (1.0 - ALPHA_FLOOR), 0.0, 1.0) * ALPHA_MAX).astype(np.float32)
+    return colour_table()[None], alpha[None], (1.0 - alpha)[None]
+
+
+def blend(display_u8: np.ndarray, relevance: np.ndarray) -> np.ndarray:
+    """An 8-bit grey display image (any size) with the relevance map (any size, resized bilinearly to the
+    picture) blended in: RGB uint8 of the picture's size; transparent where the relevance is low.
+
+    grey + alpha (colour - grey) per pixel, with alpha and colour looked up per level (OpenCV LUT and
+    blendLinear: a few times cheaper than the same sum in numpy).
+    """
+    grey = np.asarray(display_u8)
+    if grey.ndim != 2 or grey.dtype != np.uint8:
+        raise ValueError(f"display_u8 must be a 2-D uint8 image, got {grey.dtype} {grey.shape}")
+    relevance = np.asarray(relevance, dtype=np.float32)
+    if relevance.ndim == 2 and relevance.size and relevance.shape != grey.shape:
+        # bilinear interpolation stays within the map's own range (and keeps a NaN a NaN): checked after
+        relevance = cv2.resize(relevance, (grey.shape[1], grey.shape[0]), interpolation=cv2.INTER_LINEAR)
+    levels = _levels(_check_relevance(relevance))
+    colours, alpha, keep = _blend_tables()
+    colour = cv2.LUT(cv2.merge([levels, levels, levels]), colours)
+    weights = cv2.LUT(levels, alpha)
+    base = cv2.merge([grey, grey, grey])
+    return cv2.blendLinear(colour, base, weights, cv2.LUT(levels, keep))
+
+
+@functools.cache
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    return ImageFont.load_default(size=size)
+
+
+def _legend(draw: ImageDraw.ImageDraw, left: int, top: int, width: int, height: int) -> None:
+    """The colour scale (low..high) with its meaning, as in the picture."""
+    table = colour_table()
+    for x in range(width):
+        colour = tuple(int(v) for v in table[x * 255 // (width - 1)])
+        draw.line([(left + x, top), (left + x, top + height - 1)], fill=colour)
+    draw.rectangle([left - 1, top - 1, left + width, top + height], outline=(255, 255, 255))
+    small = _font(16)
+    draw.text((left, top - 22), LEGEND_TITLE, font=small, fill=(255, 255, 255))
+    draw.text((left, top + height + 4), "low", font=small, fill=(255, 255, 255))
+    draw.text((left + width, top + height + 4), "high", font=small, fill=(255, 255, 255), anchor="ra")
+
+
+def percent(value: float) -> str:
+    """A probability as the picture writes it: one decimal, never a rounded 100 % or 0 % that is not."""
+    text = f"{100 * value:.1f} %"
+    if text == "100.0 %" and value < 1.0:
+        return "> 99.9 %"
+    if text == "0.0 %" and value > 0.0:
+        return "< 0.1 %"
+    return text
+
+
+def key_picture(display_u8: np.ndarray, relevance: np.ndarray, *, finding: str, probability: float,
+                threshold: float, model_name: str, model_version: str,
+                size: int = PICTURE_LONG_SIDE) -> np.ndarray:
+    """The heatmap picture: RGB uint8 whose long side is ``size``.
+
+    The windowed radiograph (``display_u8``, as dicom_io renders it) with the colour map blended in,
+    and under it a band with the warning "AI heatmap, not for diagnosis", the finding and probability
+    (with the model's threshold), the model's name and version, and the colour legend.
+    """
+    if not 0.0 <= probability <= 1.0:
+        raise ValueError(f"probability must lie in [0, 1], got {probability}")
+    if not 0.0 < threshold < 1.0:
+        raise ValueError(f"threshold must lie in (0, 1), got {threshold}")
+    if size < 2 * BAND_HEIGHT:
+        raise ValueError(f"size must be at least {2 * BAND_HEIGHT}, got {size}")
+    grey = np.asarray(display_u8)
+    if grey.ndim != 2 or grey.dtype != np.uint8:
+        raise ValueError(f"display_u8 must be a 2-D uint8 image, got {grey.dtype} {grey.shape}")
+    rows, cols = grey.shape
+    # the film fitted into (size - band) high, at most size wide, its aspect kept
+    scale = min((size - BAND_HEIGHT) / rows, size / cols)
+    height, width = max(1, round(rows * scale)), max(1, round(cols * scale))
+    if scale <= 0.5:  # a Gaussian halving first: the same anti-aliasing, half the cost of INTER_AREA alone
+        grey = cv2.pyrDown(grey)
+    small = cv2.resize(grey, (width, height), interpolation=cv2.INTER_AREA)
+    picture = blend(small, relevance)
+
+    canvas = Image.new("RGB", (max(width, MIN_WIDTH), height + BAND_HEIGHT), (0, 0, 0))
+    canvas.paste(Image.fromarray(picture), ((canvas.width - width) // 2, 0))
+    draw = ImageDraw.Draw(canvas)
+    top = height + 10
+    draw.text((14, top), WARNING_TEXT, font=_font(28), fill=(255, 220, 0))
+    positive = probability >= threshold
+    draw.text((14, top + 40), f"{finding}: {percent(probability)} "
+                              f"({'above' if positive else 'below'} threshold {percent(threshold)})",
+              font=_font(22), fill=(255, 255, 255))
+    draw.text((14, top + 72), f"model {model_name} {model_version}", font=_font(18), fill=(200, 200, 200))
+    legend_width = 200
+    _legend(draw, canvas.width - legend_width - 24, top + 40, legend_width, 20)
+    return np.asarray(canvas)
+
+
+def write_png(rgb: np.ndarray, path: str | Path) -> Path:
+    """Write an RGB uint8 picture as PNG (zlib level PNG_COMPRESS_LEVEL: fast)."""
+    rgb = np.asarray(rgb)
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+        raise ValueError(f"rgb must be (rows, cols, 3) uint8, got {rgb.dtype} {rgb.shape}")
+    path = Path(path)
+    Image.fromarray(rgb).save(path, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+    return path

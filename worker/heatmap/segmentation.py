@@ -1,0 +1,358 @@
+"""The quantitative map: a fractional DICOM Segmentation at the source image's own geometry.
+
+Which object, and why (docs/heatmaps.md "Which objects, and why" says the same for users):
+
+* A Parametric Map (PS3.3 A.75) would be the literal object for "a value per pixel", but its IOD makes
+  the Frame of Reference module and the Plane Position (Patient) / Plane Orientation (Patient)
+  functional groups mandatory. CR images carry no Frame of Reference at all (the CR IOD has no such
+  module), and DX/projection images mostly do not either; inventing a Frame of Reference and a plane
+  position for a projection radiograph would state a 3-D geometry that does not exist (highdicom
+  0.28.2's ``pm.ParametricMap`` raises a RuntimeError on a CR source without a Frame of Reference).
+* A Segmentation (A.51) has the Frame of Reference module as conditional ("required if the source
+  has one"): without it the segmentation frames are tied to the source pixel by pixel (same rows and
+  columns, Derivation Image references), which is exactly what a class-activation map on a radiograph
+  is. FRACTIONAL with Maximum Fractional Value 255 keeps 8 bits of the map (within 1/255 of the
+  computed relevance), and SEG is the object AI viewers (OHIF, 3D Slicer, Cornerstone) overlay on the
+  source. Fractional Type PROBABILITY is the nearer of the two defined terms (OCCUPANCY would claim
+  partial-volume coverage); the segment's description says the values are relative evidence scaled
+  to the map's own maximum, not calibrated probabilities.
+* The segment: category SCT 49755003 "Morphologically abnormal structure" (CID 7150) and type SCT
+  233604007 "Pneumonia", the same code as the SR's finding, so a reader can tie the segment to the
+  SR's finding; algorithm type AUTOMATIC with the model's name, version and UID (CID 7162 family
+  "Artificial Intelligence").
+
+The object: new series of the source's study (series and instance UIDs from ``heatmap_uids``, a
+retry writes the same object), one frame at the source's rows x columns referencing the source
+(and, for a multi-frame source, the scored frame). Transfer syntax: Explicit VR Little Endian by
+default, ``transfer_syntax_uid=RLELossless`` on request. At 2500 x 2048 (benchmarks/bench_heatmap.py)
+RLE makes 2.1-2.4 MB of a CAM map instead of 5.1 MB (0.7 MB for a single smooth blob) but costs
+about 2.3x the CPU of the whole SEG (its encoding is most of the fast path's cost), and a destination
+must accept RLE Lossless for SEG Storage (Orthanc does; the SCU proposes the file's syntax and has no
+fallback to transcode): every PACS accepts Explicit VR Little Endian. The heatmap adds to every
+positive study's CPU, which the ingest benchmark holds to >= 0.8x of heatmaps off.
+
+It is built from the source's HEADER alone (worker.sr.source_dataset: the kept SOURCE_TAGS, no pixel
+data), the way the SR is.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import enum
+import io
+
+import cv2
+import highdicom as hd
+import numpy as np
+import pydicom
+from pydicom.sr.coding import Code
+from pydicom.encaps import encapsulate
+from pydicom.sr.codedict import codes
+from pydicom.uid import UID
+from pydicom.valuerep import DA, TM
+from pydicom.uid import (
+    ExplicitVRLittleEndian, MultiFrameGrayscaleByteSecondaryCaptureImageStorage,
+    MultiFrameGrayscaleWordSecondaryCaptureImageStorage, RLELossless, SecondaryCaptureImageStorage,
+)
+
+from trainer.model_info import ModelInfo
+from worker.sr import PNEUMONIA, derived_uid
+from worker.sr.builder import evidence_copy
+from worker.sr.sources import PATIENT_STUDY_TAGS
+
+#: The segment's property (module docstring).
+SEGMENT_CATEGORY: Code = codes.cid7150.MorphologicallyAbnormalStructure  # SCT 49755003
+SEGMENT_TYPE: Code = PNEUMONIA  # SCT 233604007, the SR's finding
+SEGMENT_LABEL = "pneumonia evidence (AI heatmap)"
+SEGMENT_DESCRIPTION = "HiResCAM relative evidence for pneumonia, scaled to its own maximum; not for diagnosis"
+SERIES_DESCRIPTION = "AI heatmap (pneumonia evidence), not for diagnosis"
+MAX_FRACTIONAL_VALUE = 255
+TRANSFER_SYNTAX = ExplicitVRLittleEndian  # module docstring: why not RLE by default
+TRANSFER_SYNTAXES = (ExplicitVRLittleEndian, RLELossless)
+#: What highdicom's Segmentation reads as attributes of its source (Type 2 there: empty when absent).
+_TYPE2_PATIENT_STUDY = ("PatientID", "PatientName", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID",
+                        "StudyDate", "StudyTime", "ReferringPhysicianName")
+#: Legacy multi-frame classes the worker scores (worker/scoring/eligibility.py); see highdicom_source.
+MULTI_FRAME_SC = (MultiFrameGrayscaleByteSecondaryCaptureImageStorage,
+                  MultiFrameGrayscaleWordSecondaryCaptureImageStorage)
+#: The text highdicom copies was decoded by pydicom already: UTF-8 holds any of it.
+CHARACTER_SET = "ISO_IR 192"
+
+
+class HeatmapKind(enum.Enum):
+    """The heatmap objects; the value is part of their derived UIDs (keep it stable)."""
+
+    SEGMENTATION = "segmentation"
+    KEY_IMAGE = "key-image"
+
+
+def heatmap_uids(study_uid: str, model_uid: str, revision: int, source_sop_uid: str,
+                 kind: HeatmapKind | str) -> tuple[str, str]:
+    """Deterministic (series UID, instance UID) of one heatmap object of one source image.
+
+    One series per (study, model, kind), as the SR's series is per (study, model); the instance per
+    revision and source image, so a retry rewrites the same object and a re-score makes a new one.
+    """
+    kind = HeatmapKind(kind)
+    for name, value in (("study_uid", study_uid), ("model_uid", model_uid), ("source_sop_uid", source_sop_uid)):
+        if not value:
+            raise ValueError(f"{name} must not be empty")
+    if int(revision) < 0:
+        raise ValueError(f"revision must be >= 0, got {revision}")
+    series = derived_uid("cxr-worker-heatmap-series", kind.value, study_uid, model_uid)
+    instance = derived_uid("cxr-worker-heatmap-instance", kind.value, study_uid, model_uid, str(int(revision)),
+                           source_sop_uid)
+    return series, instance
+
+
+def algorithm_identification(model: ModelInfo) -> hd.AlgorithmIdentificationSequence:
+    """The model as the SEG's algorithm (name, version, UID as a parameter, CID 7162 AI family)."""
+    return hd.AlgorithmIdentificationSequence(
+        name=model.name, version=model.version, family=codes.cid7162.ArtificialIntelligence,
+        parameters={"model_uid": model.uid, "map": "HiResCAM"},
+    )
+
+
+def highdicom_source(source: pydicom.Dataset) -> pydicom.Dataset:
+    """The source header as highdicom's constructors read it: the source values the SR copies made valid
+    or left empty exactly as for the SR (worker.sr.builder.evidence_copy: too long, undecodable, badly
+    formatted values, a Patient Sex outside M/F/O), the Type 2 patient/study attributes they read as
+    attributes present (empty when the source lacks them), and a legacy multi-frame source
+    (MULTI_FRAME_SC) presented as the single-frame Secondary Capture of its scored frame: highdicom
+    maps a SEG without a Frame of Reference onto one source frame only, and reads a multi-frame IOD's
+    frames from functional groups these legacy objects lack. The Secondary Capture IOD has the same
+    Patient and Study modules; build_segmentation puts the real SOP class and the frame number back
+    into the references."""
+    fixed = evidence_copy(source)  # the SR's rule: invalid values made valid or left empty (worker/sr/values.py)
+    header = pydicom.Dataset()
+    for element in fixed:
+        if element.keyword not in ("PixelData", "NumberOfFrames"):
+            header.add(element)
+    if header.get("SOPClassUID") in MULTI_FRAME_SC:
+        del header.SOPClassUID  # a new element: the source's own stays as it is
+        header.SOPClassUID = SecondaryCaptureImageStorage
+    for keyword in _TYPE2_PATIENT_STUDY:
+        if keyword not in header:
+            setattr(header, keyword, None)
+    for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "Rows", "Columns"):
+        if not header.get(keyword):
+            raise ValueError(f"source lacks {keyword}: a heatmap needs the source image's identity and size")
+    return header
+
+
+def _check_map(relevance: np.ndarray, source: pydicom.Dataset) -> np.ndarray:
+    relevance = np.asarray(relevance, dtype=np.float32)
+    shape = (int(source.Rows), int(source.Columns))
+    if relevance.shape != shape:
+        raise ValueError(f"relevance must be at the source's geometry {shape}, got {relevance.shape} "
+                         "(dicom_io.map_to_image)")
+    if not np.isfinite(relevance).all() or relevance.min() < 0.0 or relevance.max() > 1.0:
+        raise ValueError("relevance must hold finite values in [0, 1] (trainer.cam.relevance)")
+    return relevance
+
+
+def _check_options(frame: int | None, transfer_syntax_uid: str) -> None:
+    if transfer_syntax_uid not in TRANSFER_SYNTAXES:
+        raise ValueError(f"transfer_syntax_uid must be one of {[str(t) for t in TRANSFER_SYNTAXES]}, "
+                         f"got {transfer_syntax_uid}")
+    if frame is not None and int(frame) < 1:
+        raise ValueError(f"frame must be a 1-based frame number, got {frame}")
+
+
+def build_segmentation_reference(source: pydicom.Dataset, relevance: np.ndarray, *, model: ModelInfo,
+                                 series_uid: str, instance_uid: str, series_number: int, instance_number: int,
+                                 manufacturer: str, frame: int | None = None,
+                                 transfer_syntax_uid: str = TRANSFER_SYNTAX) -> pydicom.Dataset:
+    """The SEG as highdicom builds it (the reference; build_segmentation gives the same object faster)."""
+    _check_options(frame, transfer_syntax_uid)
+    header = highdicom_source(source)
+    relevance = _check_map(relevance, header)
+    return _build_reference(source, header, relevance, model=model, series_uid=series_uid,
+                            instance_uid=instance_uid, series_number=series_number, instance_number=instance_number,
+                            manufacturer=manufacturer, frame=frame, transfer_syntax_uid=transfer_syntax_uid)
+
+
+def _build_reference(source: pydicom.Dataset, header: pydicom.Dataset, relevance: np.ndarray, *, model: ModelInfo,
+                     series_uid: str, instance_uid: str, series_number: int, instance_number: int,
+                     manufacturer: str, frame: int | None, transfer_syntax_uid: str) -> pydicom.Dataset:
+    description = hd.seg.SegmentDescription(
+        segment_number=1, segment_label=SEGMENT_LABEL, segmented_property_category=SEGMENT_CATEGORY,
+        segmented_property_type=SEGMENT_TYPE, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+        algorithm_identification=algorithm_identification(model),
+    )
+    description.SegmentDescription = SEGMENT_DESCRIPTION
+    seg = hd.seg.Segmentation(
+        source_images=[header], pixel_array=relevance,
+        segmentation_type=hd.seg.SegmentationTypeValues.FRACTIONAL,
+        fractional_type=hd.seg.SegmentationFractionalTypeValues.PROBABILITY,
+        segment_descriptions=[description], series_instance_uid=series_uid, series_number=series_number,
+        sop_instance_uid=instance_uid, instance_number=instance_number, manufacturer=manufacturer,
+        manufacturer_model_name=model.name, software_versions=model.version, device_serial_number=model.uid,
+        max_fractional_value=MAX_FRACTIONAL_VALUE, transfer_syntax_uid=transfer_syntax_uid,
+        omit_empty_frames=False, series_description=SERIES_DESCRIPTION, specific_character_set=CHARACTER_SET,
+    )
+    # General Image: Patient Orientation is Type 2C, required where the frames have no Plane Orientation
+    # (a projection radiograph, with or without a Frame of Reference): the SEG's frames are the source's
+    # pixels, so its orientation is the source's (empty when the source has none); highdicom sets none.
+    if "PlaneOrientationSequence" not in seg.SharedFunctionalGroupsSequence[0]:
+        seg.PatientOrientation = source.get("PatientOrientation") or None
+    # highdicom draws a random Dimension Organization UID; derived from the instance, a retry writes the
+    # same object
+    organisation = derived_uid("cxr-worker-heatmap-dimensions", instance_uid)
+    for item in (*seg.DimensionOrganizationSequence, *seg.DimensionIndexSequence):
+        item.DimensionOrganizationUID = organisation
+    sop_class = source.SOPClassUID
+    for item in seg.get("SourceImageSequence", []):
+        item.ReferencedSOPClassUID = sop_class
+        if frame is not None:
+            item.ReferencedFrameNumber = int(frame)
+    for group in seg.PerFrameFunctionalGroupsSequence:
+        for derivation in group.get("DerivationImageSequence", []):
+            for item in derivation.SourceImageSequence:
+                item.ReferencedSOPClassUID = sop_class
+                if frame is not None:
+                    item.ReferencedFrameNumber = int(frame)
+    for series in seg.ReferencedSeriesSequence:
+        for item in series.ReferencedInstanceSequence:
+            item.ReferencedSOPClassUID = sop_class
+    return seg
+
+
+# --- The fast path: later SEGs of the same shape from the first one's data set ------------------------
+#: Templates kept (one per source shape, model and options; a site has a few detector shapes).
+TEMPLATE_CACHE_SIZE = 32
+_templates: dict[tuple, tuple[pydicom.Dataset, tuple]] = {}
+_template_counts = {"reference": 0, "template": 0}
+
+
+def clear_segmentation_templates() -> None:
+    _templates.clear()
+    _template_counts.update(reference=0, template=0)
+
+
+def segmentation_template_info() -> dict[str, int]:
+    """How many SEGs each path built since the last clear (tests and benchmarks check the fast path ran)."""
+    return {**_template_counts, "templates": len(_templates)}
+
+
+def _template_key(header: pydicom.Dataset, model: ModelInfo, manufacturer: str, frame: int | None,
+                  transfer_syntax_uid: str) -> tuple:
+    """Everything that decides the SEG's structure: the source's SOP class, size and which attributes it
+    has, the model, the manufacturer, the frame and the transfer syntax. Values that vary per study
+    (patient, study, UIDs, orientation, equipment) are set again from the source by _from_template."""
+    return (str(header.SOPClassUID), int(header.Rows), int(header.Columns), frozenset(header.keys()), model.uid,
+            model.name, model.version, manufacturer, frame, str(transfer_syntax_uid))
+
+
+def _quantise(relevance: np.ndarray) -> np.ndarray:
+    """highdicom's FRACTIONAL mapping, np.around(value * 255) as uint8 (float32 product, round half to
+    even), in one OpenCV pass (6x cheaper at 5 M pixels; the same values, ties included: tested)."""
+    return cv2.convertScaleAbs(relevance, alpha=float(MAX_FRACTIONAL_VALUE))
+
+
+def _pixel_data(seg: pydicom.Dataset, relevance: np.ndarray) -> bytes:
+    """The Pixel Data highdicom writes for one FRACTIONAL frame: native 8-bit bytes (padded to even length
+    as highdicom pads), or the frame encoded and encapsulated with a Basic Offset Table."""
+    frame = _quantise(relevance)
+    if UID(seg.file_meta.TransferSyntaxUID).is_encapsulated:
+        encoded = hd.frame.encode_frame(frame, transfer_syntax_uid=seg.file_meta.TransferSyntaxUID, bits_allocated=8,
+                                        bits_stored=8, photometric_interpretation="MONOCHROME2",
+                                        pixel_representation=0)
+        return encapsulate([encoded])
+    data = frame.tobytes()
+    return data + b"0" if len(data) % 2 else data
+
+
+def _source_elements(template: pydicom.Dataset, header: pydicom.Dataset) -> tuple:
+    """The tags of ``template`` that highdicom took from the source: its copy of the Patient and Study
+    modules (the tags of PATIENT_STUDY_TAGS the source has and the template holds)."""
+    return tuple(tag for tag in header.keys() if tag in PATIENT_STUDY_TAGS and tag in template)
+
+
+def _from_template(template: pydicom.Dataset, copied: tuple, source: pydicom.Dataset, header: pydicom.Dataset,
+                   relevance: np.ndarray, *, series_uid: str, instance_uid: str, series_number: int,
+                   instance_number: int) -> pydicom.Dataset:
+    """A copy of ``template`` with every per-study value set as _build_reference sets it."""
+    seg = copy.deepcopy(template)
+    for tag in copied:
+        seg[tag] = copy.deepcopy(header[tag])
+    seg.SeriesInstanceUID, seg.SOPInstanceUID = series_uid, instance_uid
+    seg.file_meta.MediaStorageSOPInstanceUID = instance_uid
+    seg.SeriesNumber, seg.InstanceNumber = series_number, instance_number
+    now = datetime.datetime.now()
+    seg.InstanceCreationDate, seg.InstanceCreationTime = DA(now.date()), TM(now.time())
+    if "ContentDate" in seg:
+        seg.ContentDate, seg.ContentTime = now.date(), now.time()
+    equipment = []
+    try:  # what highdicom's _add_contributing_equipment does with the source
+        equipment.append(hd.ContributingEquipment.for_image_acquisition(header))
+    except Exception:  # noqa: BLE001 - exactly what highdicom swallows there
+        pass
+    equipment.append(hd.ContributingEquipment.for_highdicom())
+    seg.ContributingEquipmentSequence = equipment
+    for keyword in ("FrameOfReferenceUID", "PositionReferenceIndicator"):
+        if keyword in seg:
+            setattr(seg, keyword, header.get(keyword))
+    if "PatientOrientation" in seg:
+        seg.PatientOrientation = source.get("PatientOrientation") or None
+    organisation = derived_uid("cxr-worker-heatmap-dimensions", instance_uid)
+    for item in (*seg.DimensionOrganizationSequence, *seg.DimensionIndexSequence):
+        item.DimensionOrganizationUID = organisation
+    sop, series = source.SOPInstanceUID, header.SeriesInstanceUID
+    for item in seg.get("SourceImageSequence", []):
+        item.ReferencedSOPInstanceUID = sop
+    for group in seg.PerFrameFunctionalGroupsSequence:
+        for derivation in group.get("DerivationImageSequence", []):
+            for item in derivation.SourceImageSequence:
+                item.ReferencedSOPInstanceUID = sop
+    for reference in seg.ReferencedSeriesSequence:
+        reference.SeriesInstanceUID = series
+        for item in reference.ReferencedInstanceSequence:
+            item.ReferencedSOPInstanceUID = sop
+    seg.PixelData = _pixel_data(seg, relevance)
+    return seg
+
+
+def build_segmentation(source: pydicom.Dataset, relevance: np.ndarray, *, model: ModelInfo, series_uid: str,
+                       instance_uid: str, series_number: int, instance_number: int, manufacturer: str,
+                       frame: int | None = None, transfer_syntax_uid: str = TRANSFER_SYNTAX) -> pydicom.Dataset:
+    """The fractional SEG of ``relevance`` (float in [0, 1] at the source's rows x columns) on ``source``
+    (its header: worker.sr.source_dataset). ``frame``: the scored frame (1-based) of a multi-frame source.
+
+    The first source of a shape (_template_key) is built by highdicom (build_segmentation_reference) and
+    kept as the template; later ones are that data set with the per-study values and the pixels set
+    again, which skips highdicom's checks of the whole float map (a sort of 5 M values) and its module
+    tables: about 4x cheaper at 2500 x 2048 (benchmarks/bench_heatmap.py). The same object either way
+    (tests/worker/heatmap/test_heatmap_objects.py compares the bytes).
+    """
+    _check_options(frame, transfer_syntax_uid)
+    header = highdicom_source(source)
+    relevance = _check_map(relevance, header)
+    key = _template_key(header, model, manufacturer, frame, transfer_syntax_uid)
+    kept = _templates.get(key)
+    if kept is not None:
+        _template_counts["template"] += 1
+        return _from_template(kept[0], kept[1], source, header, relevance, series_uid=series_uid,
+                              instance_uid=instance_uid, series_number=series_number, instance_number=instance_number)
+    seg = _build_reference(source, header, relevance, model=model, series_uid=series_uid, instance_uid=instance_uid,
+                           series_number=series_number, instance_number=instance_number, manufacturer=manufacturer,
+                           frame=frame, transfer_syntax_uid=transfer_syntax_uid)
+    _template_counts["reference"] += 1
+    template = pydicom.Dataset()  # a copy of the elements (not highdicom's decoding tables), no pixels
+    for element in seg:
+        if element.keyword != "PixelData":
+            template.add(copy.deepcopy(element))
+    template.file_meta = copy.deepcopy(seg.file_meta)
+    template.set_original_encoding(False, True)
+    if len(_templates) >= TEMPLATE_CACHE_SIZE:
+        _templates.clear()
+    _templates[key] = (template, _source_elements(template, header))
+    return seg
+
+
+def encode(ds: pydicom.Dataset) -> bytes:
+    """A heatmap object as DICOM Part 10 bytes (its transfer syntax as built)."""
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
