@@ -27,11 +27,13 @@ Pure torch / numpy / scipy; the films come through the trainer's own loader (tra
 ``load_images``: dicom_io's resize, the trainer's ``to_input`` normalisation) from the
 patient-grouped validation split of train (``grouped_split``, the training seed and fraction; the
 Kaggle test split is never read). Inference is fp32, no autocast, so the figures are the model's
-and not a precision's.
+and not a precision's; ``precision_check`` then compares the maps the worker computes under its
+autocast (bf16 on CPUs with native bf16, fp16 on CUDA) with the fp32 ones.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import time
@@ -120,17 +122,20 @@ def logits_of(model: nn.Module, x: np.ndarray, batch_size: int, device: torch.de
     return torch.cat(out).numpy().astype(np.float64) if out else np.zeros(0)
 
 
-def maps_and_logits(model: nn.Module, x: np.ndarray, batch_size: int,
-                    device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+def maps_and_logits(model: nn.Module, x: np.ndarray, batch_size: int, device: torch.device,
+                    autocast: torch.dtype | None = None) -> tuple[np.ndarray, np.ndarray]:
     """HiResCAM maps (N, h, w) float32 and logits (N,) float64: ``CamTap`` in the scoring forward
-    pass when the model has a pooled linear head, ``hirescam`` (autograd) otherwise."""
+    pass when the model has a pooled linear head, ``hirescam`` (autograd) otherwise; fp32 unless
+    ``autocast`` names a dtype (CamTap path only: the worker's scoring precision)."""
     maps, logits = [], []
     tap = CamTap(model) if linear_head(model) is not None else None
     try:
         for part in iterate_batches(len(x), batch_size):
             batch = torch.from_numpy(x[part]).to(device)
             if tap is not None:
-                with torch.inference_mode():
+                ctx = (torch.autocast(device.type, dtype=autocast) if autocast is not None
+                       else contextlib.nullcontext())
+                with torch.inference_mode(), ctx:
                     out = model(batch).float().reshape(-1)
                 cam = tap.take()
             else:
@@ -305,7 +310,7 @@ def rho_summary(rho: np.ndarray) -> dict[str, Any]:
         return {"films": int(len(rho)), "defined": 0}
     return {"films": int(len(rho)), "defined": int(len(ok)), "mean": float(ok.mean()), "std": float(ok.std()),
             "q10": float(np.quantile(ok, 0.1)), "median": float(np.median(ok)), "q90": float(np.quantile(ok, 0.9)),
-            "mean_abs": float(np.abs(ok).mean())}
+            "min": float(ok.min()), "mean_abs": float(np.abs(ok).mean())}
 
 
 def randomisation_check(model: nn.Module, x: np.ndarray, labels: np.ndarray, *, stages: int | None = None,
@@ -340,6 +345,35 @@ def randomisation_check(model: nn.Module, x: np.ndarray, labels: np.ndarray, *, 
     return out
 
 
+# ------------------------------------------------------------------------------------- precision
+def worker_autocast(device: torch.device) -> torch.dtype | None:
+    """The worker's "auto" scoring precision on ``device`` (worker/scoring/runner.py resolve_precision):
+    fp16 autocast on CUDA, bf16 on a CPU with native bf16, else None (fp32: nothing to compare)."""
+    from .models import cpu_supports_bf16
+
+    if device.type == "cuda":
+        return torch.float16
+    return torch.bfloat16 if cpu_supports_bf16() else None
+
+
+def precision_check(model: nn.Module, x: np.ndarray, *, batch_size: int = 16,
+                    device: torch.device | str = "cpu") -> dict[str, Any] | None:
+    """The maps the worker computes under its autocast against fp32 (CamTap models only): Spearman
+    rho per film, the largest |relevance| difference, and whether the strongest cell moves."""
+    device = torch.device(device)
+    dtype = worker_autocast(device)
+    if dtype is None or linear_head(model) is None:
+        return None
+    real, logits = maps_and_logits(model, x, batch_size, device)
+    low, low_logits = maps_and_logits(model, x, batch_size, device, autocast=dtype)
+    flat_a, flat_b = real.reshape(len(real), -1), low.reshape(len(low), -1)
+    return {"autocast": str(dtype).removeprefix("torch."), "films": int(len(x)),
+            "rho": rho_summary(spearman_per_film(real, low)),
+            "max_abs_relevance_difference": float(np.abs(relevance(real) - relevance(low)).max()),
+            "strongest_cell_moved": int(np.sum(flat_a.argmax(axis=1) != flat_b.argmax(axis=1))),
+            "max_abs_logit_difference": float(np.abs(logits - low_logits).max())}
+
+
 # ------------------------------------------------------------------------------------------ run
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
@@ -363,6 +397,7 @@ def faithfulness(model_path: str | Path, data_root: str | Path, *, positives: in
                              batch_size=batch_size, device=dev)
     randomisation = randomisation_check(model, x, films.labels, stages=stages, seed=sample_seed,
                                         batch_size=batch_size, device=dev)
+    precision = precision_check(model, x, batch_size=batch_size, device=dev)
     return {
         "model": {"path": str(model_path), "name": info.name, "version": info.version, "arch": info.arch,
                   "map": "HiResCAM, closed form (CamTap)" if linear_head(model) is not None
@@ -374,6 +409,7 @@ def faithfulness(model_path: str | Path, data_root: str | Path, *, positives: in
                    "bootstrap": BOOTSTRAP, "precision": "fp32", "device": str(dev)},
         "deletion": summarise_deletion(deletion, info, sample_seed),
         "randomisation": randomisation,
+        "precision": precision,
         "seconds": round(time.perf_counter() - start, 1),
     }
 
@@ -424,5 +460,11 @@ def format_report(report: dict[str, Any]) -> str:
             spread = f"{c['q10']:+.2f}..{c['q90']:+.2f}"
             lines.append(f"{name:<24}{group:<11}{c['mean']:13.3f}{c['std']:7.3f}{spread:>15}{c['mean_abs']:7.3f}{rel}"
                          f"{v.get('defined', 0):>5}/{v['films']}")
+    pc = report.get("precision")
+    if pc:
+        lines += ["", f"precision: the worker's {pc['autocast']} autocast maps vs fp32 over {pc['films']} films: Spearman rho "
+                  f"mean {pc['rho']['mean']:.4f}, min over films {pc['rho'].get('min', float('nan')):.4f}; max |relevance "
+                  f"difference| {pc['max_abs_relevance_difference']:.3f}; strongest cell moved on "
+                  f"{pc['strongest_cell_moved']} films; max |logit difference| {pc['max_abs_logit_difference']:.3f}"]
     lines.append(f"({report['seconds']:.0f} s)")
     return "\n".join(lines)
