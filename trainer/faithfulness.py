@@ -419,7 +419,8 @@ def format_report(report: dict[str, Any]) -> str:
     m, f, meth = report["model"], report["films"], report["method"]
     lines = [f"model {m['name']} {m['version']} ({m['arch']}), map: {m['map']}",
              f"films: {f['positives']} positive + {f['negatives']} negative, {f['split']}",
-             f"deletion: top {meth['fraction']:.0%} of the {meth['input_size']}x{meth['input_size']} pixels replaced by a "
+             f"deletion: top {meth['fraction']:.0%} of the {meth['input_size']}x{meth['input_size']} pixels "
+             "replaced by a "
              f"Gaussian blur (sigma {meth['blur_sigma_px']:g} px); baselines averaged over {meth['draws']} draws; "
              f"{meth['precision']} on {meth['device']}", ""]
     head = (f"{'films':<14}{'scale':<12}{'drop: map':>11}{'smooth rnd':>11}{'rnd pixels':>11}"
@@ -431,8 +432,9 @@ def format_report(report: dict[str, Any]) -> str:
             md, vs, vp = e["mean_drop"], e["map_vs_smooth_random"], e["map_vs_random_pixels"]
             ci = f"{vs['mean_difference']:+.3f} [{vs['ci95'][0]:+.3f}, {vs['ci95'][1]:+.3f}]"
             p = f"{vs['wilcoxon_p']:.1e}" if vs.get("wilcoxon_p") is not None else "-"
-            lines.append(f"{group + ' ' + str(entry['films']):<14}{scale:<12}{md['map']:11.3f}{md['smooth_random']:11.3f}"
-                         f"{md['random_pixels']:11.3f}{ci:>28}{vs['share_larger']:11.0%}{p:>9}{vp['share_larger']:11.0%}")
+            lines.append(f"{group + ' ' + str(entry['films']):<14}{scale:<12}{md['map']:11.3f}"
+                         f"{md['smooth_random']:11.3f}{md['random_pixels']:11.3f}{ci:>28}"
+                         f"{vs['share_larger']:11.0%}{p:>9}{vp['share_larger']:11.0%}")
     lines += ["(mean drops, original minus after deletion; probability = calibrated; map>X = share of films where the "
               "map's drop is larger; p = one-sided Wilcoxon signed-rank, map vs smooth random)"]
     lines += [f"mean before deletion: {g} logit {e['mean_logit']:+.2f}, calibrated probability "
@@ -462,8 +464,9 @@ def format_report(report: dict[str, Any]) -> str:
                          f"{v.get('defined', 0):>5}/{v['films']}")
     pc = report.get("precision")
     if pc:
-        lines += ["", f"precision: the worker's {pc['autocast']} autocast maps vs fp32 over {pc['films']} films: Spearman rho "
-                  f"mean {pc['rho']['mean']:.4f}, min over films {pc['rho'].get('min', float('nan')):.4f}; max |relevance "
+        lines += ["", f"precision: the worker's {pc['autocast']} autocast maps vs fp32 over {pc['films']} films: "
+                  f"Spearman rho mean {pc['rho']['mean']:.4f}, min over films {pc['rho'].get('min', float('nan')):.4f}; "
+                  "max |relevance "
                   f"difference| {pc['max_abs_relevance_difference']:.3f}; strongest cell moved on "
                   f"{pc['strongest_cell_moved']} films; max |logit difference| {pc['max_abs_logit_difference']:.3f}"]
     lines.append(f"({report['seconds']:.0f} s)")
