@@ -26,6 +26,14 @@ same forward pass (features from a pre-hook, Mahalanobis distance) against the s
 hook removed and no detector, in alternating windows of the same run; plus the distance alone on
 (batch, 512) features. Printed as ms per image and the ratio to the model alone.
 
+Heatmap (--cam-batch, on by default; --no-cam skips it): the cost of the class-activation map
+(trainer/cam.py HiResCAM) at the worker's batch size. The worker's ModelRunner (precision "auto", its
+detector hook on, as it scores) timed alone and with a ``CamTap`` attached (the forward hook on
+layer4 and the closed-form maps, copied to the CPU), in alternating windows of the same run; then the
+autograd path ``hirescam`` (fp32, the path of models without a pooled linear head) against the eager
+fp32 forward pass alone; plus ``dicom_io.map_to_image`` of one 7 x 7 map to a 2500 x 2048 source.
+On the CPU, and on CUDA when present. Printed as ms per image and the ratios.
+
 Timing: torch.inference_mode, torch.set_num_threads(all cores), warm-up, then --repeats timed
 windows of at least --min-time seconds each; the median window gives images/s. Run it on an
 otherwise idle machine: anything else using the cores makes the numbers meaningless. The script
@@ -340,6 +348,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="warn when other processes use more than this share of all cores (default 0.10)")
     ap.add_argument("--no-detector", action="store_true", help="skip the out-of-distribution detector's cost")
     ap.add_argument("--detector-batch", type=int, default=16, help="batch of the detector timing (model.batch_size)")
+    ap.add_argument("--no-cam", action="store_true", help="skip the heatmap (class-activation map) cost")
+    ap.add_argument("--cam-batch", type=int, default=16, help="batch of the heatmap timing (model.batch_size)")
     ap.add_argument("--json", type=Path, help="also write the results as JSON here")
     args = ap.parse_args(argv)
     if args.compile and args.no_compile:
@@ -420,7 +430,80 @@ def main(argv: list[str] | None = None) -> int:
             busy_notes.append(f"while timing {r.name}: other processes used {r.other_load:.0%} of the cores")
     deviation = deviation_check(fresh, args, minfo.threshold) if args.deviation_images > 0 else None
     detector = None if args.no_detector else detector_cost(args, inputs)
-    return report(results, batches, args, info, inputs, minfo, busy_notes, before, deviation, detector)
+    cam = None if args.no_cam else cam_cost(args, inputs, load)
+    return report(results, batches, args, info, inputs, minfo, busy_notes, before, deviation, detector, cam)
+
+
+def _ms_per_image(fn: Callable[[], object], images: int, min_time: float, sync: Callable[[], None]) -> float:
+    """One warm call, then calls for at least ``min_time`` seconds: ms per image."""
+    fn()
+    sync()
+    start, n = time.perf_counter(), 0
+    while time.perf_counter() - start < min_time:
+        fn()
+        n += 1
+    sync()
+    return (time.perf_counter() - start) / n / images * 1000.0
+
+
+def cam_cost(args, inputs: np.ndarray, load: OtherLoad) -> list[dict]:
+    """ms per image of the worker's forward pass with and without the heatmap, per device."""
+    from dicom_io import map_to_image
+    from trainer.cam import CamTap, hirescam
+    from worker.scoring.runner import ModelRunner
+
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    out = []
+    for device in devices:
+        sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+        runner = ModelRunner(args.model, device=device, decode_threads=1)
+        try:
+            x = batch_of(inputs, args.cam_batch).numpy()
+            maps_seen: list[np.ndarray] = []
+
+            def with_cam():
+                runner.predict_with_ood(x)
+                maps_seen.append(tap.take().cpu().numpy())
+
+            fp32, _ = load_checkpoint(args.model, device)
+            xt = torch.from_numpy(x).to(device)
+
+            def forward_fp32():
+                with torch.inference_mode():
+                    return fp32(xt).float().cpu()
+
+            with_tap, without, autograd, plain = [], [], [], []
+            load.mark()
+            for _ in range(max(3, args.repeats)):  # alternate, so drift in the machine's load hits both
+                tap = CamTap(runner.model)   # the hook on layer4; removed for the model-alone window
+                with_tap.append(_ms_per_image(with_cam, len(x), args.min_time, sync))
+                tap.remove()
+                del maps_seen[:-1]
+                without.append(_ms_per_image(lambda: runner.predict_with_ood(x), len(x), args.min_time, sync))
+                autograd.append(_ms_per_image(lambda: hirescam(fp32, xt)[0].cpu(), len(x), args.min_time, sync))
+                plain.append(_ms_per_image(forward_fp32, len(x), args.min_time, sync))
+            one = maps_seen[-1][0]
+            upsample = _ms_per_image(lambda: map_to_image(one, 2500, 2048), 1, args.min_time, lambda: None)
+            entry = {"device": device, "batch": len(x), "precision": runner.precision,
+                     "model_ms_per_image": statistics.median(without),
+                     "with_cam_ms_per_image": statistics.median(with_tap),
+                     "fp32_forward_ms_per_image": statistics.median(plain),
+                     "hirescam_autograd_ms_per_image": statistics.median(autograd),
+                     "map_to_image_2500x2048_ms": upsample, "map_shape": list(maps_seen[-1].shape[1:]),
+                     "windows": {"with": with_tap, "without": without, "autograd": autograd, "fp32": plain}}
+            entry["ratio"] = entry["with_cam_ms_per_image"] / entry["model_ms_per_image"]
+            entry["added_ms_per_image"] = entry["with_cam_ms_per_image"] - entry["model_ms_per_image"]
+            entry["autograd_ratio"] = entry["hirescam_autograd_ms_per_image"] / entry["fp32_forward_ms_per_image"]
+            # the least disturbed window of each: on a shared machine the medians can mix idle and busy windows
+            entry["best_ms_per_image"] = {k: min(v) for k, v in entry["windows"].items()}
+            best = entry["best_ms_per_image"]
+            entry["best_ratio"] = best["with"] / best["without"]
+            entry["best_autograd_ratio"] = best["autograd"] / best["fp32"]
+            entry["other_load"] = load.share()
+            out.append(entry)
+        finally:
+            runner.close()
+    return out
 
 
 def detector_cost(args, inputs: np.ndarray) -> dict | None:
@@ -526,7 +609,8 @@ def run_paths(paths, inputs: np.ndarray, batches: list[int], args, p_ref: np.nda
 
 
 def report(results: list[PathResult], batches: list[int], args, info: dict, inputs: np.ndarray, minfo,
-           busy_notes: list[str], before: float | None, deviation: dict | None, detector: dict | None = None) -> int:
+           busy_notes: list[str], before: float | None, deviation: dict | None, detector: dict | None = None,
+           cam: list[dict] | None = None) -> int:
 
     # ------------------------------------------------------------------------------------- table
     base = next(r for r in results if r.name == "eager fp32")
@@ -590,10 +674,25 @@ def report(results: list[PathResult], batches: list[int], args, info: dict, inpu
               f"{detector['distance_alone_ms_per_image'] * 1000:.1f} us/image; windows (ms/image) with "
               + ", ".join(f"{w:.2f}" for w in detector["windows"]["with"]) + " / without "
               + ", ".join(f"{w:.2f}" for w in detector["windows"]["without"]))
+    for c in cam or []:
+        print(f"\nCAM {c['device']} (worker ModelRunner, {c['precision']}, batch {c['batch']}): model alone "
+              f"{c['model_ms_per_image']:.2f} ms/image, with the heatmap (CamTap, {c['map_shape'][0]}x"
+              f"{c['map_shape'][1]} maps to the CPU) {c['with_cam_ms_per_image']:.2f} ms/image (x{c['ratio']:.3f}, "
+              f"{c['added_ms_per_image']:+.3f} ms); autograd hirescam fp32 {c['hirescam_autograd_ms_per_image']:.2f} "
+              f"ms/image vs fp32 forward {c['fp32_forward_ms_per_image']:.2f} (x{c['autograd_ratio']:.2f}); "
+              f"map_to_image to 2500x2048 {c['map_to_image_2500x2048_ms']:.2f} ms; windows (ms/image) with "
+              + ", ".join(f"{w:.2f}" for w in c["windows"]["with"]) + " / without "
+              + ", ".join(f"{w:.2f}" for w in c["windows"]["without"]))
+        b = c["best_ms_per_image"]
+        print(f"CAM {c['device']} best windows: model alone {b['without']:.2f}, with the heatmap {b['with']:.2f} ms/image "
+              f"(x{c['best_ratio']:.3f}); autograd hirescam {b['autograd']:.2f} vs fp32 forward {b['fp32']:.2f} "
+              f"(x{c['best_autograd_ratio']:.2f})" + (f"; WARNING: other processes used {c['other_load']:.0%} of the "
+                                                     "cores meanwhile" if c["other_load"] is not None
+                                                     and c["other_load"] > args.busy_threshold else ""))
     if args.json:
         args.json.write_text(json.dumps({"machine": info, "quick": args.quick, "busy": busy_notes,
                                          "other_load_before": before, "deviation_check": deviation,
-                                         "detector": detector,
+                                         "detector": detector, "cam": cam,
                                          "model": str(args.model), "images": len(inputs),
                                          "tolerance": args.tolerance, "batches": batches,
                                          "recommended": best.name if best else None,

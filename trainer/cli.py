@@ -12,7 +12,7 @@ import cxr_config
 
 from .augment import AugmentSettings
 
-SUBCOMMANDS = ("train", "evaluate", "fit-ood")
+SUBCOMMANDS = ("train", "evaluate", "fit-ood", "faithfulness")
 
 
 class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -96,18 +96,47 @@ def _fit_ood_parser(sub: argparse._SubParsersAction, defaults: dict) -> None:
     p.add_argument("--limit", type=int, default=0, help="the --limit the model was trained with (0 = all)")
 
 
+def _faithfulness_parser(sub: argparse._SubParsersAction, defaults: dict) -> None:
+    from .faithfulness import BLUR_SIGMA, DRAWS, FRACTION, SHIPPED_MODEL
+    d, t = defaults["data"], defaults["train"]
+    p = sub.add_parser("faithfulness", help="is the heatmap faithful? deletion and model-randomisation checks",
+                       description="On validation films of the patient-grouped split of ROOT/train (never the "
+                       "test split): delete (blur) the top pixels of each film's HiResCAM map and compare the drop "
+                       "of the logit and calibrated probability with random maps of the same smoothness and random "
+                       "pixels; re-initialise the model's top blocks (cascading) and report the rank correlation "
+                       "of real and randomised maps. docs/heatmaps-faithfulness.md",
+                       formatter_class=_DefaultsFormatter)
+    p.add_argument("--model", default=str(SHIPPED_MODEL), help="checkpoint (default: the shipped model)")
+    p.add_argument("--data", default=d["root"], help="dataset root (Kaggle layout) the model was trained on")
+    p.add_argument("--n", type=int, default=100, help="PNEUMONIA validation films (the claim is about these)")
+    p.add_argument("--negatives", type=int, default=-1, help="NORMAL validation films (default: half of --n)")
+    p.add_argument("--fraction", type=float, default=FRACTION, help="share of the 224x224 pixels deleted")
+    p.add_argument("--sigma", type=float, default=BLUR_SIGMA, help="Gaussian blur of the deleted pixels (px at 224)")
+    p.add_argument("--draws", type=int, default=DRAWS, help="random maps / pixel sets per film for each baseline")
+    p.add_argument("--stages", type=int, default=0, help="randomisation stages from the output back (0 = all blocks)")
+    p.add_argument("--sample-seed", type=int, default=0, help="which validation films, and the random baselines")
+    p.add_argument("--val-fraction", type=float, default=d["val_fraction"], help="as in training")
+    p.add_argument("--seed", type=int, default=t["seed"], help="the training seed (the split)")
+    p.add_argument("--limit", type=int, default=0, help="the --limit the model was trained with (0 = all)")
+    p.add_argument("--batch-size", type=int, default=16, help="images per forward pass")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where the model runs (fp32)")
+    p.add_argument("--json", default="", help="also write the report as JSON here")
+
+
 def build_parser(defaults: dict) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cxr-train", description=(
         "Offline (re)training and evaluation of the cxr-worker pneumonia models. Defaults come from "
         "config/train.toml, a file given with --config, and CXR_TRAIN__SECTION__KEY variables."),
         epilog="train is the default subcommand (`cxr-train --epochs 5` = `cxr-train train --epochs 5`). "
-        "Every option: cxr-train train --help, cxr-train evaluate --help, cxr-train fit-ood --help.")
+        "Every option: cxr-train train --help, cxr-train evaluate --help, cxr-train fit-ood --help, "
+        "cxr-train faithfulness --help.")
     parser.add_argument("--config", metavar="FILE", help="site TOML file overriding config/train.toml")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _train_parser(sub, defaults)
     _evaluate_parser(sub)
     _fit_ood_parser(sub, defaults)
+    _faithfulness_parser(sub, defaults)
     return parser
 
 
@@ -152,6 +181,19 @@ def main(argv: list[str] | None = None) -> int:
                          limit=args.limit)
         report["ood"].get("ood_set", {}).pop("scores", None)
         print(json.dumps(report, indent=2))
+        return 0
+    if args.command == "faithfulness":
+        from .faithfulness import faithfulness, format_report
+        report = faithfulness(args.model, args.data, positives=args.n,
+                              negatives=args.n // 2 if args.negatives < 0 else args.negatives,
+                              val_fraction=args.val_fraction, seed=args.seed, fraction=args.fraction,
+                              sigma=args.sigma, draws=args.draws, stages=args.stages or None,
+                              sample_seed=args.sample_seed, batch_size=args.batch_size, device=args.device,
+                              limit=args.limit)
+        print(format_report(report))
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(report, indent=2))
         return 0
     from .train import TrainSettings, train
     settings = TrainSettings(
