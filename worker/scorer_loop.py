@@ -69,15 +69,6 @@ class Concluded:
     evidence: list[outbox.Evidence] = field(default_factory=list)  # heatmap objects, sent before the SR
 
 
-def _same_headers(evidence: list, headers: list) -> list:
-    """The SR's evidence items with their ``source`` the very header object of the SR's sources (the
-    SR checks each evidence image is one of them)."""
-    import dataclasses
-
-    by_uid = {str(h.SOPInstanceUID): h for h in headers}
-    return [dataclasses.replace(e, source=by_uid.get(str(e.source.SOPInstanceUID), e.source)) for e in evidence]
-
-
 class ScorerLoop(threading.Thread):
     """Claims and scores batches as a three-stage pipeline: while the model scores batch n, the
     images of batch n+1 are already decoding (decode processes) and batch n-1 is being finished
@@ -296,6 +287,8 @@ class ScorerLoop(threading.Thread):
                                  s.probability, self.runner.label(s.probability)[0], s.prepared.frame),
                         self.settings.heatmap, study_uid=study.study_uid, revision=revision, model=model,
                         threshold=self.runner.threshold, manufacturer=self.settings.sr.manufacturer)
+            if made is None:  # nothing in the image spoke for the finding: no region, no objects
+                continue
             for kind, uid, data in made.files:
                 path = self.spool.sr_path(study.study_uid, uid)
                 writes.append((path, data))
@@ -352,7 +345,7 @@ class ScorerLoop(threading.Thread):
             headers, probability, positive, self.runner.info, manufacturer=self.settings.sr.manufacturer,
             series_number=self.settings.sr.series_number, instance_number=revision, sr_series_uid=series_uid,
             sr_instance_uid=instance_uid, declined=declined_images, ood_threshold=self.runner.ood_threshold,
-            ood_score=ood_score, evidence=_same_headers(evidence, headers)))
+            ood_score=ood_score, evidence=evidence))
         path = self.spool.write_bytes(self.spool.sr_path(study.study_uid, instance_uid), data)
         return path, series_uid, instance_uid
 

@@ -76,8 +76,8 @@ def test_a_positive_study_gets_its_objects_before_the_sr_and_a_negative_one_only
 
         evidence = read_pneumonia_sr(sr)["evidence"]
         assert {e["source_sop_instance_uid"] for e in evidence} == set(sources)
-        assert {e["segmentation"] for e in evidence} == {str(ds.SOPInstanceUID) for ds in got[SEG]}
-        assert {e["key_image"] for e in evidence} == {str(ds.SOPInstanceUID) for ds in got[SC]}
+        assert {e["segmentation"]["sop_instance_uid"] for e in evidence} == {str(ds.SOPInstanceUID) for ds in got[SEG]}
+        assert {e["key_image"]["sop_instance_uid"] for e in evidence} == {str(ds.SOPInstanceUID) for ds in got[SC]}
         for e in evidence:
             xs, ys = zip(*e["region"])
             assert e["region"][0] == e["region"][-1] and max(xs) <= 560 and max(ys) <= 720
@@ -134,7 +134,7 @@ def test_objects_survive_a_restart_while_the_destination_is_down_and_a_late_imag
 
         newest = max(got[SR], key=lambda ds: int(ds.InstanceNumber))
         assert int(newest.InstanceNumber) == 2
-        referenced = {e["segmentation"] for e in read_pneumonia_sr(newest)["evidence"]}
+        referenced = {e["segmentation"]["sop_instance_uid"] for e in read_pneumonia_sr(newest)["evidence"]}
         revision2 = {str(ds.SOPInstanceUID) for ds in got[SEG] if int(ds.InstanceNumber) == 2}
         assert len(referenced) == 2 and referenced == revision2
         assert len({str(ds.SOPInstanceUID) for ds in got[SEG] + got[SC] + got[SR]}) == 3 + 3 + 2

@@ -79,14 +79,14 @@ def record(scored: Scored, runner: ModelRunner, use: IntendedUse | None = None) 
     return out
 
 
-def write_heatmap(scored: Scored, runner: ModelRunner, rec: dict, folder: Path, taken: set[str]) -> None:
+def write_heatmap(scored: Scored, runner: ModelRunner, rec: dict, folder: Path, taken: set[str],
+                  size: int) -> None:
     """An assessed file's overlay as PNG in ``folder`` (named after the file; a repeated name gets
     -2, -3...), recorded as rec["heatmap"]; a file that was not assessed gets none (its map would
     explain a finding that was not made)."""
     rec["heatmap"] = None
     if not rec.get("assessed") or scored.cam is None or scored.prepared.preview is None:
         return
-    from dicom_io import map_to_image
     from trainer.cam import relevance
 
     from ..heatmap.overlay import key_picture, png_bytes
@@ -97,9 +97,9 @@ def write_heatmap(scored: Scored, runner: ModelRunner, rec: dict, folder: Path, 
         name = f"{Path(scored.prepared.path).name}-{n}.png"
     taken.add(name)
     preview = scored.prepared.preview
-    picture = key_picture(preview, map_to_image(relevance(scored.cam), *preview.shape[:2]), finding=rec["label"],
-                          probability=scored.probability, threshold=runner.threshold, model_name=runner.info.name,
-                          model_version=runner.info.version)
+    picture = key_picture(preview, relevance(scored.cam), finding=rec["label"], probability=scored.probability,
+                          threshold=runner.threshold, model_name=runner.info.name, model_version=runner.info.version,
+                          size=size)
     target = folder / name
     target.write_bytes(png_bytes(picture))
     rec["heatmap"] = str(target)
@@ -118,7 +118,7 @@ def run(paths: list[str], runner: ModelRunner, as_json: bool, out: TextIO = sys.
         for scored in runner.score([(p, p) for p in chunk]):
             rec = record(scored, runner, use)
             if heatmap_dir is not None:
-                write_heatmap(scored, runner, rec, heatmap_dir, taken)
+                write_heatmap(scored, runner, rec, heatmap_dir, taken, runner.preview_size)
             failures += "error" in rec
             if as_json:
                 out.write(json.dumps(rec) + "\n")

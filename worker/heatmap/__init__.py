@@ -16,11 +16,11 @@ the PNEUMONIA code), so worker.sr must not import worker.heatmap.
 """
 
 from .key_image import build_key_image
-from .overlay import blend, colourise, key_picture, write_png
+from .overlay import blend, colourise, key_picture, png_bytes, write_png
 from .region import strongest_region
 from .segmentation import HeatmapKind, build_segmentation, encode, heatmap_uids
 
 __all__ = [
     "HeatmapKind", "blend", "build_key_image", "build_segmentation", "colourise", "encode", "heatmap_uids",
-    "key_picture", "strongest_region", "write_png",
+    "key_picture", "png_bytes", "strongest_region", "write_png",
 ]

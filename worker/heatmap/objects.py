@@ -5,8 +5,8 @@ relevance over the model input, the decoded image's geometry and its shrunk disp
 returns the encoded DICOM objects (settings ``heatmap.objects``: the fractional Segmentation at the
 source's own rows x columns, the RGB key image), the overlay PNG for the web page, and the
 ``HeatmapEvidence`` the SR references them by, with the strongest region as its spatial coordinate.
-UIDs come from (study, model, revision, source image, object kind): a retry rewrites the same objects,
-a re-score (the next revision) makes new ones beside the new SR.
+UIDs come from (study, model, revision, source image, object kind) (``heatmap_uids``): a retry
+rewrites the same objects, a re-score (the next revision) makes new ones beside the new SR.
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ from trainer.model_info import ModelInfo
 
 from ..settings import HeatmapObject, HeatmapSettings
 from ..sr import HeatmapEvidence, ReferencedObject
-from .key_image import build_key_image, encode_key_image
+from .key_image import build_key_image
 from .overlay import key_picture, png_bytes
 from .region import strongest_region
-from .segmentation import build_segmentation, encode_segmentation, heatmap_uids
+from .segmentation import HeatmapKind, build_segmentation, encode, heatmap_uids
 
 
 @dataclass(frozen=True)
@@ -34,48 +34,54 @@ class ImageMap:
     source: pydicom.Dataset             # the header (worker.sr.source_dataset of the kept attributes)
     relevance: np.ndarray               # float32 (h, w) in [0, 1] over the model input (trainer.cam.relevance)
     image_shape: tuple[int, int]        # (rows, columns) of the decoded frame
-    preview: np.ndarray | None          # uint8 display image shrunk to heatmap.key_image_size, or None
+    preview: np.ndarray | None          # uint8 display image (shrunk towards heatmap.key_image_size), or None
     probability: float                  # the image's calibrated probability
     label: str                          # its decision (the model's class name)
-    frame: int | None = None            # 0-based frame of a multi-frame source
+    frame: int | None = None            # 0-based frame of a multi-frame source (Prepared.frame)
 
 
 @dataclass
 class MadeObjects:
     """What ``make`` produced for one image."""
 
-    files: list[tuple[str, str, bytes]] = field(default_factory=list)  # (kind, SOP Instance UID, Part 10 bytes)
+    files: list[tuple[str, str, bytes]] = field(default_factory=list)  # (HeatmapObject value, SOP Instance UID, bytes)
     png: bytes | None = None            # the overlay for the web page (heatmaps/<study>/<sop>.png)
     evidence: HeatmapEvidence | None = None
 
 
 def make(m: ImageMap, settings: HeatmapSettings, *, study_uid: str, revision: int, model: ModelInfo,
-         threshold: float, manufacturer: str) -> MadeObjects:
-    """Encode the objects of ``settings.objects`` for ``m`` (see the module docstring)."""
+         threshold: float, manufacturer: str) -> MadeObjects | None:
+    """Encode the objects of ``settings.objects`` for ``m`` (see the module docstring); None when the
+    map has no positive value (nothing in the image spoke for the finding: no region to show)."""
+    if not float(np.max(m.relevance)) > 0.0:
+        return None
     rows, cols = m.image_shape
-    full = map_to_image(m.relevance, rows, cols)
+    full = map_to_image(m.relevance, rows, cols)  # the source's own geometry: the 224 squash undone
+    np.clip(full, 0.0, 1.0, out=full)
     source_uid = str(m.source.SOPInstanceUID)
+    frame = None if m.frame is None else m.frame + 1  # DICOM frame numbers are 1-based
     made = MadeObjects()
     references: dict[str, ReferencedObject] = {}
     if HeatmapObject.SEGMENTATION in settings.objects:
-        series_uid, instance_uid = heatmap_uids(study_uid, model.uid, revision, source_uid, HeatmapObject.SEGMENTATION)
+        series_uid, instance_uid = heatmap_uids(study_uid, model.uid, revision, source_uid, HeatmapKind.SEGMENTATION)
         seg = build_segmentation(m.source, full, model=model, series_uid=series_uid, instance_uid=instance_uid,
                                  series_number=settings.segmentation_series_number, instance_number=revision,
-                                 manufacturer=manufacturer, frame=m.frame)
-        made.files.append((HeatmapObject.SEGMENTATION, instance_uid, encode_segmentation(seg)))
-        references["segmentation"] = ReferencedObject(str(seg.SOPClassUID), instance_uid, series_uid)
+                                 manufacturer=manufacturer, frame=frame)
+        made.files.append((HeatmapObject.SEGMENTATION, instance_uid, encode(seg)))
+        references["segmentation"] = ReferencedObject.from_dataset(seg)
     if m.preview is not None:
-        picture = key_picture(m.preview, map_to_image(m.relevance, *m.preview.shape[:2]), finding=m.label,
-                              probability=m.probability, threshold=threshold, model_name=model.name,
-                              model_version=model.version)
+        # the picture blends the map resized to it: the model-input grid is enough (and cheapest)
+        picture = key_picture(m.preview, m.relevance, finding=m.label, probability=m.probability,
+                              threshold=threshold, model_name=model.name, model_version=model.version,
+                              size=settings.key_image_size)
         made.png = png_bytes(picture)
         if HeatmapObject.KEY_IMAGE in settings.objects:
-            series_uid, instance_uid = heatmap_uids(study_uid, model.uid, revision, source_uid, HeatmapObject.KEY_IMAGE)
+            series_uid, instance_uid = heatmap_uids(study_uid, model.uid, revision, source_uid, HeatmapKind.KEY_IMAGE)
             sc = build_key_image(m.source, picture, model=model, series_uid=series_uid, instance_uid=instance_uid,
                                  series_number=settings.key_image_series_number, instance_number=revision,
-                                 manufacturer=manufacturer)
-            made.files.append((HeatmapObject.KEY_IMAGE, instance_uid, encode_key_image(sc)))
-            references["key_image"] = ReferencedObject(str(sc.SOPClassUID), instance_uid, series_uid)
+                                 manufacturer=manufacturer, frame=frame)
+            made.files.append((HeatmapObject.KEY_IMAGE, instance_uid, encode(sc)))
+            references["key_image"] = ReferencedObject.from_dataset(sc)
     made.evidence = HeatmapEvidence(source=m.source, region=strongest_region(full), probability=m.probability,
                                     **references)
     return made

@@ -20,6 +20,7 @@ would be 15 MB instead of ~2.5 MB on every positive study.
 from __future__ import annotations
 
 import functools
+import io
 from pathlib import Path
 
 import cv2
@@ -170,11 +171,18 @@ def key_picture(display_u8: np.ndarray, relevance: np.ndarray, *, finding: str, 
     return np.asarray(canvas)
 
 
-def write_png(rgb: np.ndarray, path: str | Path) -> Path:
-    """Write an RGB uint8 picture as PNG (zlib level PNG_COMPRESS_LEVEL: fast)."""
+def png_bytes(rgb: np.ndarray) -> bytes:
+    """An RGB uint8 picture as PNG bytes (zlib level PNG_COMPRESS_LEVEL: fast)."""
     rgb = np.asarray(rgb)
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
         raise ValueError(f"rgb must be (rows, cols, 3) uint8, got {rgb.dtype} {rgb.shape}")
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).save(buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+    return buffer.getvalue()
+
+
+def write_png(rgb: np.ndarray, path: str | Path) -> Path:
+    """Write an RGB uint8 picture as PNG (png_bytes)."""
     path = Path(path)
-    Image.fromarray(rgb).save(path, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+    path.write_bytes(png_bytes(rgb))
     return path
