@@ -8,7 +8,7 @@ Runs beside the network threads, never on them. Per claimed batch of studies:
      assessed images, label by the checkpoint threshold on the calibrated scale. A study with no
      assessed image gets the "not analysed" SR (label NOT_ASSESSED, the reasons, no probability);
   3. the heatmap objects of the assessed images, when [heatmap] asks for them (worker/heatmap: the
-     map's fractional Segmentation, the key image, the web page's PNG), and the SR (worker.sr, from
+     map's fractional Segmentation, the key image, the web page's JPEG), and the SR (worker.sr, from
      the source attributes kept at receive time, referencing the objects and the strongest region)
      are written atomically under sr/, with UIDs derived from (study, model UID, revision)
      (worker.sr.sr_uids, worker.heatmap heatmap_uids), so a crash-and-retry rewrites the same files;
@@ -271,7 +271,7 @@ class ScorerLoop(threading.Thread):
 
     def _heatmaps(self, study: ClaimedStudy, assessed: list[Scored], inst_by_id: dict,
                   revision: int) -> tuple[list, list[outbox.Evidence]]:
-        """The heatmap objects of the study's assessed images, written (with the web page's PNGs) in
+        """The heatmap objects of the study's assessed images, written (with the web page's JPEGs) in
         one durable batch: the SR's HeatmapEvidence items and the outbox's Evidence rows."""
         from trainer.cam import relevance
 
@@ -293,8 +293,8 @@ class ScorerLoop(threading.Thread):
                 path = self.spool.sr_path(study.study_uid, uid)
                 writes.append((path, data))
                 rows.append(outbox.Evidence(uid, str(path), kind))
-            if made.png is not None:
-                writes.append((self.spool.heatmap_path(study.study_uid, inst.sop_instance_uid), made.png))
+            if made.page is not None:
+                writes.append((self.spool.heatmap_path(study.study_uid, inst.sop_instance_uid), made.page))
             sr_evidence.append(made.evidence)
         if writes:
             self.spool.write_files(writes)

@@ -361,6 +361,7 @@ class HeatmapSettings:
     segmentation_series_number: int
     key_image_series_number: int
     key_image_size: int
+    segmentation_compression: str
 
     def __post_init__(self) -> None:
         objects = _check_str_list("heatmap.objects", self.objects)
@@ -373,6 +374,7 @@ class HeatmapSettings:
         _check_num("heatmap.segmentation_series_number", self.segmentation_series_number, minimum=1, integer=True)
         _check_num("heatmap.key_image_series_number", self.key_image_series_number, minimum=1, integer=True)
         _check_num("heatmap.key_image_size", self.key_image_size, minimum=256, integer=True)
+        _check_choice("heatmap.segmentation_compression", self.segmentation_compression, ("none", "rle"))
         if self.key_image_size > 4096:
             raise SettingsError(f"heatmap.key_image_size: at most 4096, got {self.key_image_size}")
 

@@ -99,9 +99,13 @@ def test_a_positive_study_gets_its_objects_before_the_sr_and_a_negative_one_only
                 assert np.abs(values - expected).max() <= 2 / 255 + 1e-6
         finally:
             runner.close()
-        # the web page's overlay exists for each mapped image
+        # the web page's overlay exists for each mapped image, and the study page shows it
         for uid in sources:
-            assert (tmp_path / "data" / "heatmaps").rglob(f"*{uid}*.png")
+            jpeg = tmp_path / "data" / "heatmaps" / study / f"{uid}.jpg"
+            assert jpeg.is_file() and jpeg.read_bytes()[:2] == b"\xff\xd8"
+            page = worker.http_get(f"/studies/{study}/instances/{uid}/heatmap.jpg")
+            assert page.status_code == 200 and page.headers["content-type"] == "image/jpeg"
+        assert worker.http_get(f"/studies/{study}").text.count('class="heatmap"') == 2
 
 
 def test_objects_survive_a_restart_while_the_destination_is_down_and_a_late_image_revises_them(kaggle_jpegs, tmp_path):
@@ -151,7 +155,7 @@ def test_studies_all_maps_a_negative_study_and_none_computes_no_map(kaggle_jpegs
             worker.wait_for(lambda: worker.results(), timeout=30, what="result")
             assert worker.results()[0]["label"] == "NORMAL"
             assert set(received(scp)) == expected
-            assert ("none" == mode) == (not list((tmp_path / f"data-{mode}" / "heatmaps").rglob("*.png")))
+            assert ("none" == mode) == (not list((tmp_path / f"data-{mode}" / "heatmaps").rglob("*.jpg")))
 
 
 def test_classify_heatmap_writes_an_overlay_for_each_assessed_file_only(kaggle_jpegs, tmp_path):

@@ -137,10 +137,11 @@ def test_page_in_chromium_shows_rows_and_images_and_no_patient_data(worker, kagg
     assert storescu(worker.port, *files).returncode == 0
     row = results_for(worker, [study])[study]
     sops = [str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files]
-    # a heatmap where the heatmap issue will write them: the study page shows any PNG found there
-    heatmap = worker.data_dir / "heatmaps" / study / f"{sops[0]}.png"
+    # a heatmap where the scorer writes them: the study page shows the overlay found there
+    # (this worker makes no heatmaps: tests/system/test_heatmaps.py checks the real ones are written here)
+    heatmap = worker.data_dir / "heatmaps" / study / f"{sops[0]}.jpg"
     heatmap.parent.mkdir(parents=True)
-    Image.new("RGB", (64, 48), (255, 0, 0)).save(heatmap)
+    Image.new("RGB", (64, 48), (255, 0, 0)).save(heatmap, format="JPEG")
 
     index = dom(worker.http_url + "/")
     assert f'data-study-uid="{study}"' in index and "HTTPACC1" in index

@@ -4,7 +4,7 @@ The map itself is trainer/cam.py (HiResCAM, computed in the scoring forward pass
 back on the source image is dicom_io.map_to_image. This package turns a map (float32 in [0, 1] at
 the source's rows x columns) into:
   overlay.py       the colour blend, legend and burned-in text (numpy + Pillow): ``key_picture``,
-                   shared by the key image, ``classify --heatmap`` and the web page's PNG (``write_png``)
+                   shared by the key image, ``classify --heatmap`` (``write_png``) and the web page's picture (``jpeg_bytes``)
   region.py        the strongest region as a closed POLYGON in SCOORD image coordinates (the SR's
                    spatial coordinate): ``strongest_region``
   segmentation.py  the quantitative map: a fractional DICOM Segmentation (highdicom ``seg``):
@@ -16,11 +16,11 @@ the PNEUMONIA code), so worker.sr must not import worker.heatmap.
 """
 
 from .key_image import build_key_image
-from .overlay import blend, colourise, key_picture, png_bytes, write_png
+from .overlay import blend, colourise, jpeg_bytes, key_picture, png_bytes, write_png
 from .region import strongest_region
 from .segmentation import HeatmapKind, build_segmentation, encode, heatmap_uids
 
 __all__ = [
     "HeatmapKind", "blend", "build_key_image", "build_segmentation", "colourise", "encode", "heatmap_uids",
-    "key_picture", "png_bytes", "strongest_region", "write_png",
+    "jpeg_bytes", "key_picture", "png_bytes", "strongest_region", "write_png",
 ]

@@ -138,14 +138,14 @@ def build_app(face: Face) -> Starlette:
         path = face.spool.heatmap_path(request.path_params["study_uid"], request.path_params["sop_uid"])
         if not path.is_file():
             return PlainTextResponse("no heatmap", status_code=404)
-        return Response(path.read_bytes(), media_type="image/png")
+        return Response(path.read_bytes(), media_type="image/jpeg")
 
     routes = [
         Route("/healthz", healthz), Route("/readyz", readyz), Route("/metrics", metrics),
         Route("/api/status", api_status), Route("/", index),
         Route("/studies/{study_uid}", study),
         Route("/studies/{study_uid}/instances/{sop_uid}/thumbnail.png", thumbnail),
-        Route("/studies/{study_uid}/instances/{sop_uid}/heatmap.png", heatmap),
+        Route("/studies/{study_uid}/instances/{sop_uid}/heatmap.jpg", heatmap),
     ]
     middleware = [Middleware(BearerToken, token=http.bearer_token)] if http.bearer_token else []
     return Starlette(routes=routes, middleware=middleware)

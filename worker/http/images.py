@@ -1,5 +1,5 @@
 """PNGs for the study page: the source image rendered through dicom_io (the one pixel path), and
-the heatmap overlays found at <data_dir>/heatmaps/<study>/<sop>.png."""
+the heatmap overlays found at <data_dir>/heatmaps/<study>/<sop>.jpg."""
 
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ Layout under the data directory (directories 0700, files 0600):
     spool/<study>/<sop>.dcm    received instances, exactly the bytes that were sent (no re-encoding)
     sr/<study>/<sop>.dcm       the SRs the worker wrote, and the heatmap objects they reference
                                (Segmentation, key image), each named by its own SOP Instance UID
-    heatmaps/<study>/<sop>.png overlays shown on the study page, named by the source image
+    heatmaps/<study>/<sop>.jpg overlays shown on the study page, named by the source image
     worker.db                  the default SQLite database
 
 Several workers may share one data directory (with one PostgreSQL database): each receives into
@@ -181,7 +181,7 @@ class Spool:
         self.incoming = self.incoming_root
         self.spool = private_dir(self.root / "spool")
         self.sr = private_dir(self.root / "sr")
-        self.heatmaps = self.root / "heatmaps"  # <study>/<source sop>.png overlays (the scorer writes them)
+        self.heatmaps = self.root / "heatmaps"  # <study>/<source sop>.jpg overlays (the scorer writes them)
         self.watermark = DiskWatermark(self.root, min_free_bytes)
         self._lock_fd: int | None = None
 
@@ -301,7 +301,7 @@ class Spool:
         return self.sr / safe_name(study_uid) / f"{safe_name(sop_uid)}.dcm"
 
     def heatmap_path(self, study_uid: str, sop_uid: str) -> Path:
-        return self.heatmaps / safe_name(study_uid) / f"{safe_name(sop_uid)}.png"
+        return self.heatmaps / safe_name(study_uid) / f"{safe_name(sop_uid)}.jpg"
 
     def adopt(self, tmp: Path, final: Path, file_sync: Future | None = None) -> bool:
         """Move ``tmp`` to ``final`` without replacing an existing file; durable when it returns True.

@@ -181,7 +181,10 @@ def test_a_retry_builds_the_same_segmentation(model):
 
 def test_key_image_is_rgb_burned_in_derived_from_the_source(model):
     source, _, _, sc = build_both("dx-monochrome2-no-frame-of-reference", model)
-    assert (sc.SamplesPerPixel, sc.PhotometricInterpretation, sc.BitsAllocated) == (3, "RGB", 8)
+    # colour JPEG (YBR_FULL_422), decoded to RGB by every viewer; flagged lossy with ratio and method
+    assert (sc.SamplesPerPixel, sc.PhotometricInterpretation, sc.BitsAllocated) == (3, "YBR_FULL_422", 8)
+    assert sc.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.50" and sc.LossyImageCompression == "01"
+    assert sc.LossyImageCompressionMethod == "ISO_10918_1" and float(sc.LossyImageCompressionRatio) > 5
     assert sc.BurnedInAnnotation == "YES" and list(sc.ImageType) == ["DERIVED", "SECONDARY"]
     assert "AI heatmap" in sc.SeriesDescription
     assert sc.StudyInstanceUID == source.StudyInstanceUID and sc.PatientID == source.PatientID
