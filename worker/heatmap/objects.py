@@ -88,3 +88,24 @@ def make(m: ImageMap, settings: HeatmapSettings, *, study_uid: str, revision: in
     made.evidence = HeatmapEvidence(source=m.source, region=strongest_region(full), probability=m.probability,
                                     **references)
     return made
+
+
+def make_all(maps: list[ImageMap], settings: HeatmapSettings, study_uid: str, revision: int, model: ModelInfo,
+             threshold: float, manufacturer: str) -> list[MadeObjects | None]:
+    """``make`` for each image of one study (a picklable top-level function: the scorer runs it in a
+    decode process, ModelRunner.run_beside)."""
+    return [make(m, settings, study_uid=study_uid, revision=revision, model=model, threshold=threshold,
+                 manufacturer=manufacturer) for m in maps]
+
+
+def warm_up(_: object = None) -> bool:
+    """In a decode process at start-up: the one-off costs of the first heatmap (highdicom's tables,
+    the colour tables, the fonts) before the first study pays them."""
+    from .overlay import colour_table
+
+    colour_table()
+    key_picture(np.zeros((64, 64), np.uint8), np.ones((7, 7), np.float32), finding="PNEUMONIA", probability=0.5,
+                threshold=0.5, model_name="warm-up", model_version="0")
+    import highdicom  # noqa: F401 - its standard tables load on first use
+
+    return True

@@ -133,9 +133,21 @@ class ModelRunner:
                                    initializer=child_init,
                                    initargs=(os.getpid(), PARENT_CHECK_SECONDS, _parent_log_level()))
 
-    def start_decoders(self) -> None:
-        """Start the decode processes now (each imports the decoders, ~1 s) rather than on the first study."""
+    def start_decoders(self, also=None) -> None:
+        """Start the decode processes now (each imports the decoders, ~1 s) rather than on the first study;
+        ``also``: a picklable callable each process runs too (e.g. the heatmap objects' warm-up)."""
         list(self._pool.map(ready, range(self.decode_threads)))
+        if also is not None:
+            list(self._pool.map(also, range(self.decode_threads)))
+
+    def run_beside(self, fn, *args):
+        """``fn(*args)`` on the decode pool (its processes under ``serve``: off this process's GIL), and
+        its result; where the pool is broken it runs here instead (the pool is replaced for decoding)."""
+        try:
+            return self._pool.submit(fn, *args).result()
+        except BrokenProcessPool:
+            self._replace_pool()
+            return fn(*args)
 
     @property
     def threshold(self) -> float:
