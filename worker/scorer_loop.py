@@ -182,9 +182,18 @@ class ScorerLoop(threading.Thread):
                     by_study: dict[int, list[Scored]]) -> None:
         """SR files for every study of the batch, then ONE transaction records them all."""
         concluded: list[Concluded] = []
+        started: dict[int, tuple] = {}
+        for study in claimed:  # every study's heatmap objects at once, in the decode processes, in parallel
+            try:
+                job = self._start_heatmaps(study, per_study[study.id], by_study.get(study.id, []))
+                if job is not None:
+                    started[study.id] = job
+            except Exception:  # noqa: BLE001 - conclude tries again, and records what fails
+                log.exception("study %s: heatmaps could not be started", study.study_uid)
         for study in claimed:
             try:
-                concluded.append(self.conclude(study, per_study[study.id], by_study.get(study.id, [])))
+                concluded.append(self.conclude(study, per_study[study.id], by_study.get(study.id, []),
+                                               started.get(study.id)))
             except Exception as exc:  # noqa: BLE001
                 log.exception("study %s: finishing failed", study.study_uid)
                 release(self.db, self.owner, [study.id], f"{type(exc).__name__}: {exc}")
@@ -211,9 +220,11 @@ class ScorerLoop(threading.Thread):
         if self.on_committed is not None and any(c.result["sr_path"] and c.study.id in finals for c in concluded):
             self.on_committed()
 
-    def conclude(self, study: ClaimedStudy, instances: list[Instance], scored: list[Scored]) -> Concluded:
-        """The study's result (max calibrated probability over its assessed images) and its SR file
-        (the "not analysed" variant when no image was assessed); no database."""
+    def conclude(self, study: ClaimedStudy, instances: list[Instance], scored: list[Scored],
+                 heatmaps_started: tuple | None = None) -> Concluded:
+        """The study's result (max calibrated probability over its assessed images), its heatmap
+        objects (``heatmaps_started``: _start_heatmaps' job, else started here) and its SR file (the
+        "not analysed" variant when no image was assessed); no database."""
         model = self.runner.info
         inst_by_id = {i.id: i for i in instances}
         reasons = Counter(i.reason for i in instances if not i.eligible and i.reason)
@@ -257,8 +268,11 @@ class ScorerLoop(threading.Thread):
         t0 = time.perf_counter()
         evidence: list[outbox.Evidence] = []
         try:
-            heatmaps, evidence = self._heatmaps(study, ok, inst_by_id, revision) \
-                if self.settings.heatmap.wanted(positive) else ([], [])
+            if self.settings.heatmap.wanted(positive):
+                job = heatmaps_started or self._start_heatmaps(study, instances, scored)
+                heatmaps, evidence = self._heatmaps(study, job) if job is not None else ([], [])
+            else:
+                heatmaps = []
             sr = self._write_sr(study, [inst_by_id[s.prepared.key[1]] for s in ok],
                                 best.probability if best else None, positive, revision,
                                 [(inst_by_id[key], codes_, score) for key, (codes_, score) in declined.items()],
@@ -274,29 +288,42 @@ class ScorerLoop(threading.Thread):
         result["total_s"] = time.time() - study.claimed_at
         return Concluded(study, result, scored, dict(reasons), evidence)
 
-    def _heatmaps(self, study: ClaimedStudy, assessed: list[Scored], inst_by_id: dict,
-                  revision: int) -> tuple[list, list[outbox.Evidence]]:
-        """The heatmap objects of the study's assessed images, written (with the web page's JPEGs) in
-        one durable batch: the SR's HeatmapEvidence items and the outbox's Evidence rows."""
+    def _assessed(self, scored: list[Scored]) -> list[Scored]:
+        """The scored images that are assessed (the header checks were the receiver's)."""
+        return [s for s in scored if assess([], s.in_distribution, s.probability is not None,
+                                            self.intended_use).assessed]
+
+    def _start_heatmaps(self, study: ClaimedStudy, instances: list[Instance], scored: list[Scored]) -> tuple | None:
+        """Start making the heatmap objects of a study whose decision [heatmap] wants them (in a decode
+        process: ~50 ms of CPU a 2500 x 2048 image, most of it holding the GIL); None when none are due."""
         from trainer.cam import relevance
 
         from .heatmap.objects import ImageMap, make_all
 
-        model, writes, sr_evidence, rows = self.runner.info, [], [], []
-        maps, instances = [], []
-        for s in assessed:
+        ok = self._assessed(scored)
+        if not ok or not self.settings.heatmap.wanted(self.runner.label(max(s.probability for s in ok))[1]):
+            return None
+        inst_by_id = {i.id: i for i in instances}
+        maps, mapped = [], []
+        for s in ok:
             if s.cam is None or s.prepared.image_shape is None:
                 continue
             inst = inst_by_id[s.prepared.key[1]]
             maps.append(ImageMap(self._header(inst), relevance(s.cam), s.prepared.image_shape, s.prepared.preview,
                                  s.probability, self.runner.label(s.probability)[0], s.prepared.frame))
-            instances.append(inst)
+            mapped.append(inst)
         if not maps:
-            return [], []
-        # in a decode process (serve): ~50 ms of CPU a 2500 x 2048 image, most of it holding the GIL
-        made_all = self.runner.run_beside(make_all, maps, self.settings.heatmap, study.study_uid, revision, model,
-                                          self.runner.threshold, self.settings.sr.manufacturer)
-        for inst, made in zip(instances, made_all):
+            return None
+        return mapped, self.runner.submit_beside(make_all, maps, self.settings.heatmap, study.study_uid,
+                                                 study.revision + 1, self.runner.info, self.runner.threshold,
+                                                 self.settings.sr.manufacturer)
+
+    def _heatmaps(self, study: ClaimedStudy, job: tuple) -> tuple[list, list[outbox.Evidence]]:
+        """The started heatmap objects, written (with the web page's JPEGs) in one durable batch: the
+        SR's HeatmapEvidence items and the outbox's Evidence rows."""
+        mapped, beside = job
+        writes, sr_evidence, rows = [], [], []
+        for inst, made in zip(mapped, beside.result()):
             if made is None:  # nothing in the image spoke for the finding: no region, no objects
                 continue
             for kind, uid, data in made.files:

@@ -93,7 +93,7 @@ def make(m: ImageMap, settings: HeatmapSettings, *, study_uid: str, revision: in
 def make_all(maps: list[ImageMap], settings: HeatmapSettings, study_uid: str, revision: int, model: ModelInfo,
              threshold: float, manufacturer: str) -> list[MadeObjects | None]:
     """``make`` for each image of one study (a picklable top-level function: the scorer runs it in a
-    decode process, ModelRunner.run_beside)."""
+    decode process, ModelRunner.submit_beside)."""
     return [make(m, settings, study_uid=study_uid, revision=revision, model=model, threshold=threshold,
                  manufacturer=manufacturer) for m in maps]
 

@@ -101,6 +101,9 @@ def child_init(parent_pid: int, check_seconds: float, log_level: str = "INFO") -
     leave idle decoders behind)."""
     setup_child_logging(log_level)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    import cv2
+
+    cv2.setNumThreads(1)  # one job per process; OpenCV's own thread pool would oversubscribe the cores
 
     def watch() -> None:
         while os.getppid() == parent_pid:

@@ -93,6 +93,24 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
+@dataclass
+class Beside:
+    """A job started by ModelRunner.submit_beside."""
+
+    runner: "ModelRunner"
+    fn: object
+    args: tuple
+    future: Future | None
+
+    def result(self):
+        if self.future is not None:
+            try:
+                return self.future.result()
+            except BrokenProcessPool:  # a decode process died meanwhile: the pool is replaced, the job runs here
+                self.runner._replace_pool()
+        return self.fn(*self.args)
+
+
 class ModelRunner:
     """A loaded checkpoint on a device, scoring batches of model inputs."""
 
@@ -140,14 +158,14 @@ class ModelRunner:
         if also is not None:
             list(self._pool.map(also, range(self.decode_threads)))
 
-    def run_beside(self, fn, *args):
-        """``fn(*args)`` on the decode pool (its processes under ``serve``: off this process's GIL), and
-        its result; where the pool is broken it runs here instead (the pool is replaced for decoding)."""
+    def submit_beside(self, fn, *args) -> "Beside":
+        """Start ``fn(*args)`` on the decode pool (its processes under ``serve``: off this process's GIL,
+        beside the other jobs); ``.result()`` waits for it, and runs it here where the pool broke."""
         try:
-            return self._pool.submit(fn, *args).result()
+            return Beside(self, fn, args, self._pool.submit(fn, *args))
         except BrokenProcessPool:
             self._replace_pool()
-            return fn(*args)
+            return Beside(self, fn, args, None)
 
     @property
     def threshold(self) -> float:
