@@ -161,10 +161,9 @@ def key_picture(display_u8: np.ndarray, relevance: np.ndarray, *, finding: str, 
     draw = ImageDraw.Draw(canvas)
     top = height + 10
     draw.text((14, top), WARNING_TEXT, font=_font(28), fill=(255, 220, 0))
-    positive = probability >= threshold
-    draw.text((14, top + 40), f"{finding}: {percent(probability)} "
-                              f"({'above' if positive else 'below'} threshold {percent(threshold)})",
-              font=_font(22), fill=(255, 255, 255))
+    # the decision, the probability it rests on and the threshold (the legend takes the right side)
+    draw.text((14, top + 42), f"{finding}: pneumonia {percent(probability)}, threshold {percent(threshold)}",
+              font=_font(20), fill=(255, 255, 255))
     draw.text((14, top + 72), f"model {model_name} {model_version}", font=_font(18), fill=(200, 200, 200))
     legend_width = 200
     _legend(draw, canvas.width - legend_width - 24, top + 40, legend_width, 20)
