@@ -89,11 +89,13 @@ def pacs():
 
 
 def test_orthanc_files_the_heatmap_objects_in_the_study_and_previews_the_key_image(heatmap_files, pacs, tmp_path):
-    files = [heatmap_files[name] for name in ("source", "seg", "sc")]
-    # -R: only the files' SOP classes; -xr: RLE Lossless (the SEG) and the uncompressed syntaxes
-    sent = subprocess.run([dcmtk("storescu"), "-R", "-xr", "-aet", "CXR_WORKER", "-aec", pacs.aet, "127.0.0.1",
-                           str(pacs.dicom_port), *map(str, files)], capture_output=True, text=True, timeout=120)
-    assert sent.returncode == 0, sent.stdout + sent.stderr
+    # -R: only the files' SOP classes; -xr: RLE Lossless (the SEG) and the uncompressed syntaxes;
+    # -xy: JPEG Baseline (the key image), each as stored
+    for names, syntax in ((("source", "seg"), "-xr"), (("sc",), "-xy")):
+        sent = subprocess.run([dcmtk("storescu"), "-R", syntax, "-aet", "CXR_WORKER", "-aec", pacs.aet, "127.0.0.1",
+                               str(pacs.dicom_port), *(str(heatmap_files[n]) for n in names)],
+                              capture_output=True, text=True, timeout=120)
+        assert sent.returncode == 0, sent.stdout + sent.stderr
     source = pydicom.dcmread(heatmap_files["source"], stop_before_pixels=True)
     instances = pacs.study_instances(str(source.StudyInstanceUID))
     by_modality = {pacs.instance_tags(item["ID"])["Modality"]: item["ID"] for item in instances}
