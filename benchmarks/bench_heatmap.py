@@ -139,11 +139,12 @@ def main() -> None:
     sr(0)
     sr_ms = median_ms(sr, repeats)
     for label, ms, mb in ((f"key picture {shown.shape[1]}x{shown.shape[0]}", picture_ms, None),
-                          ("SC key image (Explicit VR LE)", key_ms, key_mb),
+                          ("SC key image (JPEG Baseline)", key_ms, key_mb),
                           ("strongest-region polygon", region_ms, None), ("(for scale) the SR, fast path", sr_ms, None)):
         print(f"{label:<34} {ms:>8.1f} {'':>13} {'' if mb is None else f'{mb:.2f}':>6}")
-    total = rows["seg Explicit VR LE"]["template_ms"] + picture_ms + key_ms + region_ms
-    print(f"{'all heatmap objects of one image':<34} {total:>8.1f}   (SEG Explicit VR LE template + picture + SC + polygon)")
+    total = rows["seg RLE Lossless"]["template_ms"] + picture_ms + key_ms + region_ms
+    print(f"{'all heatmap objects of one image':<34} {total:>8.1f}   (the defaults: SEG RLE Lossless template + picture "
+          "+ SC + polygon)")
     rows.update(picture_ms=picture_ms, key_image_ms=key_ms, key_image_mb=key_mb, region_ms=region_ms, sr_ms=sr_ms,
                 total_ms=total)
     if args.json:
