@@ -181,33 +181,36 @@ def test_an_sr_waits_for_its_heatmap_objects_on_postgres_while_two_workers_claim
     from worker.store import outbox
     from worker.store.db import OutboxItem, OutboxState, Result
 
+    import uuid
+
     db = Database(postgres_url)
     now = time.time()
+    study_uid = f"2.25.{uuid.uuid4().int % 10**30}"  # its own study: the module's other tests share the database
     try:
         with db.session() as s, s.begin():
-            s.add(Study(study_uid="8.8.1", status=StudyState.DONE, n_instances=1, first_received=now,
+            s.add(Study(study_uid=study_uid, status=StudyState.DONE, n_instances=1, first_received=now,
                         last_received=now, updated=now))
             s.flush()
-            s.add(Result(study_uid="8.8.1", status=StudyState.DONE, threshold=0.5, model_name="m",
+            s.add(Result(study_uid=study_uid, status=StudyState.DONE, threshold=0.5, model_name="m",
                          model_version="1", model_uid="3.3", n_instances=1, n_scored=1, created=now))
         with db.session() as s:
-            result_id = s.query(Result.id).filter(Result.study_uid == "8.8.1").scalar()
+            result_id = s.query(Result.id).filter(Result.study_uid == study_uid).scalar()
         dest = [SimpleNamespace(name="pg-dest", host="127.0.0.1", port=104, ae_title="PACS")]
         with db.write() as conn:
             for n in range(5):
-                outbox.enqueue(conn, result_id, "8.8.1", f"8.8.1.{n}", f"/sr/{n}.dcm", dest, now - 1,
-                               [outbox.Evidence(f"8.8.1.{n}.1", f"/o/{n}.1", "segmentation"),
-                                outbox.Evidence(f"8.8.1.{n}.2", f"/o/{n}.2", "key_image")])
+                outbox.enqueue(conn, result_id, study_uid, f"{study_uid}.{n}", f"/sr/{n}.dcm", dest, now - 1,
+                               [outbox.Evidence(f"{study_uid}.{n}.1", f"/o/{n}.1", "segmentation"),
+                                outbox.Evidence(f"{study_uid}.{n}.2", f"/o/{n}.2", "key_image")])
         first = outbox.claim_due(db, "host:1:a", 60, limit=6) + outbox.claim_due(db, "host:2:b", 60, limit=6)
         assert len(first) == 10 and len({i.id for i in first}) == 10 and all(i.kind for i in first)
         for item in first:
             outbox.mark_sent(db, item.id, item.lease_owner, 0)
         second = outbox.claim_due(db, "host:1:a", 60)
-        assert sorted(i.sr_sop_instance_uid for i in second) == [f"8.8.1.{n}" for n in range(5)]
+        assert sorted(i.sr_sop_instance_uid for i in second) == [f"{study_uid}.{n}" for n in range(5)]
         assert all(i.kind is None and i.status == OutboxState.SENDING for i in second)
     finally:
         with db.write() as conn:
-            conn.execute(OutboxItem.__table__.delete().where(OutboxItem.study_uid == "8.8.1"))
-            conn.execute(Result.__table__.delete().where(Result.study_uid == "8.8.1"))
-            conn.execute(Study.__table__.delete().where(Study.study_uid == "8.8.1"))
+            conn.execute(OutboxItem.__table__.delete().where(OutboxItem.study_uid == study_uid))
+            conn.execute(Result.__table__.delete().where(Result.study_uid == study_uid))
+            conn.execute(Study.__table__.delete().where(Study.study_uid == study_uid))
         db.dispose()
