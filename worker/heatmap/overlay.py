@@ -170,24 +170,24 @@ def key_picture(display_u8: np.ndarray, relevance: np.ndarray, *, finding: str, 
     return np.asarray(canvas)
 
 
-def png_bytes(rgb: np.ndarray) -> bytes:
-    """An RGB uint8 picture as PNG bytes (zlib level PNG_COMPRESS_LEVEL: fast)."""
+def _encoded(rgb: np.ndarray, **options) -> bytes:
+    """An RGB uint8 picture saved by Pillow with ``options``, as bytes."""
     rgb = np.asarray(rgb)
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
         raise ValueError(f"rgb must be (rows, cols, 3) uint8, got {rgb.dtype} {rgb.shape}")
     buffer = io.BytesIO()
-    Image.fromarray(rgb).save(buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+    Image.fromarray(rgb).save(buffer, **options)
     return buffer.getvalue()
+
+
+def png_bytes(rgb: np.ndarray) -> bytes:
+    """An RGB uint8 picture as PNG bytes (zlib level PNG_COMPRESS_LEVEL: fast)."""
+    return _encoded(rgb, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
 
 
 def jpeg_bytes(rgb: np.ndarray, quality: int = 90) -> bytes:
     """An RGB uint8 picture as JPEG bytes (the web page's overlay: a tenth of PNG's cost)."""
-    rgb = np.asarray(rgb)
-    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
-        raise ValueError(f"rgb must be (rows, cols, 3) uint8, got {rgb.dtype} {rgb.shape}")
-    buffer = io.BytesIO()
-    Image.fromarray(rgb).save(buffer, format="JPEG", quality=quality)
-    return buffer.getvalue()
+    return _encoded(rgb, format="JPEG", quality=quality)
 
 
 def write_png(rgb: np.ndarray, path: str | Path) -> Path:
