@@ -400,7 +400,7 @@ def bench_worker(syntax: str, files_dir: Path, n: int, nbytes: int, work: Path, 
         wait_port(port, worker.p, 180, WORKER_AET)
         if py_spy:
             py_spy.parent.mkdir(parents=True, exist_ok=True)
-            spy = Proc(["py-spy", "record", "--pid", str(worker.pid), "--rate", "200", "--threads", "--idle",
+            spy = Proc(["py-spy", "record", "--pid", str(worker.pid), "--rate", "200", "--threads", "--idle", "--subprocesses",
                         "--format", "raw", "-o", str(py_spy)], work / "py-spy.log")
             time.sleep(1.0)
         if scraper is not None:

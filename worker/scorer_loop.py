@@ -316,25 +316,18 @@ class ScorerLoop(threading.Thread):
             return None
         return mapped, self.runner.submit_beside(make_all, maps, self.settings.heatmap, study.study_uid,
                                                  study.revision + 1, self.runner.info, self.runner.threshold,
-                                                 self.settings.sr.manufacturer)
+                                                 self.settings.sr.manufacturer, self.spool.paths)
 
     def _heatmaps(self, study: ClaimedStudy, job: tuple) -> tuple[list, list[outbox.Evidence]]:
-        """The started heatmap objects, written (with the web page's JPEGs) in one durable batch: the
-        SR's HeatmapEvidence items and the outbox's Evidence rows."""
-        mapped, beside = job
-        writes, sr_evidence, rows = [], [], []
-        for inst, made in zip(mapped, beside.result()):
+        """The started heatmap objects, which make_all wrote (with the web page's JPEGs) in one durable
+        batch where it made them: the SR's HeatmapEvidence items and the outbox's Evidence rows."""
+        _, beside = job
+        sr_evidence, rows = [], []
+        for made in beside.result():
             if made is None:  # nothing in the image spoke for the finding: no region, no objects
                 continue
-            for kind, uid, data in made.files:
-                path = self.spool.sr_path(study.study_uid, uid)
-                writes.append((path, data))
-                rows.append(outbox.Evidence(uid, str(path), kind))
-            if made.page is not None:
-                writes.append((self.spool.heatmap_path(study.study_uid, inst.sop_instance_uid), made.page))
+            rows += [outbox.Evidence(item.sop_instance_uid, str(item.path), item.kind) for item in made.files]
             sr_evidence.append(made.evidence)
-        if writes:
-            self.spool.write_files(writes)
         return sr_evidence, rows
 
     def _flags(self, assessed: list[Instance]) -> list[str]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import highdicom as hd
 import numpy as np
 import pydicom
+from pydicom.encaps import generate_frames
 from pydicom.sr.codedict import codes
 from pydicom.uid import JPEGBaseline8Bit
 
@@ -74,3 +75,11 @@ def build_key_image(source: pydicom.Dataset, picture_rgb: np.ndarray, *, model: 
     # General Series Laterality, Type 2C (a paired body part, unknown here): empty, the film shows both sides
     sc.Laterality = None
     return sc
+
+
+def key_image_jpeg(sc: pydicom.Dataset) -> bytes:
+    """The key image's JPEG Baseline frame as a JPEG file (a browser shows it as it is: the web page's
+    picture, the same pixels as the key image)."""
+    if sc.file_meta.TransferSyntaxUID != JPEGBaseline8Bit:
+        raise ValueError(f"the key image is not JPEG Baseline: {sc.file_meta.TransferSyntaxUID}")
+    return next(generate_frames(sc.PixelData, number_of_frames=1))

@@ -12,20 +12,21 @@ rewrites the same objects, a re-score (the next revision) makes new ones beside 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pydicom
 from pydicom.uid import ExplicitVRLittleEndian, RLELossless
 
-from dicom_io import map_to_image
 from trainer.model_info import ModelInfo
 
 from ..settings import HeatmapObject, HeatmapSettings
+from ..store.files import ObjectPaths, write_files
 from ..sr import HeatmapEvidence, ReferencedObject
-from .key_image import build_key_image
+from .key_image import build_key_image, key_image_jpeg
 from .overlay import jpeg_bytes, key_picture
 from .region import strongest_region
-from .segmentation import HeatmapKind, build_segmentation, encode, heatmap_uids
+from .segmentation import HeatmapKind, build_segmentation, encode, heatmap_uids, map_levels
 
 
 @dataclass(frozen=True)
@@ -42,11 +43,22 @@ class ImageMap:
 
 
 @dataclass
+class MadeFile:
+    """One encoded heatmap object: its bytes, or (once make_all wrote it) the file they are in."""
+
+    kind: str                           # a HeatmapObject value
+    sop_instance_uid: str
+    data: bytes | None = None
+    path: Path | None = None
+
+
+@dataclass
 class MadeObjects:
     """What ``make`` produced for one image."""
 
-    files: list[tuple[str, str, bytes]] = field(default_factory=list)  # (HeatmapObject value, SOP Instance UID, bytes)
+    files: list[MadeFile] = field(default_factory=list)
     page: bytes | None = None           # the overlay for the web page, JPEG (heatmaps/<study>/<sop>.jpg)
+    page_path: Path | None = None       # where make_all wrote it
     evidence: HeatmapEvidence | None = None
 
 
@@ -57,8 +69,7 @@ def make(m: ImageMap, settings: HeatmapSettings, *, study_uid: str, revision: in
     if not float(np.max(m.relevance)) > 0.0:
         return None
     rows, cols = m.image_shape
-    full = map_to_image(m.relevance, rows, cols)  # the source's own geometry: the 224 squash undone
-    np.clip(full, 0.0, 1.0, out=full)
+    full = map_levels(m.relevance, rows, cols)  # the source's own geometry (the 224 squash undone), as SEG levels
     source_uid = str(m.source.SOPInstanceUID)
     frame = None if m.frame is None else m.frame + 1  # DICOM frame numbers are 1-based
     made = MadeObjects()
@@ -70,42 +81,76 @@ def make(m: ImageMap, settings: HeatmapSettings, *, study_uid: str, revision: in
                                  manufacturer=manufacturer, frame=frame,
                                  transfer_syntax_uid=RLELossless if settings.segmentation_compression == "rle"
                                  else ExplicitVRLittleEndian)
-        made.files.append((HeatmapObject.SEGMENTATION, instance_uid, encode(seg)))
+        made.files.append(MadeFile(HeatmapObject.SEGMENTATION, instance_uid, encode(seg)))
         references["segmentation"] = ReferencedObject.from_dataset(seg)
     if m.preview is not None:
         # the picture blends the map resized to it: the model-input grid is enough (and cheapest)
         picture = key_picture(m.preview, m.relevance, finding=m.label, probability=m.probability,
                               threshold=threshold, model_name=model.name, model_version=model.version,
                               size=settings.key_image_size)
-        made.page = jpeg_bytes(picture)  # PNG costs ~35 ms at 1024 px, JPEG ~3 ms
         if HeatmapObject.KEY_IMAGE in settings.objects:
             series_uid, instance_uid = heatmap_uids(study_uid, model.uid, revision, source_uid, HeatmapKind.KEY_IMAGE)
             sc = build_key_image(m.source, picture, model=model, series_uid=series_uid, instance_uid=instance_uid,
                                  series_number=settings.key_image_series_number, instance_number=revision,
                                  manufacturer=manufacturer, frame=frame)
-            made.files.append((HeatmapObject.KEY_IMAGE, instance_uid, encode(sc)))
+            made.files.append(MadeFile(HeatmapObject.KEY_IMAGE, instance_uid, encode(sc)))
             references["key_image"] = ReferencedObject.from_dataset(sc)
+            made.page = key_image_jpeg(sc)  # the page shows the key image's own JPEG: the same pixels, no second encode
+        else:
+            made.page = jpeg_bytes(picture)  # PNG costs ~35 ms at 1024 px, JPEG ~3 ms
     made.evidence = HeatmapEvidence(source=m.source, region=strongest_region(full), probability=m.probability,
                                     **references)
     return made
 
 
 def make_all(maps: list[ImageMap], settings: HeatmapSettings, study_uid: str, revision: int, model: ModelInfo,
-             threshold: float, manufacturer: str) -> list[MadeObjects | None]:
+             threshold: float, manufacturer: str, paths: ObjectPaths | None = None) -> list[MadeObjects | None]:
     """``make`` for each image of one study (a picklable top-level function: the scorer runs it in a
-    decode process, ModelRunner.submit_beside)."""
-    return [make(m, settings, study_uid=study_uid, revision=revision, model=model, threshold=threshold,
+    decode process, ModelRunner.submit_beside). With ``paths``, the objects and the page's JPEGs are
+    written there in one durable batch (worker.store.files.write_files) and come back as paths: the
+    megabytes of a SEG stay in the process that made them instead of crossing a pipe to the main
+    process (whose threads wait for its GIL at every 64 KB of a pipe read)."""
+    made = [make(m, settings, study_uid=study_uid, revision=revision, model=model, threshold=threshold,
                  manufacturer=manufacturer) for m in maps]
+    if paths is None:
+        return made
+    writes: list[tuple[Path, bytes]] = []
+    for m, objects in zip(maps, made):
+        if objects is None:
+            continue
+        for item in objects.files:
+            item.path = paths.sr_path(study_uid, item.sop_instance_uid)
+            writes.append((item.path, item.data))
+            item.data = None
+        if objects.page is not None:
+            objects.page_path = paths.heatmap_path(study_uid, str(m.source.SOPInstanceUID))
+            writes.append((objects.page_path, objects.page))
+            objects.page = None
+    if writes:
+        write_files(writes)
+    return made
 
 
 def warm_up(_: object = None) -> bool:
-    """In a decode process at start-up: the one-off costs of the first heatmap (highdicom's tables,
-    the colour tables, the fonts) before the first study pays them."""
-    from .overlay import colour_table
+    """In a decode process at start-up: the one-off costs of the first heatmap (highdicom's standard
+    tables, ~0.3 s, read on its first SEG and SC; the colour tables, the fonts) before the first study
+    pays them: one SEG and one key image of a 16 x 16 stand-in source, then forgotten."""
+    from pydicom.uid import ComputedRadiographyImageStorage, generate_uid
 
-    colour_table()
-    key_picture(np.zeros((64, 64), np.uint8), np.ones((7, 7), np.float32), finding="PNEUMONIA", probability=0.5,
-                threshold=0.5, model_name="warm-up", model_version="0")
-    import highdicom  # noqa: F401 - its standard tables load on first use
+    from .segmentation import clear_segmentation_templates
 
+    source = pydicom.Dataset()
+    source.SOPClassUID, source.SOPInstanceUID = ComputedRadiographyImageStorage, generate_uid()
+    source.StudyInstanceUID, source.SeriesInstanceUID = generate_uid(), generate_uid()
+    source.Rows = source.Columns = 16
+    source.Modality, source.PatientID = "CR", "WARM-UP"
+    model = ModelInfo(arch="resnet18", name="warm-up", version="0", threshold=0.5, uid=generate_uid())
+    picture = key_picture(np.zeros((16, 16), np.uint8), np.ones((7, 7), np.float32), finding="PNEUMONIA",
+                          probability=0.5, threshold=0.5, model_name="warm-up", model_version="0")
+    uids = dict(series_uid=generate_uid(), instance_uid=generate_uid(), series_number=1, instance_number=1,
+                manufacturer="warm-up")
+    encode(build_segmentation(source, map_levels(np.ones((7, 7), np.float32), 16, 16), model=model,
+                              transfer_syntax_uid=RLELossless, **uids))
+    encode(build_key_image(source, picture, model=model, **uids))
+    clear_segmentation_templates()
     return True

@@ -70,35 +70,52 @@ def colourise(relevance: np.ndarray) -> np.ndarray:
     return colour_table()[_levels(_check_relevance(relevance))]
 
 
+def _alpha(levels: np.ndarray) -> np.ndarray:
+    """The blend's opacity per relevance level (float in [0, 1]): 0 below ALPHA_FLOOR, then linear to ALPHA_MAX."""
+    return np.clip((levels - ALPHA_FLOOR) / (1.0 - ALPHA_FLOOR), 0.0, 1.0) * ALPHA_MAX
+
+
 @functools.cache
-def _blend_tables() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """OpenCV lookup tables per relevance level (0..255): the colour (1, 256, 3) uint8, alpha and
-    1 - alpha (1, 256) float32."""
-    levels = np.arange(256, dtype=np.float32) / 255.0
-    alpha = (np.clip((levels - ALPHA_FLOOR) / (1.0 - ALPHA_FLOOR), 0.0, 1.0) * ALPHA_MAX).astype(np.float32)
-    return colour_table()[None], alpha[None], (1.0 - alpha)[None]
+def _blend_table() -> np.ndarray:
+    """(65536,) uint32: the blended RGB (bytes R, G, B, 0) of every (relevance level, grey level) pair,
+    index level * 256 + grey: round(grey + alpha (colour - grey)), computed once, so that blending a
+    picture is one table lookup per pixel."""
+    alpha = _alpha(np.arange(256, dtype=np.float64) / 255.0)[:, None, None]     # level, 1, 1
+    colour = colour_table().astype(np.float64)[:, None, :]                        # level, 1, rgb
+    grey = np.arange(256, dtype=np.float64)[None, :, None]                        # 1, grey, 1
+    rgbx = np.zeros((256, 256, 4), np.uint8)
+    rgbx[..., :3] = np.clip(np.rint(grey + alpha * (colour - grey)), 0, 255)
+    return rgbx.reshape(-1).view(np.uint32)
+
+
+def _levels_at(relevance: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """uint8 relevance levels (0..255) at ``shape``: a smaller map is checked and quantised first, then
+    interpolated bilinearly as levels (OpenCV's 8-bit fixed point: within one level of interpolating
+    the floats, at a fraction of the cost)."""
+    levels = _levels(_check_relevance(relevance))
+    if levels.shape != shape:
+        levels = cv2.resize(levels, (shape[1], shape[0]), interpolation=cv2.INTER_LINEAR)
+    return levels
+
+
+def _blended(grey: np.ndarray, relevance: np.ndarray) -> np.ndarray:
+    """(rows, cols) uint32 RGBX of the blend (_blend_table), for a grey uint8 picture and any-size map."""
+    index = _levels_at(relevance, grey.shape).astype(np.uint16) << 8
+    index |= grey
+    return np.take(_blend_table(), index)
 
 
 def blend(display_u8: np.ndarray, relevance: np.ndarray) -> np.ndarray:
     """An 8-bit grey display image (any size) with the relevance map (any size, resized bilinearly to the
     picture) blended in: RGB uint8 of the picture's size; transparent where the relevance is low.
 
-    grey + alpha (colour - grey) per pixel, with alpha and colour looked up per level (OpenCV LUT and
-    blendLinear: a few times cheaper than the same sum in numpy).
+    grey + alpha (colour - grey) per pixel, with alpha and colour by relevance level (_blend_table).
     """
     grey = np.asarray(display_u8)
     if grey.ndim != 2 or grey.dtype != np.uint8:
         raise ValueError(f"display_u8 must be a 2-D uint8 image, got {grey.dtype} {grey.shape}")
-    relevance = np.asarray(relevance, dtype=np.float32)
-    if relevance.ndim == 2 and relevance.size and relevance.shape != grey.shape:
-        # bilinear interpolation stays within the map's own range (and keeps a NaN a NaN): checked after
-        relevance = cv2.resize(relevance, (grey.shape[1], grey.shape[0]), interpolation=cv2.INTER_LINEAR)
-    levels = _levels(_check_relevance(relevance))
-    colours, alpha, keep = _blend_tables()
-    colour = cv2.LUT(cv2.merge([levels, levels, levels]), colours)
-    weights = cv2.LUT(levels, alpha)
-    base = cv2.merge([grey, grey, grey])
-    return cv2.blendLinear(colour, base, weights, cv2.LUT(levels, keep))
+    rows, cols = grey.shape
+    return np.asarray(Image.frombytes("RGB", (cols, rows), _blended(np.ascontiguousarray(grey), relevance), "raw", "RGBX"))
 
 
 @functools.cache
@@ -117,6 +134,22 @@ def _legend(draw: ImageDraw.ImageDraw, left: int, top: int, width: int, height: 
     draw.text((left, top - 22), LEGEND_TITLE, font=small, fill=(255, 255, 255))
     draw.text((left, top + height + 4), "low", font=small, fill=(255, 255, 255))
     draw.text((left + width, top + height + 4), "high", font=small, fill=(255, 255, 255), anchor="ra")
+
+
+#: Where the band's lines and the legend lie, from the band's top.
+_TEXT_TOP, _FINDING_TOP, _MODEL_TOP, _LEGEND_TOP, LEGEND_WIDTH = 10, 52, 82, 50, 200
+
+
+@functools.lru_cache(maxsize=32)
+def _band(width: int, model_name: str, model_version: str) -> Image.Image:
+    """The band's fixed part for a picture ``width`` wide: the warning, the model and the legend (drawn
+    once per width and model; a site has a few detector shapes). Never changed by the caller."""
+    band = Image.new("RGB", (width, BAND_HEIGHT), (0, 0, 0))
+    draw = ImageDraw.Draw(band)
+    draw.text((14, _TEXT_TOP), WARNING_TEXT, font=_font(28), fill=(255, 220, 0))
+    draw.text((14, _MODEL_TOP), f"model {model_name} {model_version}", font=_font(18), fill=(200, 200, 200))
+    _legend(draw, width - LEGEND_WIDTH - 24, _LEGEND_TOP, LEGEND_WIDTH, 20)
+    return band
 
 
 def percent(value: float) -> str:
@@ -153,20 +186,16 @@ def key_picture(display_u8: np.ndarray, relevance: np.ndarray, *, finding: str, 
     height, width = max(1, round(rows * scale)), max(1, round(cols * scale))
     if scale <= 0.5:  # a Gaussian halving first: the same anti-aliasing, half the cost of INTER_AREA alone
         grey = cv2.pyrDown(grey)
-    small = cv2.resize(grey, (width, height), interpolation=cv2.INTER_AREA)
-    picture = blend(small, relevance)
+    small = grey if grey.shape == (height, width) else cv2.resize(grey, (width, height), interpolation=cv2.INTER_AREA)
+    picture = Image.frombytes("RGB", (width, height), _blended(np.ascontiguousarray(small), relevance), "raw", "RGBX")
 
     canvas = Image.new("RGB", (max(width, MIN_WIDTH), height + BAND_HEIGHT), (0, 0, 0))
-    canvas.paste(Image.fromarray(picture), ((canvas.width - width) // 2, 0))
-    draw = ImageDraw.Draw(canvas)
-    top = height + 10
-    draw.text((14, top), WARNING_TEXT, font=_font(28), fill=(255, 220, 0))
+    canvas.paste(picture, ((canvas.width - width) // 2, 0))
+    canvas.paste(_band(canvas.width, model_name, model_version), (0, height))
     # the decision, the probability it rests on and the threshold (the legend takes the right side)
-    draw.text((14, top + 42), f"{finding}: pneumonia {percent(probability)}, threshold {percent(threshold)}",
-              font=_font(20), fill=(255, 255, 255))
-    draw.text((14, top + 72), f"model {model_name} {model_version}", font=_font(18), fill=(200, 200, 200))
-    legend_width = 200
-    _legend(draw, canvas.width - legend_width - 24, top + 40, legend_width, 20)
+    ImageDraw.Draw(canvas).text(
+        (14, height + _FINDING_TOP), f"{finding}: pneumonia {percent(probability)}, threshold {percent(threshold)}",
+        font=_font(20), fill=(255, 255, 255))
     return np.asarray(canvas)
 
 

@@ -40,15 +40,18 @@ def _box(mask: np.ndarray, step: int, shape: tuple[int, int]) -> tuple[Point, ..
 
 def strongest_region(relevance: np.ndarray, level: float = 0.5) -> tuple[Point, ...]:
     """A closed polygon ((x, y), ..., first point again) around the strongest region of ``relevance``
-    (rows x cols, the source image's geometry), in SCOORD image coordinates; see the module docstring."""
-    relevance = np.asarray(relevance, dtype=np.float32)
-    if relevance.ndim != 2 or relevance.size == 0 or not np.isfinite(relevance).all():
+    (rows x cols, the source image's geometry; any non-negative scale: float relevance or the SEG's
+    uint8 levels), in SCOORD image coordinates; see the module docstring."""
+    relevance = np.asarray(relevance)
+    if relevance.ndim != 2 or relevance.size == 0:
         raise ValueError(f"relevance must be a finite 2-D map, got shape {relevance.shape}")
     if not 0.0 < level <= 1.0:
         raise ValueError(f"level must lie in (0, 1], got {level}")
     shape = relevance.shape
     step = max(1, max(shape) // GRID_LONG_SIDE)
-    grid = relevance[::step, ::step]
+    grid = relevance[::step, ::step].astype(np.float32)  # only the grid is read (a float map or uint8 levels)
+    if not np.isfinite(grid).all():
+        raise ValueError(f"relevance must be a finite 2-D map, got shape {relevance.shape}")
     peak = float(grid.max())
     if peak <= 0.0:
         raise ValueError("relevance has no positive value: there is no strongest region")

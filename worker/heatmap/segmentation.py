@@ -24,12 +24,19 @@ Which object, and why (docs/heatmaps.md "Which objects, and why" says the same f
 The object: new series of the source's study (series and instance UIDs from ``heatmap_uids``, a
 retry writes the same object), one frame at the source's rows x columns referencing the source
 (and, for a multi-frame source, the scored frame). Transfer syntax: Explicit VR Little Endian by
-default, ``transfer_syntax_uid=RLELossless`` on request. At 2500 x 2048 (benchmarks/bench_heatmap.py)
-RLE makes 2.1-2.4 MB of a CAM map instead of 5.1 MB (0.7 MB for a single smooth blob) but costs
-about 2.3x the CPU of the whole SEG (its encoding is most of the fast path's cost), and a destination
-must accept RLE Lossless for SEG Storage (Orthanc does; the SCU proposes the file's syntax and has no
-fallback to transcode): every PACS accepts Explicit VR Little Endian. The heatmap adds to every
-positive study's CPU, which the ingest benchmark holds to >= 0.8x of heatmaps off.
+default, ``transfer_syntax_uid=RLELossless`` on request (the worker's default, settings
+``heatmap.segmentation_compression``). At 2500 x 2048 (benchmarks/bench_heatmap.py) RLE makes 2.1-2.4 MB
+of a CAM map instead of 5.1 MB (0.7 MB for a single smooth blob); its encoding is most of the fast
+path's cost, and a destination must accept RLE Lossless for SEG Storage (Orthanc does; the SCU
+proposes the file's syntax and has no fallback to transcode): every PACS accepts Explicit VR Little
+Endian. The fast path encodes RLE with imagecodecs' PackBits (``rle_lossless_frame``: half of GDCM's
+time, which highdicom uses); the bytes differ from GDCM's, the decoded pixels are the same. The
+heatmap adds to every positive study's CPU, which the ingest benchmark holds to >= 0.8x of heatmaps off.
+
+The map comes as float relevance in [0, 1] (quantised here as highdicom quantises it) or as the
+quantised levels themselves (uint8 0..MAX_FRACTIONAL_VALUE at the source's geometry: ``map_levels``,
+the worker's path: the 7 x 7 cells interpolated as levels, within one level of the float map, at a
+fifth of the float map's cost).
 
 It is built from the source's HEADER alone (worker.sr.source_dataset: the kept SOURCE_TAGS, no pixel
 data), the way the SR is.
@@ -42,8 +49,11 @@ import datetime
 import enum
 import io
 
+import struct
+
 import cv2
 import highdicom as hd
+import imagecodecs
 import numpy as np
 import pydicom
 from pydicom.sr.coding import Code
@@ -141,15 +151,33 @@ def highdicom_source(source: pydicom.Dataset) -> pydicom.Dataset:
     return header
 
 
-def _check_map(relevance: np.ndarray, source: pydicom.Dataset) -> np.ndarray:
+def map_levels(relevance: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    """The SEG's levels (uint8 0..MAX_FRACTIONAL_VALUE) of a map over the model input (float in [0, 1],
+    e.g. ResNet18's 7 x 7 cells) at the source's rows x columns: the cells quantised as highdicom
+    quantises, then interpolated as dicom_io.map_to_image interpolates (bilinear between cell
+    centres, each axis on its own), in OpenCV's 8-bit fixed point. Within one level of quantising
+    map_to_image's float map (tested), at a fifth of its cost at 2500 x 2048: no 20 MB float map."""
     relevance = np.asarray(relevance, dtype=np.float32)
+    if relevance.ndim != 2 or relevance.size == 0 or rows < 1 or cols < 1:
+        raise ValueError(f"expected a 2-D map and a positive size, got {relevance.shape} -> {rows}x{cols}")
+    if not np.isfinite(relevance).all() or relevance.min() < 0.0 or relevance.max() > 1.0:
+        raise ValueError("relevance must hold finite values in [0, 1] (trainer.cam.relevance)")
+    return cv2.resize(_quantise(relevance), (int(cols), int(rows)), interpolation=cv2.INTER_LINEAR)
+
+
+def _check_map(relevance: np.ndarray, source: pydicom.Dataset) -> np.ndarray:
+    """The map as the SEG's levels: uint8 levels as they are, float relevance quantised (checked)."""
+    relevance = np.asarray(relevance)
     shape = (int(source.Rows), int(source.Columns))
     if relevance.shape != shape:
         raise ValueError(f"relevance must be at the source's geometry {shape}, got {relevance.shape} "
-                         "(dicom_io.map_to_image)")
+                         "(dicom_io.map_to_image, map_levels)")
+    if relevance.dtype == np.uint8:  # every uint8 is a level: MAX_FRACTIONAL_VALUE is 255
+        return relevance
+    relevance = relevance.astype(np.float32, copy=False)
     if not np.isfinite(relevance).all() or relevance.min() < 0.0 or relevance.max() > 1.0:
-        raise ValueError("relevance must hold finite values in [0, 1] (trainer.cam.relevance)")
-    return relevance
+        raise ValueError("relevance must hold finite values in [0, 1] (trainer.cam.relevance), or be uint8 levels")
+    return _quantise(relevance)
 
 
 def _check_options(frame: int | None, transfer_syntax_uid: str) -> None:
@@ -167,13 +195,13 @@ def build_segmentation_reference(source: pydicom.Dataset, relevance: np.ndarray,
     """The SEG as highdicom builds it (the reference; build_segmentation gives the same object faster)."""
     _check_options(frame, transfer_syntax_uid)
     header = highdicom_source(source)
-    relevance = _check_map(relevance, header)
-    return _build_reference(source, header, relevance, model=model, series_uid=series_uid,
+    levels = _check_map(relevance, header)
+    return _build_reference(source, header, levels, model=model, series_uid=series_uid,
                             instance_uid=instance_uid, series_number=series_number, instance_number=instance_number,
                             manufacturer=manufacturer, frame=frame, transfer_syntax_uid=transfer_syntax_uid)
 
 
-def _build_reference(source: pydicom.Dataset, header: pydicom.Dataset, relevance: np.ndarray, *, model: ModelInfo,
+def _build_reference(source: pydicom.Dataset, header: pydicom.Dataset, levels: np.ndarray, *, model: ModelInfo,
                      series_uid: str, instance_uid: str, series_number: int, instance_number: int,
                      manufacturer: str, frame: int | None, transfer_syntax_uid: str) -> pydicom.Dataset:
     description = hd.seg.SegmentDescription(
@@ -183,7 +211,7 @@ def _build_reference(source: pydicom.Dataset, header: pydicom.Dataset, relevance
     )
     description.SegmentDescription = SEGMENT_DESCRIPTION
     seg = hd.seg.Segmentation(
-        source_images=[header], pixel_array=relevance,
+        source_images=[header], pixel_array=levels.astype(np.float32) / np.float32(MAX_FRACTIONAL_VALUE),
         segmentation_type=hd.seg.SegmentationTypeValues.FRACTIONAL,
         fractional_type=hd.seg.SegmentationFractionalTypeValues.PROBABILITY,
         segment_descriptions=[description], series_instance_uid=series_uid, series_number=series_number,
@@ -232,7 +260,8 @@ def clear_segmentation_templates() -> None:
 
 
 def segmentation_template_info() -> dict[str, int]:
-    """How many SEGs each path built since the last clear (tests and benchmarks check the fast path ran)."""
+    """Since the last clear: how many templates highdicom built ("reference") and how many SEGs were made
+    from one ("template"): every SEG is; tests and benchmarks check how often a template was built."""
     return {**_template_counts, "templates": len(_templates)}
 
 
@@ -251,16 +280,24 @@ def _quantise(relevance: np.ndarray) -> np.ndarray:
     return cv2.convertScaleAbs(relevance, alpha=float(MAX_FRACTIONAL_VALUE))
 
 
-def _pixel_data(seg: pydicom.Dataset, relevance: np.ndarray) -> bytes:
-    """The Pixel Data highdicom writes for one FRACTIONAL frame: native 8-bit bytes (padded to even length
-    as highdicom pads), or the frame encoded and encapsulated with a Basic Offset Table."""
-    frame = _quantise(relevance)
+def rle_lossless_frame(frame: np.ndarray) -> bytes:
+    """One 8-bit single-sample frame as a DICOM RLE Lossless frame (PS3.5 Annex G): the RLE header
+    (16 little-endian uint32: one segment, its offset 64) and the segment, PackBits of each row on
+    its own (imagecodecs encodes a 2-D array row by row: no run crosses a row boundary, tested),
+    padded with a zero byte to even length."""
+    frame = np.asarray(frame)
+    if frame.ndim != 2 or frame.dtype != np.uint8 or frame.size == 0:
+        raise ValueError(f"frame must be a 2-D uint8 array, got {frame.dtype} {frame.shape}")
+    segment = imagecodecs.packbits_encode(np.ascontiguousarray(frame))
+    return struct.pack("<16I", 1, 64, *([0] * 14)) + segment + (b"\x00" if len(segment) % 2 else b"")
+
+
+def _pixel_data(seg: pydicom.Dataset, levels: np.ndarray) -> bytes:
+    """The Pixel Data of one FRACTIONAL frame as highdicom writes it: native 8-bit bytes (padded to even
+    length as highdicom pads), or the RLE Lossless frame encapsulated with a Basic Offset Table."""
     if UID(seg.file_meta.TransferSyntaxUID).is_encapsulated:
-        encoded = hd.frame.encode_frame(frame, transfer_syntax_uid=seg.file_meta.TransferSyntaxUID, bits_allocated=8,
-                                        bits_stored=8, photometric_interpretation="MONOCHROME2",
-                                        pixel_representation=0)
-        return encapsulate([encoded])
-    data = frame.tobytes()
+        return encapsulate([rle_lossless_frame(levels)])
+    data = levels.tobytes()
     return data + b"0" if len(data) % 2 else data
 
 
@@ -275,11 +312,15 @@ _PER_OBJECT = frozenset(pydicom.tag.Tag(keyword) for keyword in (
     "SeriesInstanceUID", "SOPInstanceUID", "SeriesNumber", "InstanceNumber", "InstanceCreationDate",
     "InstanceCreationTime", "ContentDate", "ContentTime", "ContributingEquipmentSequence", "FrameOfReferenceUID",
     "PositionReferenceIndicator", "PatientOrientation", "DimensionOrganizationSequence", "DimensionIndexSequence",
-    "SourceImageSequence", "PerFrameFunctionalGroupsSequence", "ReferencedSeriesSequence", "PixelData"))
+    "SourceImageSequence", "PerFrameFunctionalGroupsSequence", "ReferencedSeriesSequence", "Rows", "Columns",
+    "PixelData"))
+#: The size of the stand-in source highdicom builds a template for (_template): its checks of the map
+#: (a sort of every value) and its module tables then cost ~30 ms instead of ~250 ms at 2500 x 2048.
+_STAND_IN_SIZE = 2
 
 
 def _from_template(template: pydicom.Dataset, copied: tuple, source: pydicom.Dataset, header: pydicom.Dataset,
-                   relevance: np.ndarray, *, series_uid: str, instance_uid: str, series_number: int,
+                   levels: np.ndarray, *, series_uid: str, instance_uid: str, series_number: int,
                    instance_number: int) -> pydicom.Dataset:
     """A copy of ``template`` with every per-study value set as _build_reference sets it.
 
@@ -297,6 +338,7 @@ def _from_template(template: pydicom.Dataset, copied: tuple, source: pydicom.Dat
     seg.SeriesInstanceUID, seg.SOPInstanceUID = series_uid, instance_uid
     seg.file_meta.MediaStorageSOPInstanceUID = instance_uid
     seg.SeriesNumber, seg.InstanceNumber = series_number, instance_number
+    seg.Rows, seg.Columns = int(header.Rows), int(header.Columns)
     now = datetime.datetime.now()
     seg.InstanceCreationDate, seg.InstanceCreationTime = DA(now.date()), TM(now.time())
     if "ContentDate" in seg:
@@ -327,36 +369,51 @@ def _from_template(template: pydicom.Dataset, copied: tuple, source: pydicom.Dat
         reference.SeriesInstanceUID = series
         for item in reference.ReferencedInstanceSequence:
             item.ReferencedSOPInstanceUID = sop
-    seg.PixelData = _pixel_data(seg, relevance)
+    seg.PixelData = _pixel_data(seg, levels)
     return seg
 
 
 def build_segmentation(source: pydicom.Dataset, relevance: np.ndarray, *, model: ModelInfo, series_uid: str,
                        instance_uid: str, series_number: int, instance_number: int, manufacturer: str,
                        frame: int | None = None, transfer_syntax_uid: str = TRANSFER_SYNTAX) -> pydicom.Dataset:
-    """The fractional SEG of ``relevance`` (float in [0, 1] at the source's rows x columns) on ``source``
-    (its header: worker.sr.source_dataset). ``frame``: the scored frame (1-based) of a multi-frame source.
+    """The fractional SEG of ``relevance`` (float in [0, 1], or uint8 levels (map_levels), at the source's
+    rows x columns) on ``source`` (its header: worker.sr.source_dataset). ``frame``: the scored frame
+    (1-based) of a multi-frame source.
 
-    The first source of a shape (_template_key) is built by highdicom (build_segmentation_reference) and
-    kept as the template; later ones are that data set with the per-study values and the pixels set
-    again, which skips highdicom's checks of the whole float map (a sort of 5 M values) and its module
-    tables: about 4x cheaper at 2500 x 2048 (benchmarks/bench_heatmap.py). The same object either way
-    (tests/worker/heatmap/test_heatmap_objects.py compares the bytes).
+    Built from a template: the data set highdicom builds (build_segmentation_reference) for the same
+    source at a stand-in size of 2 x 2 (every structure it writes, none of the cost of checking 5 M
+    values), kept per _template_key; each SEG is that data set with the size, the per-study values
+    and the pixels set again: about 20x cheaper than highdicom at 2500 x 2048
+    (benchmarks/bench_heatmap.py), the first of a shape included. The same object either way
+    (tests/worker/heatmap/test_heatmap_objects.py compares the bytes with highdicom's at full size).
     """
     _check_options(frame, transfer_syntax_uid)
     header = highdicom_source(source)
-    relevance = _check_map(relevance, header)
+    levels = _check_map(relevance, header)
     key = _template_key(header, model, manufacturer, frame, transfer_syntax_uid)
     kept = _templates.get(key)
-    if kept is not None:
-        _template_counts["template"] += 1
-        return _from_template(kept[0], kept[1], source, header, relevance, series_uid=series_uid,
-                              instance_uid=instance_uid, series_number=series_number, instance_number=instance_number)
-    seg = _build_reference(source, header, relevance, model=model, series_uid=series_uid, instance_uid=instance_uid,
-                           series_number=series_number, instance_number=instance_number, manufacturer=manufacturer,
-                           frame=frame, transfer_syntax_uid=transfer_syntax_uid)
+    if kept is None:
+        kept = _templates[key] = _template(source, header, model=model, manufacturer=manufacturer, frame=frame,
+                                           transfer_syntax_uid=transfer_syntax_uid)
+    _template_counts["template"] += 1
+    return _from_template(kept[0], kept[1], source, header, levels, series_uid=series_uid, instance_uid=instance_uid,
+                          series_number=series_number, instance_number=instance_number)
+
+
+def _template(source: pydicom.Dataset, header: pydicom.Dataset, *, model: ModelInfo, manufacturer: str,
+              frame: int | None, transfer_syntax_uid: str) -> tuple[pydicom.Dataset, tuple]:
+    """highdicom's SEG for ``header`` at the stand-in size, without its pixels (the elements copied,
+    not highdicom's decoding tables), and the source elements it copied (_source_elements)."""
+    stand_in = pydicom.Dataset()
+    for element in header:
+        stand_in.add(element)
+    del stand_in.Rows, stand_in.Columns  # new elements: the header's own stay as they are
+    stand_in.Rows = stand_in.Columns = _STAND_IN_SIZE
+    seg = _build_reference(source, stand_in, np.zeros((_STAND_IN_SIZE, _STAND_IN_SIZE), np.uint8), model=model,
+                           series_uid="1.2.3", instance_uid="1.2.3.4", series_number=1, instance_number=1,
+                           manufacturer=manufacturer, frame=frame, transfer_syntax_uid=transfer_syntax_uid)
     _template_counts["reference"] += 1
-    template = pydicom.Dataset()  # a copy of the elements (not highdicom's decoding tables), no pixels
+    template = pydicom.Dataset()
     for element in seg:
         if element.keyword != "PixelData":
             template.add(copy.deepcopy(element))
@@ -364,8 +421,7 @@ def build_segmentation(source: pydicom.Dataset, relevance: np.ndarray, *, model:
     template.set_original_encoding(False, True)
     if len(_templates) >= TEMPLATE_CACHE_SIZE:
         _templates.clear()
-    _templates[key] = (template, _source_elements(template, header))
-    return seg
+    return template, _source_elements(template, header)
 
 
 def encode(ds: pydicom.Dataset) -> bytes:

@@ -15,13 +15,14 @@ its own ``incoming/<owner>/``; at start-up a worker removes only the folders of 
 gone (lock free, and the owner a dead process on this host, or nothing in it touched for 10
 minutes), never a live worker's partial receptions. ``check_filesystem`` proves at start-up that the
 directory gives what the receive path relies on (docs/deployment.md, "What data_dir requires").
+The durable-write primitives and the object paths, which need no database, are files.py's (the
+decode processes write the heatmap objects with them).
 """
 
 from __future__ import annotations
 
 import errno
 import fcntl
-import hashlib
 import logging
 import os
 import re
@@ -30,91 +31,24 @@ import tempfile
 import threading
 import time
 from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import SettingsError
 from .db import owner_is_dead_here
+from .files import (  # noqa: F401 - the durable-file primitives, re-exported for the receive path
+    FSYNC_THREADS, ObjectPaths, fsync_dir, fsync_file, fsync_later, fsync_together, private_dir, safe_name,
+    write_files,
+)
 
 log = logging.getLogger("cxr_worker.spool")
 
-_UID_RE = re.compile(r"^[0-9][0-9.]{0,63}$")
-#: Threads that issue fsyncs side by side (fsync_together): two per concurrent C-STORE and the SR writer.
-FSYNC_THREADS = 8
-_fsync_pool = ThreadPoolExecutor(max_workers=FSYNC_THREADS, thread_name_prefix="fsync")
 #: The file in a worker's incoming/<owner>/ that it keeps locked while it lives (its owner string inside).
 LOCK_NAME = ".lock"
 #: A worker's incoming folder whose files and folder are all older than this is a dead worker's, even
 #: where its lock cannot tell (another host on a filesystem whose locks are local only).
 STALE_INCOMING_SECONDS = 600.0
-
-
-def private_dir(path: Path) -> Path:
-    """Create ``path`` (and parents) as 0700; tighten an existing one we own."""
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    try:
-        if path.stat().st_mode & 0o077:
-            path.chmod(0o700)
-    except PermissionError:
-        pass
-    return path
-
-
-def safe_name(uid: str) -> str:
-    """A UID as a file name; anything that is not a plain UID is hashed (no path tricks)."""
-    uid = (uid or "").strip().rstrip("\x00")
-    if _UID_RE.match(uid) and ".." not in uid:
-        return uid
-    return "x" + hashlib.sha256(uid.encode("utf-8", "surrogateescape")).hexdigest()[:40]
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_later(path: Path) -> Future:
-    """Start fsyncing ``path`` on the fsync threads; the future raises the OSError, if any.
-
-    The C-STORE handler starts the received file's fsync first and parses its header meanwhile.
-    """
-    return _fsync_pool.submit(fsync_file, path)
-
-
-def fsync_together(files: Sequence[Path], dirs: Sequence[Path] = (), started: Sequence[Future] = ()) -> None:
-    """fsync ``files`` and ``dirs`` concurrently; returns when every one is durable (first error raised).
-
-    Each fsync keeps its full guarantee; issued together, the kernel merges their journal commits and
-    disk cache flushes (ext4 on virtio, file + two directories: ~7 ms one after another, ~0.5 ms together).
-    ``started``: fsyncs already under way (fsync_later) to wait for as well.
-    """
-    jobs = [(fsync_file, p) for p in files] + [(fsync_dir, p) for p in dirs]
-    futures = [*started, *(_fsync_pool.submit(fn, p) for fn, p in jobs[1:])]
-    error: OSError | None = None
-    if jobs:  # the first one on this thread
-        try:
-            jobs[0][0](jobs[0][1])
-        except OSError as exc:
-            error = exc
-    for future in futures:  # wait for all, even after an error
-        try:
-            future.result()
-        except OSError as exc:
-            error = error or exc
-    if error is not None:
-        raise error
 
 
 @dataclass(frozen=True)
@@ -182,6 +116,7 @@ class Spool:
         self.spool = private_dir(self.root / "spool")
         self.sr = private_dir(self.root / "sr")
         self.heatmaps = self.root / "heatmaps"  # <study>/<source sop>.jpg overlays (the scorer writes them)
+        self.paths = ObjectPaths(self.sr, self.heatmaps)
         self.watermark = DiskWatermark(self.root, min_free_bytes)
         self._lock_fd: int | None = None
 
@@ -298,10 +233,10 @@ class Spool:
         return self.spool / safe_name(study_uid) / f"{safe_name(sop_uid)}.dcm"
 
     def sr_path(self, study_uid: str, sop_uid: str) -> Path:
-        return self.sr / safe_name(study_uid) / f"{safe_name(sop_uid)}.dcm"
+        return self.paths.sr_path(study_uid, sop_uid)
 
     def heatmap_path(self, study_uid: str, sop_uid: str) -> Path:
-        return self.heatmaps / safe_name(study_uid) / f"{safe_name(sop_uid)}.jpg"
+        return self.paths.heatmap_path(study_uid, sop_uid)
 
     def adopt(self, tmp: Path, final: Path, file_sync: Future | None = None) -> bool:
         """Move ``tmp`` to ``final`` without replacing an existing file; durable when it returns True.
@@ -344,29 +279,8 @@ class Spool:
         fsync_together([final], [final.parent])
 
     def write_files(self, files: Sequence[tuple[Path, bytes]]) -> list[Path]:
-        """``write_bytes`` for several files at once: each written to a temp file beside it, all
-        fsynced together (one journal commit), renamed into place, their directories fsynced."""
-        staged: list[tuple[str, Path]] = []
-        dirs: dict[Path, None] = {}
-        try:
-            for final, data in files:
-                if not final.parent.exists():
-                    private_dir(final.parent)
-                    dirs[final.parent.parent] = None
-                dirs[final.parent] = None
-                fd, name = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp")
-                staged.append((name, final))
-                with os.fdopen(fd, "wb") as handle:
-                    handle.write(data)
-            fsync_together([Path(name) for name, _ in staged])
-            for name, final in staged:
-                os.replace(name, final)
-        except BaseException:
-            for name, _ in staged:
-                Path(name).unlink(missing_ok=True)
-            raise
-        fsync_together([], list(dirs))
-        return [final for _, final in staged]
+        """``write_bytes`` for several files at once (files.write_files: one fsync batch)."""
+        return write_files(files)
 
     def write_bytes(self, final: Path, data: bytes) -> Path:
         """Write ``data`` to ``final`` atomically (temp file in the same directory), durably (new

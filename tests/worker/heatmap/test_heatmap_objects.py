@@ -28,14 +28,14 @@ from testkit.env import require_tool
 
 from dicom_io import map_to_image
 from trainer.model_info import ModelInfo, new_model_uid
-from worker.heatmap.key_image import build_key_image
+from worker.heatmap.key_image import build_key_image, key_image_jpeg
 from worker.heatmap.overlay import (
     BAND_HEIGHT, PICTURE_LONG_SIDE, WARNING_TEXT, blend, colour_table, colourise, key_picture, percent, write_png,
 )
 from worker.heatmap.region import MAX_POINTS, strongest_region
 from worker.heatmap.segmentation import (
     SEGMENT_TYPE, HeatmapKind, build_segmentation, build_segmentation_reference, clear_segmentation_templates, encode,
-    heatmap_uids, segmentation_template_info,
+    heatmap_uids, map_levels, rle_lossless_frame, segmentation_template_info,
 )
 from worker.sr import pack_source, unpack_source
 
@@ -192,6 +192,13 @@ def test_key_image_is_rgb_burned_in_derived_from_the_source(model):
     assert max(sc.Rows, sc.Columns) == PICTURE_LONG_SIDE
     back = pydicom.dcmread(io.BytesIO(encode(sc)))
     assert back.pixel_array.shape == (sc.Rows, sc.Columns, 3)
+    # the web page's picture is the key image's own JPEG frame: a JPEG file of the same pixels
+    page = Image.open(io.BytesIO(key_image_jpeg(sc)))
+    assert page.format == "JPEG" and page.size == (sc.Columns, sc.Rows)
+    assert np.abs(np.asarray(page.convert("RGB"), np.int16) - back.pixel_array).mean() < 2.0  # pydicom: as RGB
+    back.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    with pytest.raises(ValueError, match="not JPEG Baseline"):
+        key_image_jpeg(back)
 
 
 def test_picture_has_colour_where_the_map_is_high_grey_where_low_and_the_text_band():
@@ -363,8 +370,90 @@ def test_template_path_gives_the_highdicom_reference_bytes(kind, syntax, model):
                              transfer_syntax_uid=syntax)
             fast = build_segmentation(source, relevance, **arguments)
             reference = build_segmentation_reference(source, relevance, **arguments)
+            if syntax == RLELossless:  # the fast path's RLE is imagecodecs' PackBits, the reference's GDCM's
+                assert np.array_equal(fast.pixel_array, reference.pixel_array), f"seed {seed} equipment {equipment}"
+                del fast.PixelData, reference.PixelData
             assert without_clock(fast) == without_clock(reference), f"seed {seed} equipment {equipment}"
-    assert segmentation_template_info() == {"reference": 2, "template": 6, "templates": 2}
+    assert segmentation_template_info() == {"reference": 2, "template": 8, "templates": 2}  # every SEG from a template
+
+
+def _rle_frame_decoded(data: bytes, rows: int, cols: int, plugin: str) -> np.ndarray:
+    from pydicom.pixels import get_decoder
+
+    ds = pydicom.Dataset()
+    ds.file_meta = pydicom.dataset.FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = RLELossless
+    ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.BitsAllocated, ds.BitsStored, ds.HighBit = rows, cols, 1, 8, 8, 7
+    ds.PixelRepresentation, ds.PhotometricInterpretation, ds.NumberOfFrames = 0, "MONOCHROME2", 1
+    ds.PixelData = pydicom.encaps.encapsulate([data])
+    array, _ = get_decoder(RLELossless).as_array(ds, decoding_plugin=plugin)
+    return array
+
+
+@pytest.mark.parametrize("plugin", ["pylibjpeg", "pydicom"])  # and DCMTK: test_template_rle_seg_reads_back...
+def test_rle_frame_decodes_exactly_with_every_decoder(plugin):
+    rng = np.random.default_rng(2)
+    frames = [map_levels(cam_relevance(7, 7, seed=1), 301, 245),  # smooth, an odd size
+              rng.integers(0, 256, (40, 333), dtype=np.uint8),   # no runs at all
+              np.full((9, 1000), 7, np.uint8),                     # runs longer than 128
+              np.zeros((1, 1), np.uint8)]
+    for frame in frames:
+        data = rle_lossless_frame(frame)
+        assert len(data) % 2 == 0 and data[:8] == b"\x01\x00\x00\x00\x40\x00\x00\x00"  # one segment, at 64
+        assert np.array_equal(_rle_frame_decoded(data, *frame.shape, plugin), frame), plugin
+
+
+def test_rle_frame_encodes_each_row_on_its_own():
+    import imagecodecs
+
+    frame = np.full((50, 300), 200, np.uint8)  # one long run, were rows allowed to run into each other
+    frame[::7, ::5] = 3
+    segment = rle_lossless_frame(frame)[64:]
+    rows = b"".join(imagecodecs.packbits_encode(row.tobytes()) for row in frame)
+    assert segment.rstrip(b"\x00") == rows.rstrip(b"\x00") and len(segment) - len(rows) in (0, 1)
+    with pytest.raises(ValueError, match="frame must be a 2-D uint8"):
+        rle_lossless_frame(frame.astype(np.uint16))
+
+
+def test_map_levels_are_within_one_level_of_the_float_map():
+    for seed in range(6):
+        cells = np.random.default_rng(seed).random((7, 7)).astype(np.float32) ** 3
+        cells /= cells.max()
+        for rows, cols in ((2500, 2048), (301, 245), (224, 224)):
+            levels = map_levels(cells, rows, cols)
+            exact = np.around(np.clip(map_to_image(cells, rows, cols), 0, 1) * 255.0)
+            assert levels.dtype == np.uint8 and levels.shape == (rows, cols)
+            assert np.abs(levels.astype(np.float32) - exact).max() <= 1.0
+    for bad in (np.full((7, 7), 1.5, np.float32), np.full((7, 7), np.nan, np.float32), np.zeros(7, np.float32)):
+        with pytest.raises(ValueError):
+            map_levels(bad, 10, 10)
+
+
+@pytest.mark.parametrize("kind", ["cr-monochrome1-no-frame-of-reference", "multi-frame-sc"])
+def test_template_rle_seg_reads_back_in_highdicom_and_dcmtk(kind, model, tmp_path):
+    """The fast path's RLE (not the reference's): highdicom's values and DCMTK's dcmdrle (Orthanc's decoder)."""
+    clear_segmentation_templates()
+    source = kept_header(source_file(kind))
+    frame = 2 if SOURCES[kind][3] > 1 else None
+    levels = map_levels(np.random.default_rng(4).random((7, 7)).astype(np.float32), ROWS, COLS)
+    for index in range(2):
+        seg = build_segmentation(source, levels, model=model, series_uid=generate_uid(), instance_uid=generate_uid(),
+                                 series_number=9901, instance_number=index + 1, manufacturer="cxr-worker",
+                                 frame=frame, transfer_syntax_uid=RLELossless)
+    assert segmentation_template_info() == {"reference": 1, "template": 2, "templates": 1}
+    path = tmp_path / "seg.dcm"
+    path.write_bytes(encode(seg))
+    back = hd.seg.segread(path)
+    values = back.get_pixels_by_source_instance(source_sop_instance_uids=[source.SOPInstanceUID],
+                                                combine_segments=False, rescale_fractional=False)
+    assert np.array_equal(values[0, :, :, 0], levels)
+    assert dciodvfy(path) == []
+    require_tool("dcmdrle")
+    plain = tmp_path / "plain.dcm"
+    subprocess.run(["dcmdrle", str(path), str(plain)], check=True, capture_output=True, timeout=60)
+    decoded = pydicom.dcmread(plain)
+    assert decoded.file_meta.TransferSyntaxUID != RLELossless
+    assert np.array_equal(decoded.pixel_array, levels)
 
 
 def test_quantisation_is_highdicoms_ties_included():
@@ -421,13 +510,13 @@ def test_invalid_source_values_give_valid_objects_as_for_the_sr(name, model, tmp
                 setattr(ds, keyword, value)
         ds.save_as(buffer, enforce_file_format=True)
     clear_segmentation_templates()
-    for _ in range(2):  # the reference, then the template path
+    for _ in range(2):  # the first builds the template, the second takes it as kept
         _, _, seg, sc = build_both("dx-monochrome2-no-frame-of-reference", model, buffer.getvalue())
         for label, built in (("seg", seg), ("sc", sc)):
             path = tmp_path / f"{label}.dcm"
             path.write_bytes(encode(built))
             assert dciodvfy(path) == [], f"{name} {label}"
-    assert segmentation_template_info()["template"] == 1
+    assert segmentation_template_info() == {"reference": 1, "template": 2, "templates": 1}
 
 
 def test_building_every_object_loads_no_torch_nor_matplotlib_until_a_picture(tmp_path):
