@@ -109,7 +109,7 @@ def main() -> None:
         reference(0), fast(0)  # highdicom's one-off tables, and the template
         size = len(fast(1)) / 1e6
         reference_ms, fast_ms = median_ms(reference, repeats), median_ms(fast, repeats)
-        assert segmentation_template_info()["template"] == repeats + 1, "fast path fell back to the reference"
+        assert segmentation_template_info()["reference"] == 1, "the template was built again"
         for label, ms in ((f"SEG {name}: highdicom", reference_ms), (f"SEG {name}: template", fast_ms)):
             print(f"{label:<34} {ms:>8.1f} {reference_ms / ms:>12.1f}x {size:>6.2f}")
         rows[f"seg {name}"] = {"reference_ms": reference_ms, "template_ms": fast_ms, "mb": size,

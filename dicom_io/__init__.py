@@ -11,6 +11,7 @@ from .dicom import read_dicom_display
 from .errors import DicomInputError
 from .images import is_image_file, read_image_file
 from .model_input import INPUT_SIZE, NORM_MEAN, NORM_STD, map_to_image, normalize, resize_for_model, to_model_input
+from .resize import fit_within, shrink_within
 from .types import DisplayImage
 
 
@@ -24,6 +25,6 @@ def load_display_image(path: str | Path) -> DisplayImage:
 __all__ = [
     "DicomInputError", "DisplayImage", "INPUT_SIZE", "NORM_MEAN", "NORM_STD", "is_image_file",
     "load_display_image", "normalize", "read_dicom_display", "read_image_file", "resize_for_model",
-    "map_to_image",
+    "map_to_image", "fit_within", "shrink_within",
     "to_model_input",
 ]

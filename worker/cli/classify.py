@@ -80,7 +80,7 @@ def record(scored: Scored, runner: ModelRunner, use: IntendedUse | None = None) 
 
 
 def write_heatmap(scored: Scored, runner: ModelRunner, rec: dict, folder: Path, taken: set[str],
-                  size: int) -> None:
+                  size: int | None = None) -> None:
     """An assessed file's overlay as PNG in ``folder`` (named after the file; a repeated name gets
     -2, -3...), recorded as rec["heatmap"]; a file that was not assessed gets none (its map would
     explain a finding that was not made)."""
@@ -89,7 +89,7 @@ def write_heatmap(scored: Scored, runner: ModelRunner, rec: dict, folder: Path, 
         return
     from trainer.cam import relevance
 
-    from ..heatmap.overlay import key_picture, png_bytes
+    from ..heatmap.overlay import PICTURE_LONG_SIDE, key_picture, png_bytes
 
     name, n = f"{Path(scored.prepared.path).name}.png", 1
     while name in taken:
@@ -99,17 +99,19 @@ def write_heatmap(scored: Scored, runner: ModelRunner, rec: dict, folder: Path, 
     preview = scored.prepared.preview
     picture = key_picture(preview, relevance(scored.cam), finding=rec["label"], probability=scored.probability,
                           threshold=runner.threshold, model_name=runner.info.name, model_version=runner.info.version,
-                          size=size)
+                          size=size or PICTURE_LONG_SIDE)
     target = folder / name
     target.write_bytes(png_bytes(picture))
     rec["heatmap"] = str(target)
 
 
 def run(paths: list[str], runner: ModelRunner, as_json: bool, out: TextIO = sys.stdout,
-        use: IntendedUse | None = None, heatmap_dir: Path | None = None) -> int:
+        use: IntendedUse | None = None, heatmap_dir: Path | None = None, heatmap_size: int | None = None) -> int:
     """Print one line per file; return 0 when every file was scored, 1 otherwise (a file that was
     scored but not assessed is not a failure: its line says why). ``heatmap_dir``: also write each
-    assessed file's overlay there (the runner made with ``heatmaps=True`` and a ``preview_size``)."""
+    assessed file's overlay there, ``heatmap_size`` pixels on its long side (settings
+    heatmap.key_image_size; None: overlay.PICTURE_LONG_SIDE; the runner made with ``heatmaps=True`` and the ``preview_box`` of
+    worker.heatmap.overlay.film_box for that size)."""
     files = list(expand(paths))
     failures = 0
     taken: set[str] = set()
@@ -118,7 +120,7 @@ def run(paths: list[str], runner: ModelRunner, as_json: bool, out: TextIO = sys.
         for scored in runner.score([(p, p) for p in chunk]):
             rec = record(scored, runner, use)
             if heatmap_dir is not None:
-                write_heatmap(scored, runner, rec, heatmap_dir, taken, runner.preview_size)
+                write_heatmap(scored, runner, rec, heatmap_dir, taken, heatmap_size)
             failures += "error" in rec
             if as_json:
                 out.write(json.dumps(rec) + "\n")

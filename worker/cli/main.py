@@ -133,12 +133,13 @@ def classify_runner(args):
     check_model_file(path, "--model" if args.model else "model.path")  # before importing torch
     if args.batch_size is not None and args.batch_size < 1:
         raise StartupError(f"--batch-size: must be >= 1, got {args.batch_size}")
+    from ..heatmap.overlay import film_box
     from ..scoring.runner import ModelRunner
 
     heatmaps = getattr(args, "heatmap", None) is not None
     return ModelRunner(path, args.device or m.device, args.precision or m.precision, args.batch_size or m.batch_size,
                        m.decode_threads, heatmaps=heatmaps,
-                       preview_size=_settings(args).heatmap.key_image_size if heatmaps else 0)
+                       preview_box=film_box(_settings(args).heatmap.key_image_size) if heatmaps else None)
 
 
 def cmd_classify(args) -> int:
@@ -157,7 +158,8 @@ def cmd_classify(args) -> int:
     runner = classify_runner(args)
     use = IntendedUse.resolve(site_values(_settings(args).intended_use), runner.info.intended_use)
     try:
-        return classify.run([str(p) for p in args.paths], runner, args.json, use=use, heatmap_dir=heatmap_dir)
+        return classify.run([str(p) for p in args.paths], runner, args.json, use=use, heatmap_dir=heatmap_dir,
+                            heatmap_size=_settings(args).heatmap.key_image_size)
     finally:
         runner.close()
 

@@ -27,6 +27,8 @@ import cv2
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from dicom_io import fit_within
+
 #: The picture's long side in pixels (module docstring: why 1024).
 PICTURE_LONG_SIDE = 1024
 #: Height of the band under the radiograph that holds the text and the legend.
@@ -152,6 +154,14 @@ def _band(width: int, model_name: str, model_version: str) -> Image.Image:
     return band
 
 
+def film_box(size: int = PICTURE_LONG_SIDE) -> tuple[int, int]:
+    """(rows, cols) the film is fitted into in a picture of long side ``size``: the band below it
+    (the decode processes shrink each display image to fit it: ModelRunner(preview_box=...))."""
+    if size < 2 * BAND_HEIGHT:
+        raise ValueError(f"size must be at least {2 * BAND_HEIGHT}, got {size}")
+    return size - BAND_HEIGHT, size
+
+
 def percent(value: float) -> str:
     """A probability as the picture writes it: one decimal, never a rounded 100 % or 0 % that is not."""
     text = f"{100 * value:.1f} %"
@@ -180,11 +190,8 @@ def key_picture(display_u8: np.ndarray, relevance: np.ndarray, *, finding: str, 
     grey = np.asarray(display_u8)
     if grey.ndim != 2 or grey.dtype != np.uint8:
         raise ValueError(f"display_u8 must be a 2-D uint8 image, got {grey.dtype} {grey.shape}")
-    rows, cols = grey.shape
-    # the film fitted into (size - band) high, at most size wide, its aspect kept
-    scale = min((size - BAND_HEIGHT) / rows, size / cols)
-    height, width = max(1, round(rows * scale)), max(1, round(cols * scale))
-    if scale <= 0.5:  # a Gaussian halving first: the same anti-aliasing, half the cost of INTER_AREA alone
+    height, width = fit_within(grey.shape, film_box(size))
+    if height * 2 <= grey.shape[0]:  # a Gaussian halving first: the same anti-aliasing, half the cost of INTER_AREA alone
         grey = cv2.pyrDown(grey)
     small = grey if grey.shape == (height, width) else cv2.resize(grey, (width, height), interpolation=cv2.INTER_AREA)
     picture = Image.frombytes("RGB", (width, height), _blended(np.ascontiguousarray(small), relevance), "raw", "RGBX")

@@ -47,6 +47,7 @@ from __future__ import annotations
 import copy
 import datetime
 import enum
+import functools
 import io
 
 import struct
@@ -319,6 +320,43 @@ _PER_OBJECT = frozenset(pydicom.tag.Tag(keyword) for keyword in (
 _STAND_IN_SIZE = 2
 
 
+_EQUIPMENT = pydicom.tag.Tag("ContributingEquipmentSequence")
+
+
+@functools.cache
+def _is_image_class(sop_class_uid: str) -> bool:
+    """Whether highdicom's for_image_acquisition takes a source of this SOP class as an image (it checks
+    the class against the standard's tables, ~2 ms a call): asked once per class."""
+    probe = pydicom.Dataset()
+    probe.SOPClassUID, probe.Manufacturer = sop_class_uid, "probe"
+    try:
+        hd.ContributingEquipment.for_image_acquisition(probe)
+    except ValueError:
+        return False
+    return True
+
+
+def acquisition_equipment(header: pydicom.Dataset) -> hd.ContributingEquipment | None:
+    """highdicom's ContributingEquipment.for_image_acquisition(header), or None where it raises (not an
+    image, no Manufacturer): the same item through its public constructor, with the SOP class check
+    asked once per class (_is_image_class). tests/worker/heatmap compares the bytes with highdicom's."""
+    manufacturer = header.get("Manufacturer")
+    if manufacturer is None or manufacturer == "" or not _is_image_class(str(header.SOPClassUID)):
+        return None
+    when = header.get("AcquisitionDateTime")
+    if when is None:
+        date, time = header.get("AcquisitionDate"), header.get("AcquisitionTime")
+        if isinstance(date, datetime.date) and isinstance(time, datetime.time):
+            when = datetime.datetime.combine(date, time)
+    return hd.ContributingEquipment(
+        manufacturer=manufacturer, purpose_of_reference=codes.DCM.AcquisitionEquipment,
+        manufacturer_model_name=header.get("ManufacturerModelName"), software_versions=header.get("SoftwareVersions"),
+        device_serial_number=header.get("DeviceSerialNumber"), institution_name=header.get("InstitutionName"),
+        institutional_department_name=header.get("InstitutionalDepartmentName"),
+        institution_address=header.get("InstitutionAddress"), station_name=header.get("StationName"),
+        contribution_datetime=when, contribution_description="Acquisition equipment of the source image(s)")
+
+
 def _from_template(template: pydicom.Dataset, copied: tuple, source: pydicom.Dataset, header: pydicom.Dataset,
                    levels: np.ndarray, *, series_uid: str, instance_uid: str, series_number: int,
                    instance_number: int) -> pydicom.Dataset:
@@ -329,6 +367,8 @@ def _from_template(template: pydicom.Dataset, copied: tuple, source: pydicom.Dat
     of the whole data set was a third of the SEG's cost)."""
     seg = pydicom.Dataset()
     for tag in template.keys():
+        if tag == _EQUIPMENT:  # made anew below
+            continue
         element = template[tag]
         seg.add(copy.deepcopy(element) if tag in _PER_OBJECT else element)
     seg.file_meta = copy.deepcopy(template.file_meta)
@@ -343,13 +383,9 @@ def _from_template(template: pydicom.Dataset, copied: tuple, source: pydicom.Dat
     seg.InstanceCreationDate, seg.InstanceCreationTime = DA(now.date()), TM(now.time())
     if "ContentDate" in seg:
         seg.ContentDate, seg.ContentTime = now.date(), now.time()
-    equipment = []
-    try:  # what highdicom's _add_contributing_equipment does with the source
-        equipment.append(hd.ContributingEquipment.for_image_acquisition(header))
-    except Exception:  # noqa: BLE001 - exactly what highdicom swallows there
-        pass
-    equipment.append(hd.ContributingEquipment.for_highdicom())
-    seg.ContributingEquipmentSequence = equipment
+    acquisition = acquisition_equipment(header)  # what highdicom's _add_contributing_equipment does with the source
+    seg.ContributingEquipmentSequence = [*([acquisition] if acquisition is not None else []),
+                                         hd.ContributingEquipment.for_highdicom()]
     for keyword in ("FrameOfReferenceUID", "PositionReferenceIndicator"):
         if keyword in seg:
             setattr(seg, keyword, header.get(keyword))

@@ -15,11 +15,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import cv2
 import numpy as np
-from PIL import Image
 
-from dicom_io import DicomInputError, load_display_image, to_model_input
+from dicom_io import DicomInputError, load_display_image, shrink_within, to_model_input
 
 from ..logs import setup_child_logging
 
@@ -39,37 +37,14 @@ class Prepared:
     error_message: str | None = None
     decode_s: float = 0.0
     image_shape: tuple[int, int] | None = None  # (rows, columns) of the decoded image (its frame)
-    preview: np.ndarray | None = None           # uint8, the display image shrunk to the key image's size
-                                                # (asked for by preview_size; the heatmap's background)
+    preview: np.ndarray | None = None           # uint8, the display image shrunk to the key picture's film
+                                                # box (asked for by preview_box; the heatmap's background)
 
 
-def shrink(gray: np.ndarray, longest: int) -> np.ndarray:
-    """An 8-bit grey image with its longer side at most ``longest`` (area averaging; never enlarged).
-
-    Exact halvings first (OpenCV's area average at a factor of two is a 2 x 2 mean, ~0.3 ms at
-    2500 x 2048; Pillow's ``reduce`` where a side is odd), then Pillow's box filter to the size: the
-    same box-filtered picture as one box resize, at about half its cost (every image pays it while
-    heatmaps are on: the decision that wants the picture comes after decoding)."""
-    rows, cols = gray.shape
-    scale = longest / max(rows, cols)
-    if scale >= 1.0:
-        return np.ascontiguousarray(gray)
-    width, height = max(1, round(cols * scale)), max(1, round(rows * scale))
-    image = np.ascontiguousarray(gray)
-    while image.shape[0] >= 2 * height and image.shape[1] >= 2 * width:
-        r, c = image.shape
-        if r % 2 == 0 and c % 2 == 0:
-            image = cv2.resize(image, (c // 2, r // 2), interpolation=cv2.INTER_AREA)
-        else:
-            image = np.asarray(Image.fromarray(image).reduce(2))
-    if image.shape != (height, width):
-        image = np.asarray(Image.fromarray(image).resize((width, height), Image.Resampling.BOX))
-    return image
-
-
-def prepare(path: str | Path, key: object = None, preview_size: int = 0) -> Prepared:
+def prepare(path: str | Path, key: object = None, preview_box: tuple[int, int] | None = None) -> Prepared:
     """Decode one file (DICOM by content, JPEG/PNG by suffix) to model input; never raises.
-    ``preview_size`` > 0 also keeps the display image shrunk to that longer side (``Prepared.preview``)."""
+    ``preview_box`` (rows, cols) also keeps the display image shrunk to fit it (``Prepared.preview``,
+    dicom_io.shrink_within: the heatmap picture's film box, worker.heatmap.overlay.film_box)."""
     path = Path(path)
     item = Prepared(key=key if key is not None else path, path=path)
     start = time.perf_counter()
@@ -77,8 +52,8 @@ def prepare(path: str | Path, key: object = None, preview_size: int = 0) -> Prep
         image = load_display_image(path)
         item.tensor = to_model_input(image.pixels)
         item.image_shape = tuple(image.pixels.shape[:2])
-        if preview_size > 0:
-            item.preview = shrink(image.pixels, preview_size)
+        if preview_box:
+            item.preview = shrink_within(image.pixels, preview_box)
         item.transfer_syntax = image.transfer_syntax
         item.frame = image.frame
         item.number_of_frames = image.number_of_frames
@@ -96,7 +71,7 @@ def prepare(path: str | Path, key: object = None, preview_size: int = 0) -> Prep
 
 
 def prepare_item(key_path: tuple) -> Prepared:
-    """``prepare`` for ``Executor.map`` over ``(key, path)`` or ``(key, path, preview_size)`` tuples (a
+    """``prepare`` for ``Executor.map`` over ``(key, path)`` or ``(key, path, preview_box)`` tuples (a
     picklable top-level function)."""
     key, path, *rest = key_path
     return prepare(path, key, *rest)

@@ -116,7 +116,8 @@ class ModelRunner:
 
     def __init__(self, model_path: str | Path | None = None, device: str = "auto", precision: str = "auto",
                  batch_size: int = 16, decode_threads: int = 2, decode_processes: bool = False,
-                 torch_threads: int = 0, heatmaps: bool = False, preview_size: int = 0) -> None:
+                 torch_threads: int = 0, heatmaps: bool = False,
+                 preview_box: tuple[int, int] | None = None) -> None:
         self.model_path = Path(model_path) if model_path else DEFAULT_MODEL
         if not self.model_path.is_file():
             raise FileNotFoundError(f"model checkpoint not found: {self.model_path}")
@@ -136,8 +137,9 @@ class ModelRunner:
         #: maps: from the scoring forward pass (CamTap) where the head allows, else hirescam's backward pass
         self.heatmaps = heatmaps
         self._cam_tap = CamTap(self.model) if heatmaps and linear_head(self.model) is not None else None
-        #: > 0: decoding also keeps the display image shrunk to this longer side (Prepared.preview)
-        self.preview_size = preview_size
+        #: (rows, cols): decoding also keeps the display image shrunk to fit it (Prepared.preview; the
+        #: heatmap picture's film box, worker.heatmap.overlay.film_box)
+        self.preview_box = tuple(preview_box) if preview_box else None
         self._pool: Executor = self._new_pool()
         log.info("model %s %s (uid %s, threshold %.4f%s) on %s, precision %s; %s", info.name, info.version,
                  info.uid, self.threshold, " calibrated" if info.calibration else "", self.device, self.precision,
@@ -253,7 +255,7 @@ class ModelRunner:
         yield from self.collect(self.decode_async(items))
 
     def _job(self, item: tuple[object, Path]) -> tuple:
-        return (*item, self.preview_size) if self.preview_size else item
+        return (*item, self.preview_box) if self.preview_box else item
 
     def _prepare_alone(self, key: object, path: Path) -> Prepared:
         try:

@@ -4,6 +4,7 @@ encloses the maximum."""
 
 from __future__ import annotations
 
+import copy
 import io
 import warnings
 import subprocess
@@ -35,7 +36,7 @@ from worker.heatmap.overlay import (
 from worker.heatmap.region import MAX_POINTS, strongest_region
 from worker.heatmap.segmentation import (
     SEGMENT_TYPE, HeatmapKind, build_segmentation, build_segmentation_reference, clear_segmentation_templates, encode,
-    heatmap_uids, map_levels, rle_lossless_frame, segmentation_template_info,
+    acquisition_equipment, heatmap_uids, map_levels, rle_lossless_frame, segmentation_template_info,
 )
 from worker.sr import pack_source, unpack_source
 
@@ -454,6 +455,59 @@ def test_template_rle_seg_reads_back_in_highdicom_and_dcmtk(kind, model, tmp_pat
     decoded = pydicom.dcmread(plain)
     assert decoded.file_meta.TransferSyntaxUID != RLELossless
     assert np.array_equal(decoded.pixel_array, levels)
+
+
+def test_acquisition_equipment_is_highdicoms():
+    from pydicom.uid import BasicTextSRStorage
+
+    base = kept_header(source_file("dx-monochrome2-no-frame-of-reference"))
+    variants = []
+    for change in ({}, {"AcquisitionDateTime": "20240102101510"}, {"AcquisitionDate": "20240102", "AcquisitionTime": "1015"},
+                   {"StationName": "ROOM 7", "InstitutionName": "General", "DeviceSerialNumber": "SN1",
+                    "SoftwareVersions": "2.1", "ManufacturerModelName": "DR-1"},
+                   {"Manufacturer": ""}, {"Manufacturer": None}, {"SOPClassUID": BasicTextSRStorage}):
+        ds = copy.deepcopy(base)
+        for keyword, value in change.items():
+            if value is None:
+                delattr(ds, keyword)
+            else:
+                setattr(ds, keyword, value)
+        variants.append(unpack_source(pack_source(ds)) if "SOPClassUID" not in change else ds)
+    for ds in variants:
+        try:
+            expected = hd.ContributingEquipment.for_image_acquisition(ds)
+        except (ValueError, AttributeError):
+            expected = None
+        got = acquisition_equipment(ds)
+        assert (got is None) == (expected is None)
+        if got is not None:
+            assert got == expected, ds
+
+
+def test_key_image_is_what_highdicoms_from_ref_dataset_builds(model):
+    """build_key_image maps the source as SCImage.from_ref_dataset does (without its 2 ms equipment check)."""
+    from worker.heatmap.key_image import SERIES_DESCRIPTION
+    from worker.heatmap.segmentation import CHARACTER_SET, highdicom_source
+
+    for equipment in (True, False):
+        source = kept_header(varied_source("dx-monochrome2-no-frame-of-reference", 1, equipment=equipment))
+        picture = np.random.default_rng(0).integers(0, 256, (300, 240, 3), dtype=np.uint8)
+        ours = build_key_image(source, picture, model=model, series_uid="1.2.3", instance_uid="1.2.3.4",
+                               series_number=9902, instance_number=1, manufacturer="cxr-worker")
+        theirs = hd.sc.SCImage.from_ref_dataset(
+            ref_dataset=highdicom_source(source), pixel_array=picture, photometric_interpretation="YBR_FULL_422",
+            bits_allocated=8, coordinate_system=hd.CoordinateSystemNames.PATIENT, patient_orientation=("R", "F"),
+            series_instance_uid="1.2.3", series_number=9902, sop_instance_uid="1.2.3.4", instance_number=1,
+            manufacturer="cxr-worker", manufacturer_model_name=model.name, software_versions=model.version,
+            device_serial_number=model.uid, series_description=SERIES_DESCRIPTION,
+            specific_character_set=CHARACTER_SET, transfer_syntax_uid="1.2.840.10008.1.2.4.50")
+        for ds in (ours, theirs):  # highdicom's own item (the last) is dated when built
+            ds.ContributingEquipmentSequence[-1].pop("ContributionDateTime", None)
+        assert ours.ContributingEquipmentSequence == theirs.ContributingEquipmentSequence
+        assert len(ours.ContributingEquipmentSequence) == (2 if equipment else 1)
+        for keyword in ("PatientID", "PatientName", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID",
+                        "StudyDate", "StudyTime", "ReferringPhysicianName", "StudyInstanceUID", "SpecificCharacterSet"):
+            assert str(ours.get(keyword)) == str(theirs.get(keyword)), keyword
 
 
 def test_quantisation_is_highdicoms_ties_included():

@@ -3,16 +3,19 @@
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
-from dicom_io import load_display_image, to_model_input
+from dicom_io import fit_within, load_display_image, shrink_within, to_model_input
 from trainer.cam import hirescam
 from trainer.checkpoint import save_checkpoint
 from trainer.model_info import ModelInfo, new_model_uid
 from trainer.models import SimpleCNN
-from worker.scoring.prepare import prepare, shrink
+from worker.heatmap.overlay import BAND_HEIGHT, film_box, key_picture
+from worker.scoring.prepare import prepare
 from worker.scoring.runner import ModelRunner
 
 
@@ -22,7 +25,7 @@ def films(kaggle_jpegs):
 
 
 def test_maps_come_with_the_scores_and_change_no_probability(films):
-    with_maps, without = ModelRunner(device="cpu", decode_threads=1, heatmaps=True, preview_size=160), \
+    with_maps, without = ModelRunner(device="cpu", decode_threads=1, heatmaps=True, preview_box=(160, 160)), \
         ModelRunner(device="cpu", decode_threads=1)
     try:
         a, b = with_maps.score([(f, f) for f in films]), without.score([(f, f) for f in films])
@@ -51,17 +54,28 @@ def test_a_model_without_a_pooled_head_gets_maps_by_autograd(films, tmp_path):
     try:
         scored = runner.score([(f, f) for f in films[:2]])
         assert all(s.cam.shape == (28, 28) and np.isfinite(s.cam).all() for s in scored)
-        assert all(s.prepared.preview is None for s in scored)  # no preview_size: none kept
+        assert all(s.prepared.preview is None for s in scored)  # no preview_box: none kept
     finally:
         runner.close()
 
 
 def test_the_preview_is_the_display_image_shrunk_never_enlarged(tmp_path):
     grey = (np.arange(600 * 400) % 251).astype(np.uint8).reshape(600, 400)
-    small = shrink(grey, 300)
-    assert small.shape == (300, 200) and shrink(grey, 1000) is not None and shrink(grey, 1000).shape == (600, 400)
-    import cv2
-
+    small = shrink_within(grey, (300, 300))
+    assert small.shape == (300, 200) and shrink_within(grey, (1000, 1000)).shape == (600, 400)
+    assert fit_within((600, 400), (300, 1000)) == (300, 200) and fit_within((600, 400), (1000, 100)) == (150, 100)
+    # the fast path (exact halvings, then a box filter) is nearly the one box filter's picture
+    rng = np.random.default_rng(0)
+    for shape in ((2500, 2048), (2499, 2047), (1001, 1500)):
+        image = cv2.GaussianBlur(rng.integers(0, 256, shape, dtype=np.uint8), (0, 0), 3)
+        fast = shrink_within(image, film_box(1024))
+        box = np.asarray(Image.fromarray(image).resize(fast.shape[::-1], Image.Resampling.BOX))
+        difference = np.abs(fast.astype(int) - box)
+        assert fast.shape == fit_within(shape, film_box(1024)) and difference.mean() < 1.5 and difference.max() <= 16
     cv2.imwrite(str(tmp_path / "f.png"), grey)
-    item = prepare(tmp_path / "f.png", preview_size=300)
+    item = prepare(tmp_path / "f.png", preview_box=(300, 300))
     assert item.image_shape == (600, 400) and item.preview.shape == (300, 200)
+    # the key picture takes a preview of its film box as it is (no second resize)
+    picture = key_picture(shrink_within(grey, film_box(640)), np.ones((7, 7), np.float32), finding="PNEUMONIA",
+                          probability=0.9, threshold=0.5, model_name="m", model_version="1", size=640)
+    assert picture.shape[0] == 640 and film_box(640) == (640 - BAND_HEIGHT, 640)
