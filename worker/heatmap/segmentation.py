@@ -69,6 +69,7 @@ from pydicom.uid import (
 
 from trainer.model_info import ModelInfo
 from worker.sr import PNEUMONIA, derived_uid
+from worker.sr import acquisition_equipment as sr_acquisition_equipment
 from worker.sr.builder import evidence_copy
 from worker.sr.sources import PATIENT_STUDY_TAGS
 
@@ -338,23 +339,11 @@ def _is_image_class(sop_class_uid: str) -> bool:
 
 def acquisition_equipment(header: pydicom.Dataset) -> hd.ContributingEquipment | None:
     """highdicom's ContributingEquipment.for_image_acquisition(header), or None where it raises (not an
-    image, no Manufacturer): the same item through its public constructor, with the SOP class check
-    asked once per class (_is_image_class). tests/worker/heatmap compares the bytes with highdicom's."""
-    manufacturer = header.get("Manufacturer")
-    if manufacturer is None or manufacturer == "" or not _is_image_class(str(header.SOPClassUID)):
+    image, no Manufacturer): the SR's copy of it (worker.sr.acquisition_equipment) with the SOP class
+    check asked once per class (_is_image_class). tests/worker/heatmap compares it with highdicom's."""
+    if not _is_image_class(str(header.SOPClassUID)):
         return None
-    when = header.get("AcquisitionDateTime")
-    if when is None:
-        date, time = header.get("AcquisitionDate"), header.get("AcquisitionTime")
-        if isinstance(date, datetime.date) and isinstance(time, datetime.time):
-            when = datetime.datetime.combine(date, time)
-    return hd.ContributingEquipment(
-        manufacturer=manufacturer, purpose_of_reference=codes.DCM.AcquisitionEquipment,
-        manufacturer_model_name=header.get("ManufacturerModelName"), software_versions=header.get("SoftwareVersions"),
-        device_serial_number=header.get("DeviceSerialNumber"), institution_name=header.get("InstitutionName"),
-        institutional_department_name=header.get("InstitutionalDepartmentName"),
-        institution_address=header.get("InstitutionAddress"), station_name=header.get("StationName"),
-        contribution_datetime=when, contribution_description="Acquisition equipment of the source image(s)")
+    return sr_acquisition_equipment(header)
 
 
 def _from_template(template: pydicom.Dataset, copied: tuple, source: pydicom.Dataset, header: pydicom.Dataset,

@@ -24,6 +24,7 @@ from .builder import (
     build_pneumonia_sr,
     sr_file_bytes,
 )
+from ._highdicom import acquisition_equipment
 from .reader import read_pneumonia_sr
 from .report import DeclinedImage, HeatmapEvidence, PneumoniaReport, ReferencedObject, derived_uid, sr_uids
 from .sources import SOURCE_TAGS, pack_source, source_dataset, unpack_source
@@ -33,6 +34,6 @@ __all__ = [
     "CERTAINTY_OF_FINDING", "DeclinedImage", "HeatmapEvidence", "PNEUMONIA", "PROCESSING_EQUIPMENT", "PneumoniaReport",
     "ReferencedObject", "SR_SERIES_DESCRIPTION",
     "SOURCE_TAGS", "build_pneumonia_sr", "clear_template_cache", "encode_pneumonia_sr",
-    "derived_uid", "pack_source", "read_pneumonia_sr", "source_dataset", "sr_file_bytes", "sr_uids", "template_cache_info",
+    "acquisition_equipment", "derived_uid", "pack_source", "read_pneumonia_sr", "source_dataset", "sr_file_bytes", "sr_uids", "template_cache_info",
     "unpack_source",
 ]
