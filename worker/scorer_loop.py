@@ -168,6 +168,9 @@ class ScorerLoop(threading.Thread):
         except Exception as exc:  # noqa: BLE001 - e.g. CUDA out of memory: give the studies back
             log.exception("batch scoring failed; releasing %d studies", len(claimed))
             release(self.db, self.owner, [c.id for c in claimed], f"scoring failed: {type(exc).__name__}: {exc}")
+            for future in ahead.decoding.futures:  # the previews the decode processes kept for this batch
+                if future.done() and future.exception() is None and future.result().preview_path is not None:
+                    future.result().preview_path.unlink(missing_ok=True)
             return
         renew(self.db, self.owner, [c.id for c in claimed], self.settings.studies.lease_seconds)
         for s in scored:  # here, in this process: the decode processes cannot update its metrics
@@ -180,7 +183,18 @@ class ScorerLoop(threading.Thread):
 
     def _finish_all(self, claimed: list[ClaimedStudy], per_study: dict[int, list[Instance]],
                     by_study: dict[int, list[Scored]]) -> None:
-        """SR files for every study of the batch, then ONE transaction records them all."""
+        """SR files for every study of the batch, then ONE transaction records them all; then the
+        batch's previews kept in files (prepare.keep_preview) are removed, used or not."""
+        try:
+            self._finish_batch(claimed, per_study, by_study)
+        finally:
+            for scored in by_study.values():
+                for s in scored:
+                    if s.prepared.preview_path is not None:
+                        s.prepared.preview_path.unlink(missing_ok=True)
+
+    def _finish_batch(self, claimed: list[ClaimedStudy], per_study: dict[int, list[Instance]],
+                      by_study: dict[int, list[Scored]]) -> None:
         concluded: list[Concluded] = []
         started: dict[int, tuple] = {}
         for study in claimed:  # every study's heatmap objects at once, in the decode processes, in parallel
@@ -310,7 +324,8 @@ class ScorerLoop(threading.Thread):
                 continue
             inst = inst_by_id[s.prepared.key[1]]
             maps.append(ImageMap(self._header(inst), relevance(s.cam), s.prepared.image_shape, s.prepared.preview,
-                                 s.probability, self.runner.label(s.probability)[0], s.prepared.frame))
+                                 s.probability, self.runner.label(s.probability)[0], s.prepared.frame,
+                                 s.prepared.preview_path))
             mapped.append(inst)
         if not maps:
             return None

@@ -68,7 +68,8 @@ class Service:
 
         self.runner = ModelRunner(m.path, m.device, m.precision, m.batch_size, m.decode_threads, m.decode_processes,
                                   m.torch_threads, heatmaps=h.enabled,
-                                  preview_box=film_box(h.key_image_size) if h.enabled else None)
+                                  preview_box=film_box(h.key_image_size) if h.enabled else None,
+                                  preview_dir=self.spool.previews() if h.enabled else None)
         self.metrics.set_model(self.runner.info.name, self.runner.info.version, self.runner.info.uid)
         self.metrics.watch_database(lambda: overview.gauges(self.db))
         self.metrics.watch_free_space(self._free_space)

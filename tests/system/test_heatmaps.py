@@ -106,6 +106,9 @@ def test_a_positive_study_gets_its_objects_before_the_sr_and_a_negative_one_only
             page = worker.http_get(f"/studies/{study}/instances/{uid}/heatmap.jpg")
             assert page.status_code == 200 and page.headers["content-type"] == "image/jpeg"
         assert worker.http_get(f"/studies/{study}").text.count('class="heatmap"') == 2
+        # the decode processes kept the previews in this worker's folder, and the scorer removed them all
+        folders = list((tmp_path / "data" / "incoming").glob("*/previews"))
+        assert len(folders) == 1 and list(folders[0].iterdir()) == []
 
 
 def test_objects_survive_a_restart_while_the_destination_is_down_and_a_late_image_revises_them(kaggle_jpegs, tmp_path):

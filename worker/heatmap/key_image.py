@@ -37,14 +37,15 @@ _ANY_ORIENTATION = ("L", "F")
 
 def build_key_image(source: pydicom.Dataset, picture_rgb: np.ndarray, *, model: ModelInfo, series_uid: str,
                     instance_uid: str, series_number: int, instance_number: int, manufacturer: str,
-                    frame: int | None = None) -> pydicom.Dataset:
-    """The RGB SC of ``picture_rgb`` ((rows, cols, 3) uint8) for ``source`` (its header)."""
+                    frame: int | None = None, header: pydicom.Dataset | None = None) -> pydicom.Dataset:
+    """The RGB SC of ``picture_rgb`` ((rows, cols, 3) uint8) for ``source`` (its header); ``header``:
+    segmentation.highdicom_source(source), where the caller has it already."""
     picture = np.asarray(picture_rgb)
     if picture.ndim != 3 or picture.shape[2] != 3 or picture.dtype != np.uint8:
         raise ValueError(f"picture_rgb must be (rows, cols, 3) uint8, got {picture.dtype} {picture.shape}")
     if frame is not None and int(frame) < 1:
         raise ValueError(f"frame must be a 1-based frame number, got {frame}")
-    header = highdicom_source(source)
+    header = highdicom_source(source) if header is None else header
     orientation = list(source.get("PatientOrientation") or [])
     # SCImage.from_ref_dataset's mapping of the source, with the acquisition equipment made once per
     # SOP class check (segmentation.acquisition_equipment: highdicom's item, 2 ms cheaper)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
-from pydicom.uid import ExplicitVRLittleEndian, RLELossless
+from pydicom.uid import ExplicitVRLittleEndian, RLELossless, SegmentationStorage
 
 from trainer.model_info import ModelInfo
 
@@ -26,7 +26,9 @@ from ..sr import HeatmapEvidence, ReferencedObject
 from .key_image import build_key_image, key_image_jpeg
 from .overlay import jpeg_bytes, key_picture
 from .region import strongest_region
-from .segmentation import HeatmapKind, build_segmentation, encode, heatmap_uids, map_levels
+from .segmentation import (
+    HeatmapKind, encode, encode_segmentation, heatmap_uids, highdicom_source, map_levels,
+)
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,13 @@ class ImageMap:
     probability: float                  # the image's calibrated probability
     label: str                          # its decision (the model's class name)
     frame: int | None = None            # 0-based frame of a multi-frame source (Prepared.frame)
+    preview_path: Path | None = None    # the preview's .npy file instead (a decode process kept it there)
+
+    def display(self) -> np.ndarray | None:
+        """The preview, read from its file where a decode process kept it (Prepared.preview_path)."""
+        if self.preview is not None or self.preview_path is None:
+            return self.preview
+        return np.load(self.preview_path, allow_pickle=False)
 
 
 @dataclass
@@ -74,25 +83,28 @@ def make(m: ImageMap, settings: HeatmapSettings, *, study_uid: str, revision: in
     frame = None if m.frame is None else m.frame + 1  # DICOM frame numbers are 1-based
     made = MadeObjects()
     references: dict[str, ReferencedObject] = {}
+    header = highdicom_source(m.source)  # the source as highdicom reads it, once for both objects
     if HeatmapObject.SEGMENTATION in settings.objects:
         series_uid, instance_uid = heatmap_uids(study_uid, model.uid, revision, source_uid, HeatmapKind.SEGMENTATION)
-        seg = build_segmentation(m.source, full, model=model, series_uid=series_uid, instance_uid=instance_uid,
-                                 series_number=settings.segmentation_series_number, instance_number=revision,
-                                 manufacturer=manufacturer, frame=frame,
-                                 transfer_syntax_uid=RLELossless if settings.segmentation_compression == "rle"
-                                 else ExplicitVRLittleEndian)
-        made.files.append(MadeFile(HeatmapObject.SEGMENTATION, instance_uid, encode(seg)))
-        references["segmentation"] = ReferencedObject.from_dataset(seg)
-    if m.preview is not None:
+        data = encode_segmentation(m.source, full, model=model, series_uid=series_uid, instance_uid=instance_uid,
+                                   series_number=settings.segmentation_series_number, instance_number=revision,
+                                   manufacturer=manufacturer, frame=frame, header=header,
+                                   transfer_syntax_uid=RLELossless if settings.segmentation_compression == "rle"
+                                   else ExplicitVRLittleEndian)
+        made.files.append(MadeFile(HeatmapObject.SEGMENTATION, instance_uid, data))
+        references["segmentation"] = ReferencedObject(SegmentationStorage, instance_uid, series_uid,
+                                                         int(header.Rows), int(header.Columns))
+    preview = m.display()
+    if preview is not None:
         # the picture blends the map resized to it: the model-input grid is enough (and cheapest)
-        picture = key_picture(m.preview, m.relevance, finding=m.label, probability=m.probability,
+        picture = key_picture(preview, m.relevance, finding=m.label, probability=m.probability,
                               threshold=threshold, model_name=model.name, model_version=model.version,
                               size=settings.key_image_size)
         if HeatmapObject.KEY_IMAGE in settings.objects:
             series_uid, instance_uid = heatmap_uids(study_uid, model.uid, revision, source_uid, HeatmapKind.KEY_IMAGE)
             sc = build_key_image(m.source, picture, model=model, series_uid=series_uid, instance_uid=instance_uid,
                                  series_number=settings.key_image_series_number, instance_number=revision,
-                                 manufacturer=manufacturer, frame=frame)
+                                 manufacturer=manufacturer, frame=frame, header=header)
             made.files.append(MadeFile(HeatmapObject.KEY_IMAGE, instance_uid, encode(sc)))
             references["key_image"] = ReferencedObject.from_dataset(sc)
             made.page = key_image_jpeg(sc)  # the page shows the key image's own JPEG: the same pixels, no second encode
@@ -149,8 +161,8 @@ def warm_up(_: object = None) -> bool:
                           probability=0.5, threshold=0.5, model_name="warm-up", model_version="0")
     uids = dict(series_uid=generate_uid(), instance_uid=generate_uid(), series_number=1, instance_number=1,
                 manufacturer="warm-up")
-    encode(build_segmentation(source, map_levels(np.ones((7, 7), np.float32), 16, 16), model=model,
-                              transfer_syntax_uid=RLELossless, **uids))
+    encode_segmentation(source, map_levels(np.ones((7, 7), np.float32), 16, 16), model=model,
+                        transfer_syntax_uid=RLELossless, **uids)
     encode(build_key_image(source, picture, model=model, **uids))
     clear_segmentation_templates()
     return True

@@ -49,14 +49,17 @@ import datetime
 import enum
 import functools
 import io
+import logging
 
 import struct
+from dataclasses import dataclass
 
 import cv2
 import highdicom as hd
 import imagecodecs
 import numpy as np
 import pydicom
+import pydicom.charset
 from pydicom.sr.coding import Code
 from pydicom.encaps import encapsulate
 from pydicom.sr.codedict import codes
@@ -71,7 +74,10 @@ from trainer.model_info import ModelInfo
 from worker.sr import PNEUMONIA, derived_uid
 from worker.sr import acquisition_equipment as sr_acquisition_equipment
 from worker.sr.builder import evidence_copy
+from worker.sr.byte_template import META_GROUP_LENGTH, Template, constant_bytes, dataset_parts
 from worker.sr.sources import PATIENT_STUDY_TAGS
+
+log = logging.getLogger("cxr_worker.heatmap")
 
 #: The segment's property (module docstring).
 SEGMENT_CATEGORY: Code = codes.cid7150.MorphologicallyAbnormalStructure  # SCT 49755003
@@ -252,7 +258,7 @@ def _build_reference(source: pydicom.Dataset, header: pydicom.Dataset, levels: n
 # --- The fast path: later SEGs of the same shape from the first one's data set ------------------------
 #: Templates kept (one per source shape, model and options; a site has a few detector shapes).
 TEMPLATE_CACHE_SIZE = 32
-_templates: dict[tuple, tuple[pydicom.Dataset, tuple]] = {}
+_templates: dict[tuple, "_Kept"] = {}
 _template_counts = {"reference": 0, "template": 0}
 
 
@@ -263,8 +269,10 @@ def clear_segmentation_templates() -> None:
 
 def segmentation_template_info() -> dict[str, int]:
     """Since the last clear: how many templates highdicom built ("reference") and how many SEGs were made
-    from one ("template"): every SEG is; tests and benchmarks check how often a template was built."""
-    return {**_template_counts, "templates": len(_templates)}
+    from one ("template"): every SEG is; tests and benchmarks check how often a template was built. Of
+    the templates kept ("templates"), how many have a byte template (encode_segmentation's path)."""
+    return {**_template_counts, "templates": len(_templates),
+            "byte_templates": sum(kept.bytes is not None for kept in _templates.values())}
 
 
 def _template_key(header: pydicom.Dataset, model: ModelInfo, manufacturer: str, frame: int | None,
@@ -322,6 +330,7 @@ _STAND_IN_SIZE = 2
 
 
 _EQUIPMENT = pydicom.tag.Tag("ContributingEquipmentSequence")
+_PIXEL_DATA = pydicom.tag.Tag("PixelData")
 
 
 @functools.cache
@@ -346,14 +355,24 @@ def acquisition_equipment(header: pydicom.Dataset) -> hd.ContributingEquipment |
     return sr_acquisition_equipment(header)
 
 
+def _equipment(header: pydicom.Dataset) -> list:
+    """The SEG's Contributing Equipment items, as highdicom's _add_contributing_equipment makes them:
+    the source's acquisition equipment (where highdicom finds one), then highdicom's own."""
+    acquisition = acquisition_equipment(header)
+    return [*([acquisition] if acquisition is not None else []), hd.ContributingEquipment.for_highdicom()]
+
+
 def _from_template(template: pydicom.Dataset, copied: tuple, source: pydicom.Dataset, header: pydicom.Dataset,
                    levels: np.ndarray, *, series_uid: str, instance_uid: str, series_number: int,
-                   instance_number: int) -> pydicom.Dataset:
+                   instance_number: int, now: datetime.datetime | None = None,
+                   equipment: list | None = None) -> pydicom.Dataset:
     """A copy of ``template`` with every per-study value set as _build_reference sets it.
 
     Only the elements set below are copied (_PER_OBJECT, deep: setting a value changes the element in
     place); the others are the template's own element objects, shared and never changed (a deep copy
-    of the whole data set was a third of the SEG's cost)."""
+    of the whole data set was a third of the SEG's cost). ``now``: the creation date and time (the
+    clock's, unless given); ``equipment``: the Contributing Equipment Sequence's items (made here
+    unless given: highdicom's own item carries the clock too)."""
     seg = pydicom.Dataset()
     for tag in template.keys():
         if tag == _EQUIPMENT:  # made anew below
@@ -368,13 +387,11 @@ def _from_template(template: pydicom.Dataset, copied: tuple, source: pydicom.Dat
     seg.file_meta.MediaStorageSOPInstanceUID = instance_uid
     seg.SeriesNumber, seg.InstanceNumber = series_number, instance_number
     seg.Rows, seg.Columns = int(header.Rows), int(header.Columns)
-    now = datetime.datetime.now()
+    now = now or datetime.datetime.now()
     seg.InstanceCreationDate, seg.InstanceCreationTime = DA(now.date()), TM(now.time())
     if "ContentDate" in seg:
         seg.ContentDate, seg.ContentTime = now.date(), now.time()
-    acquisition = acquisition_equipment(header)  # what highdicom's _add_contributing_equipment does with the source
-    seg.ContributingEquipmentSequence = [*([acquisition] if acquisition is not None else []),
-                                         hd.ContributingEquipment.for_highdicom()]
+    seg.ContributingEquipmentSequence = equipment if equipment is not None else _equipment(header)
     for keyword in ("FrameOfReferenceUID", "PositionReferenceIndicator"):
         if keyword in seg:
             setattr(seg, keyword, header.get(keyword))
@@ -416,13 +433,153 @@ def build_segmentation(source: pydicom.Dataset, relevance: np.ndarray, *, model:
     header = highdicom_source(source)
     levels = _check_map(relevance, header)
     key = _template_key(header, model, manufacturer, frame, transfer_syntax_uid)
+    kept = _kept(source, header, key, model=model, manufacturer=manufacturer, frame=frame,
+                 transfer_syntax_uid=transfer_syntax_uid)
+    _template_counts["template"] += 1
+    return _from_template(kept.dataset, kept.copied, source, header, levels, series_uid=series_uid,
+                          instance_uid=instance_uid, series_number=series_number, instance_number=instance_number)
+
+
+def encode_segmentation(source: pydicom.Dataset, relevance: np.ndarray, *, model: ModelInfo, series_uid: str,
+                        instance_uid: str, series_number: int, instance_number: int, manufacturer: str,
+                        frame: int | None = None, transfer_syntax_uid: str = TRANSFER_SYNTAX,
+                        header: pydicom.Dataset | None = None) -> bytes:
+    """``encode(build_segmentation(...))``: the SEG's Part 10 bytes (the same bytes up to the clock
+    values, tested), from the shape's byte template (worker/sr/byte_template.py, as for the SR). The
+    template's constant runs were encoded once, when it was made; each SEG encodes only the ~20 values
+    that are its own (_slot_values: UIDs, numbers, clock, size, the copied patient/study elements, the
+    equipment, the pixels) and splices them in: no copy of the template's data set, no pydicom writer
+    over its ~130 elements (~7 ms of a SEG's ~20 besides the RLE). ``header``: highdicom_source(source),
+    where the caller has it already."""
+    _check_options(frame, transfer_syntax_uid)
+    header = highdicom_source(source) if header is None else header
+    levels = _check_map(relevance, header)
+    key = _template_key(header, model, manufacturer, frame, transfer_syntax_uid)
+    kept = _kept(source, header, key, model=model, manufacturer=manufacturer, frame=frame,
+                 transfer_syntax_uid=transfer_syntax_uid)
+    _template_counts["template"] += 1
+    ids = dict(series_uid=series_uid, instance_uid=instance_uid, series_number=series_number,
+               instance_number=instance_number)
+    if kept.bytes is None:  # the byte template did not give pydicom's bytes back: pydicom writes it all
+        return encode(_from_template(kept.dataset, kept.copied, source, header, levels, **ids))
+    values = _slot_values(kept, source, header, levels, now=datetime.datetime.now(), **ids)
+    return kept.bytes.render(values.__getitem__)
+
+
+@dataclass(frozen=True)
+class _Kept:
+    """One shape's template: highdicom's data set at the stand-in size without its pixels, the source
+    elements it copied (_source_elements), and its byte template with the encapsulation of its pixels
+    (None where the template does not give pydicom's bytes back: then pydicom encodes each SEG whole)."""
+
+    dataset: pydicom.Dataset
+    copied: tuple
+    bytes: Template | None = None
+    encapsulated: bool = False
+
+
+def _kept(source: pydicom.Dataset, header: pydicom.Dataset, key: tuple, **options) -> _Kept:
     kept = _templates.get(key)
     if kept is None:
-        kept = _templates[key] = _template(source, header, model=model, manufacturer=manufacturer, frame=frame,
-                                           transfer_syntax_uid=transfer_syntax_uid)
-    _template_counts["template"] += 1
-    return _from_template(kept[0], kept[1], source, header, levels, series_uid=series_uid, instance_uid=instance_uid,
-                          series_number=series_number, instance_number=instance_number)
+        if len(_templates) >= TEMPLATE_CACHE_SIZE:
+            _templates.clear()
+        kept = _Kept(*_template(source, header, **options))
+        kept = _templates[key] = _with_bytes(kept, source, header)
+    return kept
+
+
+#: The top-level elements that are byte-template slots: those _from_template sets, and the pixels.
+_TOP_SLOTS = _PER_OBJECT - {pydicom.tag.Tag(k) for k in (
+    "DimensionOrganizationSequence", "DimensionIndexSequence", "SourceImageSequence",
+    "PerFrameFunctionalGroupsSequence", "ReferencedSeriesSequence")} | {_EQUIPMENT}
+#: The nested elements _from_template sets (in those five sequences), by what their value is.
+_NESTED_SLOTS = {"ReferencedSOPInstanceUID": ("source_sop",), "DimensionOrganizationUID": ("organisation",)}
+
+
+def _mark_nested(ds: pydicom.Dataset, marks: dict[int, tuple], in_series: bool = False) -> None:
+    for element in ds:
+        if element.VR == "SQ":
+            for item in element.value:
+                _mark_nested(item, marks, in_series or element.keyword == "ReferencedSeriesSequence")
+        elif element.keyword in _NESTED_SLOTS:
+            marks[id(element)] = _NESTED_SLOTS[element.keyword]
+        elif in_series and element.keyword == "SeriesInstanceUID":
+            marks[id(element)] = ("source_series",)
+
+
+def _with_bytes(kept: _Kept, source: pydicom.Dataset, header: pydicom.Dataset) -> _Kept:
+    """``kept`` with its byte template: the data set (a placeholder for the pixels) cut into constant
+    runs and slots (the top-level elements of _TOP_SLOTS and the copied source elements by tag, the
+    references to the source and the dimension organisation inside the sequences, the file meta's
+    instance UID). Kept only when a SEG made from it is byte for byte the one pydicom writes for
+    _from_template's data set (a probe with other UIDs, size and clock), and none of the source's or
+    the stand-in's UIDs is left in its constant runs."""
+    template = pydicom.Dataset()
+    for element in kept.dataset:
+        template.add(element)
+    template.file_meta = kept.dataset.file_meta
+    template.PixelData = b""
+    marks: dict[int, tuple] = {}
+    for element in template:
+        if element.tag in _TOP_SLOTS or element.tag in kept.copied or element.tag == _PIXEL_DATA:
+            marks[id(element)] = ("element", element.tag)
+        elif element.VR == "SQ":
+            for item in element.value:
+                _mark_nested(item, marks, element.keyword == "ReferencedSeriesSequence")
+    marks[id(template.file_meta["MediaStorageSOPInstanceUID"])] = ("instance",)
+    meta = pydicom.Dataset()  # render() writes the group length itself
+    for element in template.file_meta:
+        if element.tag != META_GROUP_LENGTH:
+            meta.add(element)
+    encodings = pydicom.charset.default_encoding
+    parts = Template(tuple(dataset_parts(meta, encodings, marks)), tuple(dataset_parts(template, encodings, marks)))
+    candidate = _Kept(kept.dataset, kept.copied, parts, UID(template.file_meta.TransferSyntaxUID).is_encapsulated)
+    probe = dict(series_uid="2.25.1", instance_uid="2.25.2", series_number=7, instance_number=3,
+                 now=datetime.datetime(2001, 2, 3, 4, 5, 6, 789), equipment=_equipment(header))
+    levels = np.arange(int(header.Rows) * int(header.Columns), dtype=np.uint32).astype(np.uint8)
+    levels = levels.reshape(int(header.Rows), int(header.Columns))
+    expected = encode(_from_template(kept.dataset, kept.copied, source, header, levels, **probe))
+    if parts.render(_slot_values(candidate, source, header, levels, **probe).__getitem__) != expected:
+        log.warning("SEG byte template for %s does not give pydicom's bytes back; pydicom encodes these SEGs",
+                    header.SOPClassUID)
+        return kept
+    constant = constant_bytes(parts.meta) + constant_bytes(parts.body)
+    uids = [str(header.get(k)) for k in ("SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID",
+                                          "FrameOfReferenceUID") if header.get(k)]
+    uids += [str(kept.dataset.SOPInstanceUID), str(kept.dataset.SeriesInstanceUID)]
+    if any(uid.encode() in constant for uid in uids):
+        log.warning("SEG byte template for %s leaves a per-object UID in its constant bytes; pydicom encodes "
+                    "these SEGs", header.SOPClassUID)
+        return kept
+    return candidate
+
+
+def _slot_values(kept: _Kept, source: pydicom.Dataset, header: pydicom.Dataset, levels: np.ndarray, *,
+                 series_uid: str, instance_uid: str, series_number: int, instance_number: int,
+                 now: datetime.datetime, equipment: list | None = None) -> dict[tuple, object]:
+    """The byte template's slot values of one SEG: what _from_template sets, element by element."""
+    values: dict[tuple, object] = {
+        ("instance",): instance_uid, ("source_sop",): source.SOPInstanceUID,
+        ("source_series",): header.SeriesInstanceUID,
+        ("organisation",): derived_uid("cxr-worker-heatmap-dimensions", instance_uid),
+    }
+    top = {
+        "SeriesInstanceUID": series_uid, "SOPInstanceUID": instance_uid, "SeriesNumber": series_number,
+        "InstanceNumber": instance_number, "Rows": int(header.Rows), "Columns": int(header.Columns),
+        "InstanceCreationDate": DA(now.date()), "InstanceCreationTime": TM(now.time()),
+        "ContentDate": DA(now.date()), "ContentTime": TM(now.time()),
+        "FrameOfReferenceUID": header.get("FrameOfReferenceUID"),
+        "PositionReferenceIndicator": header.get("PositionReferenceIndicator"),
+        "PatientOrientation": source.get("PatientOrientation") or None,
+        "ContributingEquipmentSequence": equipment if equipment is not None else _equipment(header),
+    }
+    for keyword, value in top.items():
+        values[("element", pydicom.tag.Tag(keyword))] = value
+    for tag in kept.copied:
+        values[("element", tag)] = header[tag]
+    values[("element", _PIXEL_DATA)] = pydicom.DataElement(  # as dcmwrite writes it: OB, undefined length if encapsulated
+        _PIXEL_DATA, "OB", _pixel_data(kept.dataset, levels), is_undefined_length=kept.encapsulated)
+    return values
 
 
 def _template(source: pydicom.Dataset, header: pydicom.Dataset, *, model: ModelInfo, manufacturer: str,
@@ -444,8 +601,6 @@ def _template(source: pydicom.Dataset, header: pydicom.Dataset, *, model: ModelI
             template.add(copy.deepcopy(element))
     template.file_meta = copy.deepcopy(seg.file_meta)
     template.set_original_encoding(False, True)
-    if len(_templates) >= TEMPLATE_CACHE_SIZE:
-        _templates.clear()
     return template, _source_elements(template, header)
 
 

@@ -117,7 +117,7 @@ class ModelRunner:
     def __init__(self, model_path: str | Path | None = None, device: str = "auto", precision: str = "auto",
                  batch_size: int = 16, decode_threads: int = 2, decode_processes: bool = False,
                  torch_threads: int = 0, heatmaps: bool = False,
-                 preview_box: tuple[int, int] | None = None) -> None:
+                 preview_box: tuple[int, int] | None = None, preview_dir: Path | None = None) -> None:
         self.model_path = Path(model_path) if model_path else DEFAULT_MODEL
         if not self.model_path.is_file():
             raise FileNotFoundError(f"model checkpoint not found: {self.model_path}")
@@ -140,6 +140,8 @@ class ModelRunner:
         #: (rows, cols): decoding also keeps the display image shrunk to fit it (Prepared.preview; the
         #: heatmap picture's film box, worker.heatmap.overlay.film_box)
         self.preview_box = tuple(preview_box) if preview_box else None
+        #: decode processes keep the previews in files here (prepare.keep_preview) instead of returning them
+        self.preview_dir = Path(preview_dir) if preview_dir is not None and decode_processes else None
         self._pool: Executor = self._new_pool()
         log.info("model %s %s (uid %s, threshold %.4f%s) on %s, precision %s; %s", info.name, info.version,
                  info.uid, self.threshold, " calibrated" if info.calibration else "", self.device, self.precision,
@@ -255,7 +257,7 @@ class ModelRunner:
         yield from self.collect(self.decode_async(items))
 
     def _job(self, item: tuple[object, Path]) -> tuple:
-        return (*item, self.preview_box) if self.preview_box else item
+        return (*item, self.preview_box, self.preview_dir) if self.preview_box else item
 
     def _prepare_alone(self, key: object, path: Path) -> Prepared:
         try:

@@ -11,7 +11,7 @@ and the creation date/times.
 So the first study of a shape is built by build_pneumonia_sr (the reference) and its file bytes are
 cut into constant runs and slots, one slot per element that holds a per-study value. A later study
 of that shape only encodes its slot values, with pydicom's own element writer, and splices them in
-with the enclosing sequence and item lengths recomputed (the byte machinery is worker/sr/_bytes.py,
+with the enclosing sequence and item lengths recomputed (the byte machinery is worker/sr/byte_template.py,
 highdicom's per-source steps worker/sr/_highdicom.py; this module decides which elements are slots
 and where their values come from; it builds on worker/sr/builder.py, never the reverse). A
 template is kept only if it gives back the reference study's own bytes exactly and none of that
@@ -43,7 +43,7 @@ from pydicom.charset import default_encoding
 from pydicom.sr.codedict import codes
 from pydicom.valuerep import DA, DS, DT, TM
 
-from ._bytes import (
+from .byte_template import (
     META_GROUP_LENGTH,
     SlotKey,
     Template,

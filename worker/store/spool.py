@@ -140,6 +140,11 @@ class Spool:
         self._lock_fd, self.incoming = fd, folder
         return folder
 
+    def previews(self) -> Path:
+        """This worker's folder for the decode processes' previews (worker/scoring/prepare.keep_preview):
+        inside its own incoming folder, so that it goes with it (release_incoming, clean_incoming)."""
+        return private_dir(self.incoming / "previews")
+
     def release_incoming(self) -> None:
         """On a clean stop: remove this worker's incoming folder (whatever is left in it was never
         answered Success) and drop its lock."""

@@ -35,6 +35,7 @@ from worker.heatmap.overlay import (
 )
 from worker.heatmap.region import MAX_POINTS, strongest_region
 from worker.heatmap.segmentation import (
+    encode_segmentation,
     SEGMENT_TYPE, HeatmapKind, build_segmentation, build_segmentation_reference, clear_segmentation_templates, encode,
     acquisition_equipment, heatmap_uids, map_levels, rle_lossless_frame, segmentation_template_info,
 )
@@ -370,12 +371,17 @@ def test_template_path_gives_the_highdicom_reference_bytes(kind, syntax, model):
                              instance_number=seed + 1, manufacturer="cxr-worker", frame=frame,
                              transfer_syntax_uid=syntax)
             fast = build_segmentation(source, relevance, **arguments)
+            # the scorer's path: the byte template's file is the one pydicom writes for build_segmentation
+            spliced = pydicom.dcmread(io.BytesIO(encode_segmentation(source, relevance, **arguments)))
+            assert spliced.PixelData == fast.PixelData
+            assert without_clock(copy.deepcopy(spliced)) == without_clock(copy.deepcopy(fast)), f"seed {seed}"
             reference = build_segmentation_reference(source, relevance, **arguments)
             if syntax == RLELossless:  # the fast path's RLE is imagecodecs' PackBits, the reference's GDCM's
                 assert np.array_equal(fast.pixel_array, reference.pixel_array), f"seed {seed} equipment {equipment}"
                 del fast.PixelData, reference.PixelData
             assert without_clock(fast) == without_clock(reference), f"seed {seed} equipment {equipment}"
-    assert segmentation_template_info() == {"reference": 2, "template": 8, "templates": 2}  # every SEG from a template
+    # every SEG from a template, and each template with its byte template (none fell back to pydicom's writer)
+    assert segmentation_template_info() == {"reference": 2, "template": 16, "templates": 2, "byte_templates": 2}
 
 
 def _rle_frame_decoded(data: bytes, rows: int, cols: int, plugin: str) -> np.ndarray:
@@ -437,13 +443,13 @@ def test_template_rle_seg_reads_back_in_highdicom_and_dcmtk(kind, model, tmp_pat
     source = kept_header(source_file(kind))
     frame = 2 if SOURCES[kind][3] > 1 else None
     levels = map_levels(np.random.default_rng(4).random((7, 7)).astype(np.float32), ROWS, COLS)
-    for index in range(2):
-        seg = build_segmentation(source, levels, model=model, series_uid=generate_uid(), instance_uid=generate_uid(),
-                                 series_number=9901, instance_number=index + 1, manufacturer="cxr-worker",
-                                 frame=frame, transfer_syntax_uid=RLELossless)
-    assert segmentation_template_info() == {"reference": 1, "template": 2, "templates": 1}
+    for index in range(2):  # the second from the kept template, as the scorer writes it (encode_segmentation)
+        data = encode_segmentation(source, levels, model=model, series_uid=generate_uid(), instance_uid=generate_uid(),
+                                   series_number=9901, instance_number=index + 1, manufacturer="cxr-worker",
+                                   frame=frame, transfer_syntax_uid=RLELossless)
+    assert segmentation_template_info() == {"reference": 1, "template": 2, "templates": 1, "byte_templates": 1}
     path = tmp_path / "seg.dcm"
-    path.write_bytes(encode(seg))
+    path.write_bytes(data)
     back = hd.seg.segread(path)
     values = back.get_pixels_by_source_instance(source_sop_instance_uids=[source.SOPInstanceUID],
                                                 combine_segments=False, rescale_fractional=False)
@@ -565,12 +571,15 @@ def test_invalid_source_values_give_valid_objects_as_for_the_sr(name, model, tmp
         ds.save_as(buffer, enforce_file_format=True)
     clear_segmentation_templates()
     for _ in range(2):  # the first builds the template, the second takes it as kept
-        _, _, seg, sc = build_both("dx-monochrome2-no-frame-of-reference", model, buffer.getvalue())
-        for label, built in (("seg", seg), ("sc", sc)):
+        source, relevance, seg, sc = build_both("dx-monochrome2-no-frame-of-reference", model, buffer.getvalue())
+        spliced = encode_segmentation(source, relevance, model=model, series_uid=seg.SeriesInstanceUID,
+                                      instance_uid=seg.SOPInstanceUID, series_number=9901, instance_number=1,
+                                      manufacturer="cxr-worker")
+        for label, data in (("seg", encode(seg)), ("sc", encode(sc)), ("seg-bytes", spliced)):
             path = tmp_path / f"{label}.dcm"
-            path.write_bytes(encode(built))
+            path.write_bytes(data)
             assert dciodvfy(path) == [], f"{name} {label}"
-    assert segmentation_template_info() == {"reference": 1, "template": 2, "templates": 1}
+    assert segmentation_template_info() == {"reference": 1, "template": 4, "templates": 1, "byte_templates": 1}
 
 
 def test_building_every_object_loads_no_torch_nor_matplotlib_until_a_picture(tmp_path):

@@ -81,7 +81,11 @@ def test_the_preview_is_the_display_image_shrunk_never_enlarged(tmp_path):
     assert thin.shape == (10, 1) and np.all(np.abs(thin.astype(int) - 127) <= 1)
     cv2.imwrite(str(tmp_path / "f.png"), grey)
     item = prepare(tmp_path / "f.png", preview_box=(300, 300))
-    assert item.image_shape == (600, 400) and item.preview.shape == (300, 200)
+    assert item.image_shape == (600, 400) and item.preview.shape == (300, 200) and item.preview_path is None
+    # a decode process keeps it in a file instead (no 0.9 MB through the pipes), the same pixels
+    kept = prepare(tmp_path / "f.png", preview_box=(300, 300), preview_dir=tmp_path)
+    assert kept.preview is None and kept.preview_path.parent == tmp_path
+    assert np.array_equal(np.load(kept.preview_path), item.preview)
     # the key picture takes a preview of its film box as it is (no second resize)
     picture = key_picture(shrink_within(grey, film_box(640)), np.ones((7, 7), np.float32), finding="PNEUMONIA",
                           probability=0.9, threshold=0.5, model_name="m", model_version="1", size=640)

@@ -1,7 +1,9 @@
-"""Byte templates: a DICOM file as constant runs and per-study slots (used by worker/sr/template.py).
+"""Byte templates: a DICOM file as constant runs and per-study slots (used by worker/sr/template.py
+for the SR and worker/heatmap/segmentation.py for the Segmentation).
 
-This is the encoding half of the SR template, kept apart from what decides *which* elements are
-per-study (worker/sr/template.py) so that each can be read on its own. It knows nothing about SRs:
+This is the encoding half of the SR and SEG templates, kept apart from what decides *which* elements
+are per-study (worker/sr/template.py, worker/heatmap/segmentation.py) so that each can be read on its
+own. It knows nothing about SRs:
 `dataset_parts` encodes a data set exactly the way pydicom's write_dataset does (Explicit VR Little
 Endian), except that the elements and sequence items marked in `marks` are left as slots, and
 sequences/items that hold slots become boxes whose lengths are only known once the slots are
