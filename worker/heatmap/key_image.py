@@ -15,16 +15,29 @@ image is disk, fsync and network time every positive study pays (benchmarks/benc
 
 from __future__ import annotations
 
+import datetime
+import logging
+from dataclasses import dataclass
+
 import highdicom as hd
 import numpy as np
 import pydicom
-from pydicom.encaps import generate_frames
+import pydicom.charset
+from pydicom.encaps import encapsulate, generate_frames
 from pydicom.sr.codedict import codes
+from pydicom.tag import Tag
 from pydicom.uid import JPEGBaseline8Bit
+from pydicom.valuerep import DA, DT, TM
 
 from trainer.model_info import ModelInfo
+from worker.sr.byte_template import META_GROUP_LENGTH, Template, constant_bytes, dataset_parts
+from worker.sr.sources import PATIENT_STUDY_TAGS
 
-from .segmentation import CHARACTER_SET, acquisition_equipment, highdicom_source
+from .segmentation import (
+    CHARACTER_SET, _equipment_values, _mark_equipment, acquisition_equipment, highdicom_source,
+)
+
+log = logging.getLogger("cxr_worker.heatmap")
 
 SERIES_DESCRIPTION = "AI heatmap key image, not for diagnosis"
 DERIVATION_DESCRIPTION = "AI heatmap (HiResCAM) of the pneumonia classifier blended into the windowed source image"
@@ -93,3 +106,150 @@ def key_image_jpeg(sc: pydicom.Dataset) -> bytes:
     if sc.file_meta.TransferSyntaxUID != JPEGBaseline8Bit:
         raise ValueError(f"the key image is not JPEG Baseline: {sc.file_meta.TransferSyntaxUID}")
     return next(generate_frames(sc.PixelData, number_of_frames=1))
+
+
+# --- The fast path: later key images of the same shape spliced into the first one's bytes ---------------
+#: Templates kept (one per source shape, model and options), as for the SEG.
+TEMPLATE_CACHE_SIZE = 32
+_templates: dict[tuple, "_Kept | None"] = {}
+#: The stand-in picture a template is built from (its size and pixels are slots).
+_STAND_IN = np.zeros((16, 16, 3), np.uint8)
+#: The key image's clock values (highdicom's now(), at construction).
+_CLOCK = ("InstanceCreationDate", "InstanceCreationTime", "ContentDate", "ContentTime", "DateOfSecondaryCapture",
+          "TimeOfSecondaryCapture")
+_ARGUMENTS = ("SOPInstanceUID", "SeriesInstanceUID", "SeriesNumber", "InstanceNumber")
+_PER_IMAGE = ("Rows", "Columns", "LossyImageCompressionRatio", "PatientOrientation", "PixelData")
+_SLOTS = frozenset(Tag(k) for k in (*_CLOCK, *_ARGUMENTS, *_PER_IMAGE))
+_COPIED = PATIENT_STUDY_TAGS | {Tag("StudyInstanceUID")}
+
+
+@dataclass(frozen=True)
+class _Kept:
+    bytes: Template
+    acquisition: bool  # its equipment names the source's acquisition equipment (_mark_equipment)
+
+
+def clear_key_image_templates() -> None:
+    _templates.clear()
+
+
+def key_image_template_info() -> dict[str, int]:
+    """How many key-image templates are kept, and how many shapes fell back to highdicom (None)."""
+    return {"templates": sum(k is not None for k in _templates.values()),
+            "fallbacks": sum(k is None for k in _templates.values())}
+
+
+def jpeg_frame(picture_rgb: np.ndarray) -> bytes:
+    """The picture as the key image's JPEG Baseline frame, encoded as highdicom's SCImage encodes it."""
+    return hd.frame.encode_frame(np.ascontiguousarray(picture_rgb), transfer_syntax_uid=JPEGBaseline8Bit,
+                                 bits_allocated=8, bits_stored=8, photometric_interpretation="YBR_FULL_422",
+                                 pixel_representation=0, planar_configuration=0)
+
+
+def encode_key_image(source: pydicom.Dataset, picture_rgb: np.ndarray, *, model: ModelInfo, series_uid: str,
+                     instance_uid: str, series_number: int, instance_number: int, manufacturer: str,
+                     frame: int | None = None, header: pydicom.Dataset | None = None) -> tuple[bytes, bytes]:
+    """``encode(build_key_image(...))`` and its JPEG frame (the web page's picture): the same bytes up
+    to the clock values (tested), from the shape's byte template (worker/sr/byte_template.py, as for
+    the SR and the SEG): only the ~25 values that are the image's own are encoded, beside the JPEG,
+    instead of highdicom's construction and pydicom's writer (~6 ms of a key image's ~9)."""
+    picture = np.asarray(picture_rgb)
+    header = highdicom_source(source) if header is None else header
+    key = (str(header.SOPClassUID), frozenset(header.keys()), model.uid, model.name, model.version, manufacturer,
+           frame)
+    if key not in _templates:
+        if len(_templates) >= TEMPLATE_CACHE_SIZE:
+            _templates.clear()
+        _templates[key] = _byte_template(source, header, model=model, manufacturer=manufacturer, frame=frame)
+    kept = _templates[key]
+    ids = dict(series_uid=series_uid, instance_uid=instance_uid, series_number=series_number,
+               instance_number=instance_number)
+    if (kept is None or picture.ndim != 3 or picture.shape[2] != 3 or picture.dtype != np.uint8
+            or (acquisition_equipment(header) is not None) != kept.acquisition):
+        # no template for this shape, a source naming its acquisition equipment where the template's
+        # did not (or the reverse), or a picture build_key_image refuses (with its message)
+        sc = build_key_image(source, picture, model=model, manufacturer=manufacturer, frame=frame, header=header,
+                             **ids)
+        from .segmentation import encode
+
+        return encode(sc), key_image_jpeg(sc)
+    now = datetime.datetime.now()
+    values = _slot_values(source, header, picture, jpeg_frame(picture), now=now, contribution=DT(now), **ids)
+    return kept.bytes.render(values.__getitem__), next(generate_frames(values[("element", Tag("PixelData"))].value,
+                                                                         number_of_frames=1))
+
+
+def _slot_values(source: pydicom.Dataset, header: pydicom.Dataset, picture: np.ndarray, jpeg: bytes, *,
+                 series_uid: str, instance_uid: str, series_number: int, instance_number: int,
+                 now: datetime.datetime | dict, contribution) -> dict[tuple, object]:
+    """What build_key_image sets per image, slot by slot (``now``: a time, or the clock values by keyword;
+    ``contribution``: highdicom's equipment item's clock)."""
+    pixel_data = encapsulate([jpeg])
+    if isinstance(now, dict):
+        clock = now
+    else:
+        date, time = DA(now.date()), TM(now.time())
+        clock = {k: (date if k.endswith("Date") or k == "DateOfSecondaryCapture" else time) for k in _CLOCK}
+    top = {
+        **clock, "SOPInstanceUID": instance_uid, "SeriesInstanceUID": series_uid, "SeriesNumber": series_number,
+        "InstanceNumber": instance_number, "Rows": int(picture.shape[0]), "Columns": int(picture.shape[1]),
+        "LossyImageCompressionRatio": round(picture.nbytes / max(1, len(pixel_data)), 2),
+        "PatientOrientation": list(source.get("PatientOrientation") or []) or None,
+        "PixelData": pydicom.DataElement(Tag("PixelData"), "OB", pixel_data, is_undefined_length=True),
+    }
+    values: dict[tuple, object] = {("element", Tag(k)): v for k, v in top.items()}
+    values.update(_equipment_values(header, contribution))
+    values[("instance",)] = instance_uid
+    values[("source_sop",)] = header.SOPInstanceUID
+    for tag in _COPIED:
+        if tag in header:
+            values[("element", tag)] = header[tag]
+    return values
+
+
+def _byte_template(source: pydicom.Dataset, header: pydicom.Dataset, *, model: ModelInfo, manufacturer: str,
+                   frame: int | None) -> _Kept | None:
+    """highdicom's key image of a stand-in picture cut into constant runs and slots (the clock, the
+    arguments, the size, ratio, orientation, equipment and pixels, the copied patient/study elements,
+    the source's instance UID in the Source Image Sequence, the file meta's instance UID). None (highdicom
+    builds every key image of this shape) unless it gives back, for a probe with other values, the
+    bytes pydicom writes for build_key_image's object, with none of the source's UIDs in its constants."""
+    from .segmentation import encode
+
+    ids = dict(series_uid="2.25.11", instance_uid="2.25.12", series_number=5, instance_number=2)
+    sc = build_key_image(source, _STAND_IN, model=model, manufacturer=manufacturer, frame=frame, header=header, **ids)
+    sc.PixelData = b""  # a slot
+    marks: dict[int, tuple] = {}
+    for element in sc:
+        if element.tag in _SLOTS or (element.tag in _COPIED and element.tag in header):
+            marks[id(element)] = ("element", element.tag)
+    for item in sc.SourceImageSequence:
+        marks[id(item["ReferencedSOPInstanceUID"])] = ("source_sop",)
+    marks[id(sc.file_meta["MediaStorageSOPInstanceUID"])] = ("instance",)
+    acquisition = _mark_equipment(sc, marks)
+    meta = pydicom.Dataset()  # render() writes the group length itself
+    for element in sc.file_meta:
+        if element.tag != META_GROUP_LENGTH:
+            meta.add(element)
+    encodings = pydicom.charset.default_encoding
+    parts = Template(tuple(dataset_parts(meta, encodings, marks)), tuple(dataset_parts(sc, encodings, marks)))
+    # the probe: another picture and other values, built by highdicom; the clock and highdicom's equipment
+    # item (it carries the clock too) taken from it
+    picture = np.full((24, 40, 3), (200, 30, 90), np.uint8)
+    probe_ids = dict(series_uid="2.25.21", instance_uid="2.25.22", series_number=8, instance_number=4)
+    probe = build_key_image(source, picture, model=model, manufacturer=manufacturer, frame=frame, header=header,
+                            **probe_ids)
+    values = _slot_values(source, header, picture, jpeg_frame(picture), now={k: probe[k].value for k in _CLOCK},
+                          contribution=probe.ContributingEquipmentSequence[-1].get("ContributionDateTime"),
+                          **probe_ids)
+    if parts.render(values.__getitem__) != encode(probe):
+        log.warning("key image byte template for %s does not give highdicom's bytes back; highdicom builds "
+                    "these key images", header.SOPClassUID)
+        return None
+    constant = constant_bytes(parts.meta) + constant_bytes(parts.body)
+    uids = [str(header.get(k)) for k in ("SOPInstanceUID", "StudyInstanceUID") if header.get(k)]
+    if any(uid.encode() in constant for uid in uids + ["2.25.11", "2.25.12"]):
+        log.warning("key image byte template for %s leaves a per-image UID in its constant bytes; highdicom "
+                    "builds these key images", header.SOPClassUID)
+        return None
+    return _Kept(parts, acquisition)

@@ -16,18 +16,18 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
-from pydicom.uid import ExplicitVRLittleEndian, RLELossless, SegmentationStorage
+from pydicom.uid import ExplicitVRLittleEndian, RLELossless, SecondaryCaptureImageStorage, SegmentationStorage
 
 from trainer.model_info import ModelInfo
 
 from ..settings import HeatmapObject, HeatmapSettings
 from ..store.files import ObjectPaths, write_files
 from ..sr import HeatmapEvidence, ReferencedObject
-from .key_image import build_key_image, key_image_jpeg
+from .key_image import encode_key_image
 from .overlay import jpeg_bytes, key_picture
 from .region import strongest_region
 from .segmentation import (
-    HeatmapKind, encode, encode_segmentation, heatmap_uids, highdicom_source, map_levels,
+    HeatmapKind, encode_segmentation, heatmap_uids, highdicom_source, map_levels,
 )
 
 
@@ -102,12 +102,14 @@ def make(m: ImageMap, settings: HeatmapSettings, *, study_uid: str, revision: in
                               size=settings.key_image_size)
         if HeatmapObject.KEY_IMAGE in settings.objects:
             series_uid, instance_uid = heatmap_uids(study_uid, model.uid, revision, source_uid, HeatmapKind.KEY_IMAGE)
-            sc = build_key_image(m.source, picture, model=model, series_uid=series_uid, instance_uid=instance_uid,
-                                 series_number=settings.key_image_series_number, instance_number=revision,
-                                 manufacturer=manufacturer, frame=frame, header=header)
-            made.files.append(MadeFile(HeatmapObject.KEY_IMAGE, instance_uid, encode(sc)))
-            references["key_image"] = ReferencedObject.from_dataset(sc)
-            made.page = key_image_jpeg(sc)  # the page shows the key image's own JPEG: the same pixels, no second encode
+            data, made.page = encode_key_image(m.source, picture, model=model, series_uid=series_uid,
+                                               instance_uid=instance_uid, series_number=settings.key_image_series_number,
+                                               instance_number=revision, manufacturer=manufacturer, frame=frame,
+                                               header=header)
+            made.files.append(MadeFile(HeatmapObject.KEY_IMAGE, instance_uid, data))
+            references["key_image"] = ReferencedObject(SecondaryCaptureImageStorage, instance_uid, series_uid,
+                                                       int(picture.shape[0]), int(picture.shape[1]))
+            # the page shows the key image's own JPEG frame: the same pixels, no second encode
         else:
             made.page = jpeg_bytes(picture)  # PNG costs ~35 ms at 1024 px, JPEG ~3 ms
     made.evidence = HeatmapEvidence(source=m.source, region=strongest_region(full), probability=m.probability,
@@ -149,6 +151,7 @@ def warm_up(_: object = None) -> bool:
     pays them: one SEG and one key image of a 16 x 16 stand-in source, then forgotten."""
     from pydicom.uid import ComputedRadiographyImageStorage, generate_uid
 
+    from .key_image import clear_key_image_templates
     from .segmentation import clear_segmentation_templates
 
     source = pydicom.Dataset()
@@ -163,6 +166,7 @@ def warm_up(_: object = None) -> bool:
                 manufacturer="warm-up")
     encode_segmentation(source, map_levels(np.ones((7, 7), np.float32), 16, 16), model=model,
                         transfer_syntax_uid=RLELossless, **uids)
-    encode(build_key_image(source, picture, model=model, **uids))
+    encode_key_image(source, picture, model=model, **uids)
     clear_segmentation_templates()
+    clear_key_image_templates()
     return True

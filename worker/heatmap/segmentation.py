@@ -64,7 +64,7 @@ from pydicom.sr.coding import Code
 from pydicom.encaps import encapsulate
 from pydicom.sr.codedict import codes
 from pydicom.uid import UID
-from pydicom.valuerep import DA, TM
+from pydicom.valuerep import DA, DT, TM
 from pydicom.uid import (
     ExplicitVRLittleEndian, MultiFrameGrayscaleByteSecondaryCaptureImageStorage,
     MultiFrameGrayscaleWordSecondaryCaptureImageStorage, RLELossless, SecondaryCaptureImageStorage,
@@ -362,6 +362,23 @@ def _equipment(header: pydicom.Dataset) -> list:
     return [*([acquisition] if acquisition is not None else []), hd.ContributingEquipment.for_highdicom()]
 
 
+def _mark_equipment(ds: pydicom.Dataset, marks: dict[int, tuple]) -> bool:
+    """A byte template's slots in the Contributing Equipment Sequence (_equipment's items): the source's
+    acquisition item, where there is one (True), as a whole item, and the clock of highdicom's own item
+    (the rest of that item is the same in every object)."""
+    items = list(ds.ContributingEquipmentSequence)
+    if "ContributionDateTime" in items[-1]:
+        marks[id(items[-1]["ContributionDateTime"])] = ("contribution",)
+    if len(items) > 1:
+        marks[id(items[0])] = ("acquisition",)
+    return len(items) > 1
+
+
+def _equipment_values(header: pydicom.Dataset, contribution) -> dict[tuple, object]:
+    """The values of _mark_equipment's slots: the source's acquisition item and highdicom's clock."""
+    return {("acquisition",): acquisition_equipment(header), ("contribution",): contribution}
+
+
 def _from_template(template: pydicom.Dataset, copied: tuple, source: pydicom.Dataset, header: pydicom.Dataset,
                    levels: np.ndarray, *, series_uid: str, instance_uid: str, series_number: int,
                    instance_number: int, now: datetime.datetime | None = None,
@@ -460,9 +477,12 @@ def encode_segmentation(source: pydicom.Dataset, relevance: np.ndarray, *, model
     _template_counts["template"] += 1
     ids = dict(series_uid=series_uid, instance_uid=instance_uid, series_number=series_number,
                instance_number=instance_number)
-    if kept.bytes is None:  # the byte template did not give pydicom's bytes back: pydicom writes it all
+    if kept.bytes is None or (acquisition_equipment(header) is not None) != kept.acquisition:
+        # the byte template did not give pydicom's bytes back, or this source names no acquisition
+        # equipment where the template's did (or the reverse): pydicom writes it all
         return encode(_from_template(kept.dataset, kept.copied, source, header, levels, **ids))
-    values = _slot_values(kept, source, header, levels, now=datetime.datetime.now(), **ids)
+    now = datetime.datetime.now()
+    values = _slot_values(kept, source, header, levels, now=now, contribution=DT(now), **ids)
     return kept.bytes.render(values.__getitem__)
 
 
@@ -476,6 +496,7 @@ class _Kept:
     copied: tuple
     bytes: Template | None = None
     encapsulated: bool = False
+    acquisition: bool = False  # its equipment names the source's acquisition equipment (_mark_equipment)
 
 
 def _kept(source: pydicom.Dataset, header: pydicom.Dataset, key: tuple, **options) -> _Kept:
@@ -491,7 +512,7 @@ def _kept(source: pydicom.Dataset, header: pydicom.Dataset, key: tuple, **option
 #: The top-level elements that are byte-template slots: those _from_template sets, and the pixels.
 _TOP_SLOTS = _PER_OBJECT - {pydicom.tag.Tag(k) for k in (
     "DimensionOrganizationSequence", "DimensionIndexSequence", "SourceImageSequence",
-    "PerFrameFunctionalGroupsSequence", "ReferencedSeriesSequence")} | {_EQUIPMENT}
+    "PerFrameFunctionalGroupsSequence", "ReferencedSeriesSequence", "ContributingEquipmentSequence")}
 #: The nested elements _from_template sets (in those five sequences), by what their value is.
 _NESTED_SLOTS = {"ReferencedSOPInstanceUID": ("source_sop",), "DimensionOrganizationUID": ("organisation",)}
 
@@ -527,19 +548,24 @@ def _with_bytes(kept: _Kept, source: pydicom.Dataset, header: pydicom.Dataset) -
             for item in element.value:
                 _mark_nested(item, marks, element.keyword == "ReferencedSeriesSequence")
     marks[id(template.file_meta["MediaStorageSOPInstanceUID"])] = ("instance",)
+    acquisition = _mark_equipment(template, marks)
     meta = pydicom.Dataset()  # render() writes the group length itself
     for element in template.file_meta:
         if element.tag != META_GROUP_LENGTH:
             meta.add(element)
     encodings = pydicom.charset.default_encoding
     parts = Template(tuple(dataset_parts(meta, encodings, marks)), tuple(dataset_parts(template, encodings, marks)))
-    candidate = _Kept(kept.dataset, kept.copied, parts, UID(template.file_meta.TransferSyntaxUID).is_encapsulated)
+    candidate = _Kept(kept.dataset, kept.copied, parts, UID(template.file_meta.TransferSyntaxUID).is_encapsulated,
+                      acquisition)
     probe = dict(series_uid="2.25.1", instance_uid="2.25.2", series_number=7, instance_number=3,
-                 now=datetime.datetime(2001, 2, 3, 4, 5, 6, 789), equipment=_equipment(header))
+                 now=datetime.datetime(2001, 2, 3, 4, 5, 6, 789))
+    equipment = _equipment(header)
     levels = np.arange(int(header.Rows) * int(header.Columns), dtype=np.uint32).astype(np.uint8)
     levels = levels.reshape(int(header.Rows), int(header.Columns))
-    expected = encode(_from_template(kept.dataset, kept.copied, source, header, levels, **probe))
-    if parts.render(_slot_values(candidate, source, header, levels, **probe).__getitem__) != expected:
+    expected = encode(_from_template(kept.dataset, kept.copied, source, header, levels, equipment=equipment, **probe))
+    contribution = equipment[-1].get("ContributionDateTime")
+    if parts.render(_slot_values(candidate, source, header, levels, contribution=contribution,
+                                 **probe).__getitem__) != expected:
         log.warning("SEG byte template for %s does not give pydicom's bytes back; pydicom encodes these SEGs",
                     header.SOPClassUID)
         return kept
@@ -556,9 +582,11 @@ def _with_bytes(kept: _Kept, source: pydicom.Dataset, header: pydicom.Dataset) -
 
 def _slot_values(kept: _Kept, source: pydicom.Dataset, header: pydicom.Dataset, levels: np.ndarray, *,
                  series_uid: str, instance_uid: str, series_number: int, instance_number: int,
-                 now: datetime.datetime, equipment: list | None = None) -> dict[tuple, object]:
-    """The byte template's slot values of one SEG: what _from_template sets, element by element."""
+                 now: datetime.datetime, contribution) -> dict[tuple, object]:
+    """The byte template's slot values of one SEG: what _from_template sets, element by element
+    (``contribution``: highdicom's equipment item's clock)."""
     values: dict[tuple, object] = {
+        **_equipment_values(header, contribution),
         ("instance",): instance_uid, ("source_sop",): source.SOPInstanceUID,
         ("source_series",): header.SeriesInstanceUID,
         ("organisation",): derived_uid("cxr-worker-heatmap-dimensions", instance_uid),
@@ -571,7 +599,6 @@ def _slot_values(kept: _Kept, source: pydicom.Dataset, header: pydicom.Dataset, 
         "FrameOfReferenceUID": header.get("FrameOfReferenceUID"),
         "PositionReferenceIndicator": header.get("PositionReferenceIndicator"),
         "PatientOrientation": source.get("PatientOrientation") or None,
-        "ContributingEquipmentSequence": equipment if equipment is not None else _equipment(header),
     }
     for keyword, value in top.items():
         values[("element", pydicom.tag.Tag(keyword))] = value

@@ -516,6 +516,38 @@ def test_key_image_is_what_highdicoms_from_ref_dataset_builds(model):
             assert str(ours.get(keyword)) == str(theirs.get(keyword)), keyword
 
 
+def _clockless_sc(data: bytes) -> bytes:
+    ds = pydicom.dcmread(io.BytesIO(data))
+    for keyword in ("InstanceCreationDate", "InstanceCreationTime", "ContentDate", "ContentTime",
+                    "DateOfSecondaryCapture", "TimeOfSecondaryCapture"):
+        ds.pop(keyword, None)
+    ds.ContributingEquipmentSequence[-1].pop("ContributionDateTime", None)
+    return encode(ds)
+
+
+@pytest.mark.parametrize("kind", list(SOURCES))
+def test_key_image_byte_template_gives_highdicoms_bytes(kind, model):
+    """encode_key_image (the scorer's path) writes build_key_image's object byte for byte, up to the
+    clock, across sources, sizes, orientations and with or without acquisition equipment; and its page
+    JPEG is the key image's own frame."""
+    from worker.heatmap.key_image import clear_key_image_templates, encode_key_image, key_image_template_info
+
+    clear_key_image_templates()
+    frame = 2 if SOURCES[kind][3] > 1 else None
+    rng = np.random.default_rng(3)
+    for seed in range(3):
+        for equipment in (True, False):
+            source = kept_header(varied_source(kind, seed, equipment=equipment))
+            picture = rng.integers(0, 256, (400 + 10 * seed, 300 + 7 * seed, 3), dtype=np.uint8)
+            arguments = dict(model=model, series_uid=generate_uid(), instance_uid=generate_uid(),
+                             series_number=9902, instance_number=seed + 1, manufacturer="cxr-worker", frame=frame)
+            data, page = encode_key_image(source, picture, **arguments)
+            built = build_key_image(source, picture, **arguments)
+            assert _clockless_sc(data) == _clockless_sc(encode(built)), f"seed {seed} equipment {equipment}"
+            assert page == key_image_jpeg(built)
+    assert key_image_template_info() == {"templates": 2, "fallbacks": 0}  # one per shape, both kept
+
+
 def test_quantisation_is_highdicoms_ties_included():
     from worker.heatmap.segmentation import _quantise
 
@@ -575,7 +607,12 @@ def test_invalid_source_values_give_valid_objects_as_for_the_sr(name, model, tmp
         spliced = encode_segmentation(source, relevance, model=model, series_uid=seg.SeriesInstanceUID,
                                       instance_uid=seg.SOPInstanceUID, series_number=9901, instance_number=1,
                                       manufacturer="cxr-worker")
-        for label, data in (("seg", encode(seg)), ("sc", encode(sc)), ("seg-bytes", spliced)):
+        from worker.heatmap.key_image import encode_key_image
+
+        sc_bytes, _ = encode_key_image(source, np.zeros((64, 48, 3), np.uint8),
+                                       model=model, series_uid=sc.SeriesInstanceUID, instance_uid=sc.SOPInstanceUID,
+                                       series_number=9902, instance_number=1, manufacturer="cxr-worker")
+        for label, data in (("seg", encode(seg)), ("sc", encode(sc)), ("seg-bytes", spliced), ("sc-bytes", sc_bytes)):
             path = tmp_path / f"{label}.dcm"
             path.write_bytes(data)
             assert dciodvfy(path) == [], f"{name} {label}"
