@@ -30,7 +30,7 @@ from pydicom.uid import JPEGBaseline8Bit
 from pydicom.valuerep import DA, DT, TM
 
 from trainer.model_info import ModelInfo
-from worker.sr.byte_template import META_GROUP_LENGTH, Template, constant_bytes, dataset_parts
+from worker.sr.byte_template import META_GROUP_LENGTH, Template, constant_bytes, dataset_parts, holds_uid
 from worker.sr.sources import PATIENT_STUDY_TAGS
 
 from .segmentation import (
@@ -248,7 +248,7 @@ def _byte_template(source: pydicom.Dataset, header: pydicom.Dataset, *, model: M
         return None
     constant = constant_bytes(parts.meta) + constant_bytes(parts.body)
     uids = [str(header.get(k)) for k in ("SOPInstanceUID", "StudyInstanceUID") if header.get(k)]
-    if any(uid.encode() in constant for uid in uids + ["2.25.11", "2.25.12"]):
+    if any(holds_uid(constant, uid) for uid in uids + [ids["series_uid"], ids["instance_uid"]]):
         log.warning("key image byte template for %s leaves a per-image UID in its constant bytes; highdicom "
                     "builds these key images", header.SOPClassUID)
         return None

@@ -74,7 +74,7 @@ from trainer.model_info import ModelInfo
 from worker.sr import PNEUMONIA, derived_uid
 from worker.sr import acquisition_equipment as sr_acquisition_equipment
 from worker.sr.builder import evidence_copy
-from worker.sr.byte_template import META_GROUP_LENGTH, Template, constant_bytes, dataset_parts
+from worker.sr.byte_template import META_GROUP_LENGTH, Template, constant_bytes, dataset_parts, holds_uid
 from worker.sr.sources import PATIENT_STUDY_TAGS
 
 log = logging.getLogger("cxr_worker.heatmap")
@@ -573,7 +573,7 @@ def _with_bytes(kept: _Kept, source: pydicom.Dataset, header: pydicom.Dataset) -
     uids = [str(header.get(k)) for k in ("SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID",
                                           "FrameOfReferenceUID") if header.get(k)]
     uids += [str(kept.dataset.SOPInstanceUID), str(kept.dataset.SeriesInstanceUID)]
-    if any(uid.encode() in constant for uid in uids):
+    if any(holds_uid(constant, uid) for uid in uids):
         log.warning("SEG byte template for %s leaves a per-object UID in its constant bytes; pydicom encodes "
                     "these SEGs", header.SOPClassUID)
         return kept

@@ -13,6 +13,7 @@ enclosing lengths, and prepends the preamble and the file meta group length.
 
 from __future__ import annotations
 
+import re
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -151,6 +152,12 @@ def constant_bytes(parts: Sequence[Part]) -> bytes:
     """All constant runs of `parts` (box heads and lengths left out), to look for leaked values."""
     return b"".join(p if isinstance(p, bytes) else constant_bytes(p.parts) if isinstance(p, _Box) else b""
                     for p in parts)
+
+
+def holds_uid(data: bytes, uid: str) -> bool:
+    """Whether ``uid`` is in ``data`` as a whole value (not a part of a longer UID: "2.25.11" is not in
+    "2.25.118..."), to look for a per-study UID left in a template's constant runs."""
+    return re.search(rb"(?<![0-9.])" + re.escape(uid.encode()) + rb"(?![0-9.])", data) is not None
 
 
 @dataclass(frozen=True)

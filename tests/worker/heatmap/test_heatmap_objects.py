@@ -548,6 +548,26 @@ def test_key_image_byte_template_gives_highdicoms_bytes(kind, model):
     assert key_image_template_info() == {"templates": 2, "fallbacks": 0}  # one per shape, both kept
 
 
+def test_byte_templates_look_for_whole_uids_only(model):
+    """A model UID that begins like a stand-in's UID ("2.25.11" in "2.25.118...") is no leaked UID."""
+    from worker.heatmap.key_image import clear_key_image_templates, encode_key_image, key_image_template_info
+    from worker.sr.byte_template import holds_uid
+
+    assert holds_uid(b"UI\x08\x002.25.11\x00", "2.25.11") and not holds_uid(b"2.25.118473", "2.25.11")
+    assert not holds_uid(b"1.2.25.11", "2.25.11")
+    clear_key_image_templates()
+    clear_segmentation_templates()
+    source = kept_header(source_file("dx-monochrome2-no-frame-of-reference"))
+    for uid in ("2.25.118473", "2.25.121", "1.2.3.41"):  # the stand-ins' UIDs (2.25.11, 2.25.12, 1.2.3.4), longer
+        like = ModelInfo(arch=model.arch, name=model.name, version=model.version, threshold=model.threshold, uid=uid)
+        ids = dict(model=like, series_uid=generate_uid(), instance_uid=generate_uid(), series_number=1,
+                   instance_number=1, manufacturer="cxr-worker")
+        encode_key_image(source, np.zeros((40, 30, 3), np.uint8), **ids)
+        encode_segmentation(source, np.zeros((ROWS, COLS), np.uint8), **ids)
+    assert key_image_template_info() == {"templates": 3, "fallbacks": 0}
+    assert segmentation_template_info()["byte_templates"] == 3
+
+
 def test_quantisation_is_highdicoms_ties_included():
     from worker.heatmap.segmentation import _quantise
 
