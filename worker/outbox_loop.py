@@ -5,7 +5,11 @@ Each outbox row is one SR file for one destination. The sender claims due rows (
 next_attempt <= now) with a lease, in one UPDATE ... RETURNING, sends all rows for one destination
 over one association (worker/net/scu.store_files), commits each accepted SR as sent the moment its
 C-STORE-RSP arrives, and puts the others back to pending with exponential backoff
-(outbox.retry_base_seconds doubling up to outbox.retry_max_seconds).
+(outbox.retry_base_seconds doubling up to outbox.retry_max_seconds). The heatmap objects an SR
+references are recorded as sent together, in one transaction once the association has carried the
+group (each commit is an fsync, and the receiver's commits wait their turn behind it: two more per
+positive study slowed ingest); a crash before it sends that group's objects again, the same
+instances (same UIDs, same bytes), and their SR still only after them.
 
 The association stays open after a clean delivery and carries the next ones
 (worker/net/associations.py) until it has been idle for outbox.idle_release_seconds or the
@@ -151,16 +155,19 @@ class OutboxLoop(threading.Thread):
         url = group[0].url  # a dicomweb destination's rows (the group key has it too)
         start = time.perf_counter()
         by_path, done = {Path(i.sr_path): i for i in group}, set()
+        objects = False  # a heatmap object was accepted: its SR may be due once the group is recorded
 
         def accepted(outcome) -> None:
+            nonlocal objects
             item = by_path.get(Path(outcome.path))
             if not outcome.ok or item is None:
+                return
+            if item.evidence_for:  # an SR's object: recorded with the group (settle below, module docstring)
+                objects = True
                 return
             try:
                 mark_sent(self.db, item.id, self.owner, outcome.status)  # before the next SR is sent
                 done.add(item.id)
-                if item.evidence_for and self.wake is not self.stop_event:
-                    self.wake.set()  # the SR that waited for this object may be due now: claim it at once
             except Exception:  # noqa: BLE001 - recorded with the others after the association
                 log.exception("could not record delivery of %s %s", item.kind or "SR", item.sr_sop_instance_uid)
 
@@ -187,8 +194,10 @@ class OutboxLoop(threading.Thread):
         elapsed = time.perf_counter() - start
         now = time.time()
         rest = [(item, outcome) for item, outcome in zip(group, outcomes) if item.id not in done]
-        if rest:  # the accepted ones are committed already: no transaction at all in the usual case
+        if rest:  # accepted SRs are committed already: no transaction at all for a group of SRs alone
             settle(self.db, self.owner, [self._after(item, outcome, error, now, name) for item, outcome in rest], now)
+        if objects and self.wake is not self.stop_event:
+            self.wake.set()  # the SRs that waited for these objects may be due now: claim them at once
         for item, outcome in zip(group, outcomes):
             if outcome is None or not outcome.ok:
                 self.metrics.delivery_failed(name)
@@ -201,7 +210,7 @@ class OutboxLoop(threading.Thread):
     def _after(self, item: OutboxItem, outcome, error: str | None, now: float, name: str) -> Attempt:
         """How a try not recorded as it was answered ended: sent, or due again after the backoff."""
         rsp_status = getattr(outcome, "status", None)
-        if outcome is not None and outcome.ok:  # accepted, but its commit failed above
+        if outcome is not None and outcome.ok:  # accepted: a heatmap object, or an SR whose commit failed above
             return Attempt(item.id, rsp_status)
         attempts = item.attempts + 1
         delay = self.settings.outbox.backoff(attempts)
