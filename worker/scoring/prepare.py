@@ -8,6 +8,7 @@ SR building, the outbox. `cxr-worker serve` therefore decodes in a few worker pr
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import threading
@@ -21,6 +22,8 @@ import numpy as np
 from dicom_io import DicomInputError, load_display_image, shrink_within, to_model_input
 
 from ..logs import setup_child_logging
+
+log = logging.getLogger("cxr_worker.scoring")
 
 
 @dataclass
@@ -70,7 +73,10 @@ def prepare(path: str | Path, key: object = None, preview_box: tuple[int, int] |
         if preview_box:
             item.preview = shrink_within(image.pixels, preview_box)
             if preview_dir is not None:
-                item.preview_path, item.preview = keep_preview(item.preview, preview_dir), None
+                try:
+                    item.preview_path, item.preview = keep_preview(item.preview, preview_dir), None
+                except OSError as exc:  # e.g. a full disk: the preview goes through the pipe instead
+                    log.warning("could not keep a preview in %s (%s); it is returned instead", preview_dir, exc)
         item.transfer_syntax = image.transfer_syntax
         item.frame = image.frame
         item.number_of_frames = image.number_of_frames

@@ -86,6 +86,10 @@ def test_the_preview_is_the_display_image_shrunk_never_enlarged(tmp_path):
     kept = prepare(tmp_path / "f.png", preview_box=(300, 300), preview_dir=tmp_path)
     assert kept.preview is None and kept.preview_path.parent == tmp_path
     assert np.array_equal(np.load(kept.preview_path), item.preview)
+    # a folder it cannot write to (gone, full): the preview comes back in memory, the image still scored
+    fallback = prepare(tmp_path / "f.png", preview_box=(300, 300), preview_dir=tmp_path / "gone")
+    assert fallback.error_reason is None and fallback.preview_path is None
+    assert np.array_equal(fallback.preview, item.preview)
     # the key picture takes a preview of its film box as it is (no second resize)
     picture = key_picture(shrink_within(grey, film_box(640)), np.ones((7, 7), np.float32), finding="PNEUMONIA",
                           probability=0.9, threshold=0.5, model_name="m", model_version="1", size=640)
