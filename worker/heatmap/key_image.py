@@ -34,7 +34,7 @@ from worker.sr.byte_template import META_GROUP_LENGTH, Template, constant_bytes,
 from worker.sr.sources import PATIENT_STUDY_TAGS
 
 from .segmentation import (
-    CHARACTER_SET, _equipment_values, _mark_equipment, acquisition_equipment, highdicom_source,
+    CHARACTER_SET, _equipment_values, _mark_equipment, acquisition_equipment, encode, highdicom_source,
 )
 
 log = logging.getLogger("cxr_worker.heatmap")
@@ -170,8 +170,6 @@ def encode_key_image(source: pydicom.Dataset, picture_rgb: np.ndarray, *, model:
         # did not (or the reverse), or a picture build_key_image refuses (with its message)
         sc = build_key_image(source, picture, model=model, manufacturer=manufacturer, frame=frame, header=header,
                              **ids)
-        from .segmentation import encode
-
         return encode(sc), key_image_jpeg(sc)
     now = datetime.datetime.now()
     values = _slot_values(source, header, picture, jpeg_frame(picture), now=now, contribution=DT(now), **ids)
@@ -214,8 +212,6 @@ def _byte_template(source: pydicom.Dataset, header: pydicom.Dataset, *, model: M
     the source's instance UID in the Source Image Sequence, the file meta's instance UID). None (highdicom
     builds every key image of this shape) unless it gives back, for a probe with other values, the
     bytes pydicom writes for build_key_image's object, with none of the source's UIDs in its constants."""
-    from .segmentation import encode
-
     ids = dict(series_uid="2.25.11", instance_uid="2.25.12", series_number=5, instance_number=2)
     sc = build_key_image(source, _STAND_IN, model=model, manufacturer=manufacturer, frame=frame, header=header, **ids)
     sc.PixelData = b""  # a slot
