@@ -22,7 +22,6 @@ from dataclasses import dataclass
 import highdicom as hd
 import numpy as np
 import pydicom
-import pydicom.charset
 from pydicom.encaps import encapsulate, generate_frames
 from pydicom.sr.codedict import codes
 from pydicom.tag import Tag
@@ -30,7 +29,7 @@ from pydicom.uid import JPEGBaseline8Bit
 from pydicom.valuerep import DA, DT, TM
 
 from trainer.model_info import ModelInfo
-from worker.sr.byte_template import META_GROUP_LENGTH, Template, constant_bytes, dataset_parts, holds_uid
+from worker.sr.byte_template import Template
 from worker.sr.sources import PATIENT_STUDY_TAGS
 
 from .segmentation import (
@@ -164,24 +163,27 @@ def encode_key_image(source: pydicom.Dataset, picture_rgb: np.ndarray, *, model:
     kept = _templates[key]
     ids = dict(series_uid=series_uid, instance_uid=instance_uid, series_number=series_number,
                instance_number=instance_number)
+    acquisition = acquisition_equipment(header)
     if (kept is None or picture.ndim != 3 or picture.shape[2] != 3 or picture.dtype != np.uint8
-            or (acquisition_equipment(header) is not None) != kept.acquisition):
+            or (acquisition is not None) != kept.acquisition):
         # no template for this shape, a source naming its acquisition equipment where the template's
         # did not (or the reverse), or a picture build_key_image refuses (with its message)
         sc = build_key_image(source, picture, model=model, manufacturer=manufacturer, frame=frame, header=header,
                              **ids)
         return encode(sc), key_image_jpeg(sc)
     now = datetime.datetime.now()
-    values = _slot_values(source, header, picture, jpeg_frame(picture), now=now, contribution=DT(now), **ids)
+    values = _slot_values(source, header, picture, jpeg_frame(picture), now=now, acquisition=acquisition,
+                          contribution=DT(now), **ids)
     return kept.bytes.render(values.__getitem__), next(generate_frames(values[("element", Tag("PixelData"))].value,
                                                                          number_of_frames=1))
 
 
 def _slot_values(source: pydicom.Dataset, header: pydicom.Dataset, picture: np.ndarray, jpeg: bytes, *,
                  series_uid: str, instance_uid: str, series_number: int, instance_number: int,
-                 now: datetime.datetime | dict, contribution) -> dict[tuple, object]:
+                 now: datetime.datetime | dict, acquisition: hd.ContributingEquipment | None,
+                 contribution) -> dict[tuple, object]:
     """What build_key_image sets per image, slot by slot (``now``: a time, or the clock values by keyword;
-    ``contribution``: highdicom's equipment item's clock)."""
+    ``acquisition``: acquisition_equipment(header); ``contribution``: highdicom's equipment item's clock)."""
     pixel_data = encapsulate([jpeg])
     if isinstance(now, dict):
         clock = now
@@ -196,7 +198,7 @@ def _slot_values(source: pydicom.Dataset, header: pydicom.Dataset, picture: np.n
         "PixelData": pydicom.DataElement(Tag("PixelData"), "OB", pixel_data, is_undefined_length=True),
     }
     values: dict[tuple, object] = {("element", Tag(k)): v for k, v in top.items()}
-    values.update(_equipment_values(header, contribution))
+    values.update(_equipment_values(acquisition, contribution))
     values[("instance",)] = instance_uid
     values[("source_sop",)] = header.SOPInstanceUID
     for tag in _COPIED:
@@ -223,12 +225,7 @@ def _byte_template(source: pydicom.Dataset, header: pydicom.Dataset, *, model: M
         marks[id(item["ReferencedSOPInstanceUID"])] = ("source_sop",)
     marks[id(sc.file_meta["MediaStorageSOPInstanceUID"])] = ("instance",)
     acquisition = _mark_equipment(sc, marks)
-    meta = pydicom.Dataset()  # render() writes the group length itself
-    for element in sc.file_meta:
-        if element.tag != META_GROUP_LENGTH:
-            meta.add(element)
-    encodings = pydicom.charset.default_encoding
-    parts = Template(tuple(dataset_parts(meta, encodings, marks)), tuple(dataset_parts(sc, encodings, marks)))
+    parts = Template.cut(sc, marks)
     # the probe: another picture and other values, built by highdicom; the clock and highdicom's equipment
     # item (it carries the clock too) taken from it
     picture = np.full((24, 40, 3), (200, 30, 90), np.uint8)
@@ -236,15 +233,14 @@ def _byte_template(source: pydicom.Dataset, header: pydicom.Dataset, *, model: M
     probe = build_key_image(source, picture, model=model, manufacturer=manufacturer, frame=frame, header=header,
                             **probe_ids)
     values = _slot_values(source, header, picture, jpeg_frame(picture), now={k: probe[k].value for k in _CLOCK},
-                          contribution=probe.ContributingEquipmentSequence[-1].get("ContributionDateTime"),
+                          acquisition=acquisition_equipment(header), contribution=probe.ContributingEquipmentSequence[-1].get("ContributionDateTime"),
                           **probe_ids)
     if parts.render(values.__getitem__) != encode(probe):
         log.warning("key image byte template for %s does not give highdicom's bytes back; highdicom builds "
                     "these key images", header.SOPClassUID)
         return None
-    constant = constant_bytes(parts.meta) + constant_bytes(parts.body)
     uids = [str(header.get(k)) for k in ("SOPInstanceUID", "StudyInstanceUID") if header.get(k)]
-    if any(holds_uid(constant, uid) for uid in uids + [ids["series_uid"], ids["instance_uid"]]):
+    if parts.leaks(uids + [ids["series_uid"], ids["instance_uid"]]):
         log.warning("key image byte template for %s leaves a per-image UID in its constant bytes; highdicom "
                     "builds these key images", header.SOPClassUID)
         return None

@@ -59,7 +59,6 @@ import highdicom as hd
 import imagecodecs
 import numpy as np
 import pydicom
-import pydicom.charset
 from pydicom.sr.coding import Code
 from pydicom.encaps import encapsulate
 from pydicom.sr.codedict import codes
@@ -74,7 +73,7 @@ from trainer.model_info import ModelInfo
 from worker.sr import PNEUMONIA, derived_uid
 from worker.sr import acquisition_equipment as sr_acquisition_equipment
 from worker.sr.builder import evidence_copy
-from worker.sr.byte_template import META_GROUP_LENGTH, Template, constant_bytes, dataset_parts, holds_uid
+from worker.sr.byte_template import Template
 from worker.sr.sources import PATIENT_STUDY_TAGS
 
 log = logging.getLogger("cxr_worker.heatmap")
@@ -374,9 +373,10 @@ def _mark_equipment(ds: pydicom.Dataset, marks: dict[int, tuple]) -> bool:
     return len(items) > 1
 
 
-def _equipment_values(header: pydicom.Dataset, contribution) -> dict[tuple, object]:
-    """The values of _mark_equipment's slots: the source's acquisition item and highdicom's clock."""
-    return {("acquisition",): acquisition_equipment(header), ("contribution",): contribution}
+def _equipment_values(acquisition: hd.ContributingEquipment | None, contribution) -> dict[tuple, object]:
+    """The values of _mark_equipment's slots: the source's acquisition item (acquisition_equipment)
+    and highdicom's clock."""
+    return {("acquisition",): acquisition, ("contribution",): contribution}
 
 
 def _from_template(template: pydicom.Dataset, copied: tuple, source: pydicom.Dataset, header: pydicom.Dataset,
@@ -446,13 +446,8 @@ def build_segmentation(source: pydicom.Dataset, relevance: np.ndarray, *, model:
     (benchmarks/bench_heatmap.py), the first of a shape included. The same object either way
     (tests/worker/heatmap/test_heatmap_objects.py compares the bytes with highdicom's at full size).
     """
-    _check_options(frame, transfer_syntax_uid)
-    header = highdicom_source(source)
-    levels = _check_map(relevance, header)
-    key = _template_key(header, model, manufacturer, frame, transfer_syntax_uid)
-    kept = _kept(source, header, key, model=model, manufacturer=manufacturer, frame=frame,
-                 transfer_syntax_uid=transfer_syntax_uid)
-    _template_counts["template"] += 1
+    header, levels, kept = _shape(source, relevance, None, model=model, manufacturer=manufacturer, frame=frame,
+                                  transfer_syntax_uid=transfer_syntax_uid)
     return _from_template(kept.dataset, kept.copied, source, header, levels, series_uid=series_uid,
                           instance_uid=instance_uid, series_number=series_number, instance_number=instance_number)
 
@@ -468,6 +463,25 @@ def encode_segmentation(source: pydicom.Dataset, relevance: np.ndarray, *, model
     equipment, the pixels) and splices them in: no copy of the template's data set, no pydicom writer
     over its ~130 elements (~7 ms of a SEG's ~20 besides the RLE). ``header``: highdicom_source(source),
     where the caller has it already."""
+    header, levels, kept = _shape(source, relevance, header, model=model, manufacturer=manufacturer, frame=frame,
+                                  transfer_syntax_uid=transfer_syntax_uid)
+    ids = dict(series_uid=series_uid, instance_uid=instance_uid, series_number=series_number,
+               instance_number=instance_number)
+    acquisition = acquisition_equipment(header)
+    if kept.bytes is None or (acquisition is not None) != kept.acquisition:
+        # the byte template did not give pydicom's bytes back, or this source names no acquisition
+        # equipment where the template's did (or the reverse): pydicom writes it all
+        return encode(_from_template(kept.dataset, kept.copied, source, header, levels, **ids))
+    now = datetime.datetime.now()
+    values = _slot_values(kept, source, header, levels, now=now, acquisition=acquisition, contribution=DT(now),
+                          **ids)
+    return kept.bytes.render(values.__getitem__)
+
+
+def _shape(source: pydicom.Dataset, relevance: np.ndarray, header: pydicom.Dataset | None, *, model: ModelInfo,
+           manufacturer: str, frame: int | None, transfer_syntax_uid: str) -> tuple:
+    """What build_segmentation and encode_segmentation start from: the checked options, the source as
+    highdicom reads it (``header`` where given), the map's levels, and the shape's template (counted)."""
     _check_options(frame, transfer_syntax_uid)
     header = highdicom_source(source) if header is None else header
     levels = _check_map(relevance, header)
@@ -475,15 +489,7 @@ def encode_segmentation(source: pydicom.Dataset, relevance: np.ndarray, *, model
     kept = _kept(source, header, key, model=model, manufacturer=manufacturer, frame=frame,
                  transfer_syntax_uid=transfer_syntax_uid)
     _template_counts["template"] += 1
-    ids = dict(series_uid=series_uid, instance_uid=instance_uid, series_number=series_number,
-               instance_number=instance_number)
-    if kept.bytes is None or (acquisition_equipment(header) is not None) != kept.acquisition:
-        # the byte template did not give pydicom's bytes back, or this source names no acquisition
-        # equipment where the template's did (or the reverse): pydicom writes it all
-        return encode(_from_template(kept.dataset, kept.copied, source, header, levels, **ids))
-    now = datetime.datetime.now()
-    values = _slot_values(kept, source, header, levels, now=now, contribution=DT(now), **ids)
-    return kept.bytes.render(values.__getitem__)
+    return header, levels, kept
 
 
 @dataclass(frozen=True)
@@ -549,12 +555,7 @@ def _with_bytes(kept: _Kept, source: pydicom.Dataset, header: pydicom.Dataset) -
                 _mark_nested(item, marks, element.keyword == "ReferencedSeriesSequence")
     marks[id(template.file_meta["MediaStorageSOPInstanceUID"])] = ("instance",)
     acquisition = _mark_equipment(template, marks)
-    meta = pydicom.Dataset()  # render() writes the group length itself
-    for element in template.file_meta:
-        if element.tag != META_GROUP_LENGTH:
-            meta.add(element)
-    encodings = pydicom.charset.default_encoding
-    parts = Template(tuple(dataset_parts(meta, encodings, marks)), tuple(dataset_parts(template, encodings, marks)))
+    parts = Template.cut(template, marks)
     candidate = _Kept(kept.dataset, kept.copied, parts, UID(template.file_meta.TransferSyntaxUID).is_encapsulated,
                       acquisition)
     probe = dict(series_uid="2.25.1", instance_uid="2.25.2", series_number=7, instance_number=3,
@@ -564,16 +565,15 @@ def _with_bytes(kept: _Kept, source: pydicom.Dataset, header: pydicom.Dataset) -
     levels = levels.reshape(int(header.Rows), int(header.Columns))
     expected = encode(_from_template(kept.dataset, kept.copied, source, header, levels, equipment=equipment, **probe))
     contribution = equipment[-1].get("ContributionDateTime")
-    if parts.render(_slot_values(candidate, source, header, levels, contribution=contribution,
-                                 **probe).__getitem__) != expected:
+    if parts.render(_slot_values(candidate, source, header, levels, acquisition=acquisition_equipment(header),
+                                 contribution=contribution, **probe).__getitem__) != expected:
         log.warning("SEG byte template for %s does not give pydicom's bytes back; pydicom encodes these SEGs",
                     header.SOPClassUID)
         return kept
-    constant = constant_bytes(parts.meta) + constant_bytes(parts.body)
     uids = [str(header.get(k)) for k in ("SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID",
                                           "FrameOfReferenceUID") if header.get(k)]
     uids += [str(kept.dataset.SOPInstanceUID), str(kept.dataset.SeriesInstanceUID)]
-    if any(holds_uid(constant, uid) for uid in uids):
+    if parts.leaks(uids):
         log.warning("SEG byte template for %s leaves a per-object UID in its constant bytes; pydicom encodes "
                     "these SEGs", header.SOPClassUID)
         return kept
@@ -582,11 +582,12 @@ def _with_bytes(kept: _Kept, source: pydicom.Dataset, header: pydicom.Dataset) -
 
 def _slot_values(kept: _Kept, source: pydicom.Dataset, header: pydicom.Dataset, levels: np.ndarray, *,
                  series_uid: str, instance_uid: str, series_number: int, instance_number: int,
-                 now: datetime.datetime, contribution) -> dict[tuple, object]:
+                 now: datetime.datetime, acquisition: hd.ContributingEquipment | None,
+                 contribution) -> dict[tuple, object]:
     """The byte template's slot values of one SEG: what _from_template sets, element by element
-    (``contribution``: highdicom's equipment item's clock)."""
+    (``acquisition``: acquisition_equipment(header); ``contribution``: highdicom's equipment item's clock)."""
     values: dict[tuple, object] = {
-        **_equipment_values(header, contribution),
+        **_equipment_values(acquisition, contribution),
         ("instance",): instance_uid, ("source_sop",): source.SOPInstanceUID,
         ("source_series",): header.SeriesInstanceUID,
         ("organisation",): derived_uid("cxr-worker-heatmap-dimensions", instance_uid),

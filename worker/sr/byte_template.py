@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import re
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import pydicom
-from pydicom.charset import convert_encodings
+from pydicom.charset import convert_encodings, default_encoding
 from pydicom.dataelem import DataElement
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_data_element, write_sequence_item
@@ -166,6 +166,25 @@ class Template:
 
     meta: tuple
     body: tuple
+
+    @classmethod
+    def cut(cls, ds: pydicom.Dataset, marks: dict[int, SlotKey]) -> Template:
+        """``ds`` and its file meta cut into a template (dataset_parts of each, in the default character
+        set until the data set names its own); the meta's group length is left to render()."""
+        meta = pydicom.Dataset()
+        for elem in ds.file_meta:
+            if elem.tag != META_GROUP_LENGTH:
+                meta.add(elem)
+        return cls(tuple(dataset_parts(meta, default_encoding, marks)), tuple(dataset_parts(ds, default_encoding, marks)))
+
+    def constants(self) -> bytes:
+        """All constant runs (constant_bytes of the meta and the body), to look for leaked values."""
+        return constant_bytes(self.meta) + constant_bytes(self.body)
+
+    def leaks(self, uids: Iterable[str]) -> bool:
+        """Whether one of ``uids`` is left, as a whole value (holds_uid), in the constant runs."""
+        constant = self.constants()
+        return any(holds_uid(constant, uid) for uid in uids)
 
     def render(self, value: Callable[[SlotKey], Any]) -> bytes:
         """The Part 10 file with each slot's value from `value(key)` (a DataElement, a Dataset for an

@@ -39,17 +39,10 @@ from typing import Any
 
 import highdicom as hd
 import pydicom
-from pydicom.charset import default_encoding
 from pydicom.sr.codedict import codes
 from pydicom.valuerep import DA, DS, DT, TM
 
-from .byte_template import (
-    META_GROUP_LENGTH,
-    SlotKey,
-    Template,
-    constant_bytes,
-    dataset_parts,
-)
+from .byte_template import SlotKey, Template
 from ._highdicom import acquisition_equipment, patient_study_elements
 from .builder import (
     CERTAINTY_OF_FINDING,
@@ -271,17 +264,12 @@ class _Study:
                     self._mark_reference(ref, marks)
         self._mark_content(document, None, marks)
 
-        meta = pydicom.Dataset()  # render() writes the group length itself
-        for elem in document.file_meta:
-            if elem.tag != META_GROUP_LENGTH:
-                meta.add(elem)
-        template = Template(tuple(dataset_parts(meta, default_encoding, marks)),
-                            tuple(dataset_parts(document, default_encoding, marks)))
+        template = Template.cut(document, marks)
         clock = {kw: document[kw].value for kw in _CLOCK_KEYWORDS if kw in document}
         clock["ContributionDateTime"] = equipment[-1].get("ContributionDateTime")
         if template.render(lambda key: self.value(key, clock)) != reference:
             raise _Unfit("the template does not give the reference bytes back")
-        constant = constant_bytes(template.meta) + constant_bytes(template.body)
+        constant = template.constants()
         for uid in self._uids():
             if uid.encode() in constant:
                 raise _Unfit(f"per-study UID {uid} left in the template's constant bytes")
